@@ -1,0 +1,3 @@
+"""Ballast: a self-hostable production inference platform."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""The `ballast` command line: typer commands, one module per group."""

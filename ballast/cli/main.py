@@ -1,0 +1,58 @@
+"""Entry point of the `ballast` command: registers the command groups and turns errors into one line."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+from rich.console import Console
+
+from ballast.cli import models as models_cmds
+from ballast.cli import package_cmds, serve_cmds
+
+app = typer.Typer(
+    name="ballast",
+    help="Package, deploy, serve and scale models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+package_cmds.register(app)
+serve_cmds.register(app)
+app.add_typer(models_cmds.app, name="models", help="Make and import LLM checkpoints (offline).")
+
+err_console = Console(stderr=True)
+
+
+def main() -> None:
+    """Run the CLI; errors print one clear line (a traceback only with --debug or BALLAST_DEBUG=1)."""
+    argv = sys.argv[1:]
+    debug = "--debug" in argv or os.environ.get("BALLAST_DEBUG") == "1"
+    if "--debug" in argv:
+        argv = [a for a in argv if a != "--debug"]
+        os.environ["BALLAST_DEBUG"] = "1"
+    try:
+        app(args=argv, prog_name="ballast", standalone_mode=False)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:  # the one place that turns any failure into a line for a person
+        import click
+
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        if debug:
+            raise
+        err_console.print(f"[red]error:[/red] {e}", highlight=False, markup=True, soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Pydantic models of every section of `ballast.yaml`.
+
+All models forbid unknown keys: a typo in a config file must be an error, not a silently ignored
+setting that surfaces as an outage later.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+_ACCEL_RE = re.compile(r"^[A-Za-z0-9_-]+(:[1-9][0-9]*)?$")
+_MEM_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*(Ki|Mi|Gi|Ti|KB|MB|GB|TB|K|M|G|T)?$")
+_MEM_UNITS = {
+    None: 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
+    "T": 10**12, "TB": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
+}
+
+
+def parse_memory(value: str | int) -> int:
+    """Turn `"2Gi"`, `"512M"` or a byte count into bytes."""
+    if isinstance(value, int):
+        return value
+    m = _MEM_RE.match(value.strip())
+    if not m:
+        raise ValueError(f"{value!r} is not a memory size; use a number with a unit such as 512Mi or 2Gi")
+    return int(float(m.group(1)) * _MEM_UNITS[m.group(2)])
+
+
+class ModelRef(_Strict):
+    """Where the model class lives: `model.py:Model` by default."""
+
+    module: str = Field("model.py", description="Python file (relative to the package) or dotted module.")
+    class_name: str = Field("Model", description="Name of the model class in that module.")
+
+    @classmethod
+    def from_string(cls, value: str) -> ModelRef:
+        module, _, class_name = value.partition(":")
+        return cls(module=module or "model.py", class_name=class_name or "Model")
+
+
+class ResourcesConfig(_Strict):
+    cpu: float = Field(1.0, gt=0, description="CPU cores reserved for one replica.")
+    memory: str = Field("2Gi", description="Memory for one replica, such as 512Mi or 4Gi.")
+    accelerator: str | None = Field(
+        None, description='Accelerator type and count, such as "H100:2" or "L4". None for CPU only.'
+    )
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v: str) -> str:
+        parse_memory(v)
+        return v
+
+    @field_validator("accelerator")
+    @classmethod
+    def _accel(cls, v: str | None) -> str | None:
+        if v is not None and not _ACCEL_RE.match(v):
+            raise ValueError(f"{v!r} is not an accelerator spec; use TYPE or TYPE:COUNT such as H100:2")
+        return v
+
+    @property
+    def memory_bytes(self) -> int:
+        return parse_memory(self.memory)
+
+    @property
+    def accelerator_count(self) -> int:
+        if not self.accelerator:
+            return 0
+        _, _, n = self.accelerator.partition(":")
+        return int(n) if n else 1
+
+
+class RuntimeConfig(_Strict):
+    predict_concurrency: int = Field(1, ge=1, le=10_000, description="Requests run at once by one replica.")
+    request_timeout_s: float = Field(600.0, gt=0, description="A request running longer gets 504.")
+    max_request_bytes: int = Field(
+        16 * 2**20, ge=1, description="Bodies larger than this are refused with 413."
+    )
+    max_queue: int = Field(
+        128, ge=0, description="Requests that may wait for a free slot; beyond this, 429 with Retry-After."
+    )
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, in-flight requests get this long to finish."
+    )
+
+
+class HealthConfig(_Strict):
+    startup_timeout_s: float = Field(900.0, gt=0, description="load() must finish within this.")
+    liveness_period_s: float = Field(10.0, gt=0, description="How often the platform probes liveness.")
+    failure_threshold: int = Field(3, ge=1, description="Consecutive failed probes before a restart.")
+
+
+class AutoscalingConfig(_Strict):
+    min_replicas: int = Field(1, ge=0, description="0 enables scale to zero.")
+    max_replicas: int = Field(1, ge=1)
+    concurrency_target: float = Field(
+        1.0, gt=0, description="In-flight requests one replica is meant to carry."
+    )
+    target_utilization: float = Field(0.8, gt=0, le=1.0, description="Fraction of the target aimed at.")
+    window_s: float = Field(60.0, gt=0, description="Averaging window of the load signal.")
+    scale_down_delay_s: float = Field(300.0, ge=0, description="Load must stay low this long to scale down.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) is greater than max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class NativeEngineConfig(_Strict):
+    """Ballast's own LLM engine serving a Llama-family checkpoint."""
+
+    kind: Literal["native"] = "native"
+    checkpoint: str = Field(
+        description="Checkpoint directory (relative to the package or absolute), or a known name such as "
+        "smollm2-135m-instruct."
+    )
+    served_model_name: str | None = Field(None, description="Model name reported by /v1/models.")
+    max_model_len: int | None = Field(None, ge=16, description="Context length; defaults to the model's.")
+    max_num_seqs: int = Field(64, ge=1, description="Sequences batched in one step.")
+    max_num_batched_tokens: int = Field(2048, ge=16, description="Token budget of one engine step.")
+    kv_cache_memory: str = Field("1Gi", description="Memory for the paged KV cache.")
+    block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV cache block.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    enable_prefix_caching: bool = True
+    device: str = Field("auto", description="auto, cpu, or cuda[:N].")
+
+    @field_validator("kv_cache_memory")
+    @classmethod
+    def _kv(cls, v: str) -> str:
+        parse_memory(v)
+        return v
+
+
+class CommandEngineConfig(_Strict):
+    """An external engine (vLLM, SGLang, ...) started as a child process and proxied to."""
+
+    kind: Literal["command"] = "command"
+    preset: Literal["vllm", "sglang"] | None = Field(None, description="Fill start and paths from a preset.")
+    start: str | None = Field(None, description="Command line; {port} and {model} are substituted.")
+    model: str | None = Field(None, description="Substituted for {model} in the command line.")
+    port: int | None = Field(None, ge=1, le=65535, description="Port the engine listens on; free one if unset.")
+    readiness_path: str = "/health"
+    liveness_path: str = "/health"
+    predict_path: str = "/v1/chat/completions"
+
+    @model_validator(mode="after")
+    def _has_start(self) -> CommandEngineConfig:
+        if not self.start and not self.preset:
+            raise ValueError("a command engine needs `start` (a command line) or a `preset`")
+        return self
+
+
+EngineConfig = Annotated[NativeEngineConfig | CommandEngineConfig, Field(discriminator="kind")]
+
+
+class BallastConfig(_Strict):
+    """The whole `ballast.yaml`."""
+
+    name: str = Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", description="Lowercase, digits, dashes.")
+    description: str = ""
+    model: ModelRef = Field(default_factory=ModelRef, description='"file.py:Class" or {module, class_name}.')
+    requirements: list[str] = Field(default_factory=list, description="pip requirement strings.")
+    environment_variables: dict[str, str] = Field(default_factory=dict)
+    secrets: list[str] = Field(
+        default_factory=list, description="Names of secrets; values come from the environment or a secrets file."
+    )
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    engine: EngineConfig | None = Field(None, description="Serve an LLM with an engine instead of model.py.")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_string(cls, v: object) -> object:
+        return ModelRef.from_string(v).model_dump() if isinstance(v, str) else v
+
+    @field_validator("secrets")
+    @classmethod
+    def _secret_names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+                raise ValueError(f"secret name {name!r} must look like an environment variable name")
+        return v
