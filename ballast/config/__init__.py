@@ -4,6 +4,7 @@ Everything else in Ballast reads these pydantic models, so a key means the same 
 runtime, the control plane and the JSON schema that editors use.
 """
 
+from ballast.config.loader import CONFIG_FILENAME, ConfigError, json_schema, load_config, parse_config
 from ballast.config.models import (
     AutoscalingConfig,
     BallastConfig,
@@ -13,7 +14,6 @@ from ballast.config.models import (
     ResourcesConfig,
     RuntimeConfig,
 )
-from ballast.config.loader import CONFIG_FILENAME, ConfigError, json_schema, load_config, parse_config
 
 __all__ = [
     "CONFIG_FILENAME",

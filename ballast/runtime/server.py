@@ -1,0 +1,334 @@
+"""The replica server: one package over HTTP, with health, metrics, limits and request ids.
+
+The hot path (`/predict`) is plain Starlette: no per-request validation framework, one pure ASGI
+middleware for request ids and metrics, and JSON encoded once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ballast import __version__
+from ballast.config import RuntimeConfig
+from ballast.observe import new_request_id, request_id_var
+from ballast.openai import DONE, APIError, error_body, sse_event
+from ballast.runtime.admission import Admission
+from ballast.runtime.metrics import RuntimeMetrics
+from ballast.runtime.model import OPENAI_METHODS, LoadState, ModelHost
+
+log = logging.getLogger("ballast.runtime")
+
+NDJSON = "application/x-ndjson"
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, set | tuple):
+        return list(obj)
+    if isinstance(obj, bytes):
+        return obj.decode("utf-8", errors="replace")
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, default=_json_default, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def error_response(err: APIError) -> Response:
+    return Response(dumps(err.body()), status_code=err.status, media_type="application/json", headers=err.headers)
+
+
+class RequestContextMiddleware:
+    """Request id (taken or generated) on every response and log line; request metrics."""
+
+    def __init__(self, app: ASGIApp, metrics: RuntimeMetrics, known_routes: set[str]):
+        self.app = app
+        self.metrics = metrics
+        self.known_routes = known_routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = None
+        for k, v in scope["headers"]:
+            if k == b"x-request-id":
+                rid = v.decode("latin-1")[:128]
+                break
+        rid = rid or new_request_id()
+        token = request_id_var.set(rid)
+        path = scope["path"]
+        route = path if path in self.known_routes else "other"
+        start = time.perf_counter()
+        status = 500
+        first_byte = False
+        m = self.metrics
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status, first_byte
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
+            elif message["type"] == "http.response.body" and not first_byte:
+                first_byte = True
+                m.ttfb.labels(route).observe(time.perf_counter() - start)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            m.requests.labels(route, scope["method"], str(status)).inc()
+            m.latency.labels(route).observe(time.perf_counter() - start)
+            request_id_var.reset(token)
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    """Read a JSON body, refusing oversize bodies (413) and bad JSON (400)."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > max_bytes:
+        raise APIError(413, f"request body is {length} bytes; the limit is {max_bytes}", code="request_too_large")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise APIError(413, f"request body exceeds the limit of {max_bytes} bytes", code="request_too_large")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body:
+        raise APIError(400, "request body is empty; send a JSON document", code="invalid_json")
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+
+
+class ReplicaApp:
+    """Builds the ASGI app around a `ModelHost` and the runtime limits."""
+
+    def __init__(self, host: ModelHost, runtime: RuntimeConfig, *, load_on_startup: bool = True):
+        self.host = host
+        self.runtime = runtime
+        self.metrics = RuntimeMetrics()
+        self.admission = Admission(runtime.predict_concurrency, runtime.max_queue, self.metrics)
+        self.draining = False
+        self._load_task: asyncio.Task[None] | None = None
+        self._load_on_startup = load_on_startup
+        self.app = self._build()
+
+    # ---- app -------------------------------------------------------------------------------
+    def _build(self) -> ASGIApp:
+        app = FastAPI(
+            title=f"Ballast replica: {self.host.package.name}",
+            version=__version__,
+            lifespan=self._lifespan,
+            docs_url=None,
+            redoc_url=None,
+        )
+        app.add_route("/predict", self._predict, methods=["POST"])
+        app.add_route("/health/live", self._live, methods=["GET"])
+        app.add_route("/health/ready", self._ready, methods=["GET"])
+        app.add_route("/metrics", self._metrics, methods=["GET"])
+        for method, path in OPENAI_METHODS.items():
+            app.add_route(path, self._openai_route(method), methods=["POST"])
+        app.add_exception_handler(APIError, self._api_error)
+        app.add_exception_handler(404, self._not_found)
+        app.add_exception_handler(405, self._not_allowed)
+        app.add_exception_handler(Exception, self._internal_error)
+        routes = {"/predict", "/health/live", "/health/ready", "/metrics", *OPENAI_METHODS.values()}
+        return RequestContextMiddleware(app, self.metrics, routes)
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, _app: FastAPI) -> AsyncIterator[None]:
+        if self._load_on_startup:
+            self._load_task = asyncio.create_task(self._load())
+        yield
+        if self._load_task and not self._load_task.done():
+            self._load_task.cancel()
+
+    async def _load(self) -> None:
+        timeout = self.host.package.config.health.startup_timeout_s
+        try:
+            await asyncio.wait_for(self.host.load(), timeout)
+        except TimeoutError:
+            self.host.state = LoadState.FAILED
+            self.host.error = f"load() did not finish within startup_timeout_s={timeout:g}"
+            log.error(self.host.error)
+        if self.host.state is LoadState.READY:
+            self.metrics.ready.set(1)
+            self.metrics.load_seconds.set(self.host.load_seconds or 0)
+
+    # ---- error handlers --------------------------------------------------------------------
+    async def _api_error(self, _req: Request, exc: Exception) -> Response:
+        assert isinstance(exc, APIError)
+        return error_response(exc)
+
+    async def _not_found(self, req: Request, _exc: Exception) -> Response:
+        return error_response(APIError(404, f"no route {req.method} {req.url.path}", code="not_found"))
+
+    async def _not_allowed(self, req: Request, _exc: Exception) -> Response:
+        return error_response(
+            APIError(405, f"method {req.method} is not allowed on {req.url.path}", code="method_not_allowed")
+        )
+
+    async def _internal_error(self, _req: Request, exc: Exception) -> Response:
+        log.error("unhandled error", exc_info=exc)
+        rid = request_id_var.get()
+        body = error_body(f"internal error (request id {rid}); see the replica log", status=500, code="internal_error")
+        return JSONResponse(body, status_code=500)
+
+    # ---- health and metrics ----------------------------------------------------------------
+    async def _live(self, _req: Request) -> Response:
+        if self.host.state is LoadState.FAILED:
+            return JSONResponse({"status": "failed", "reason": f"load failed: {self.host.error}"}, status_code=503)
+        return JSONResponse({"status": "alive"})
+
+    async def _ready(self, _req: Request) -> Response:
+        if self.draining:
+            return JSONResponse({"status": "not_ready", "reason": "shutting down"}, status_code=503)
+        ok, reason = await self.host.healthy()
+        self.metrics.ready.set(1 if ok else 0)
+        if not ok:
+            return JSONResponse({"status": "not_ready", "reason": reason}, status_code=503)
+        return JSONResponse({"status": "ready", "load_seconds": self.host.load_seconds})
+
+    async def _metrics(self, _req: Request) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    # ---- inference -------------------------------------------------------------------------
+    def _check_ready(self) -> None:
+        if self.draining:
+            raise APIError(503, "the replica is shutting down; retry on another replica", code="shutting_down",
+                           headers={"Retry-After": "1"})
+        if self.host.state is LoadState.LOADING:
+            raise APIError(503, "the model is still loading; retry shortly", code="model_loading",
+                           headers={"Retry-After": "2"})
+        if self.host.state is LoadState.FAILED:
+            raise APIError(503, f"the model failed to load: {self.host.error}", code="model_load_failed")
+
+    async def _predict(self, request: Request) -> Response:
+        self._check_ready()
+        if not self.host.has("predict"):
+            raise APIError(404, "this model defines no predict(); use its /v1 routes", code="not_found")
+        inputs = await read_json(request, self.runtime.max_request_bytes)
+        ndjson = NDJSON in request.headers.get("accept", "")
+        return await self._run(lambda: self.host.predict(inputs), ndjson=ndjson, openai_stream=False)
+
+    def _openai_route(self, method: str) -> Callable[[Request], Awaitable[Response]]:
+        async def handler(request: Request) -> Response:
+            if not self.host.has(method):
+                raise APIError(404, f"this model does not serve {OPENAI_METHODS[method]}", code="not_found")
+            self._check_ready()
+            body = await read_json(request, self.runtime.max_request_bytes)
+            if not isinstance(body, dict):
+                raise APIError(400, "the request body must be a JSON object", code="invalid_request")
+            return await self._run(lambda: self.host.call(method, body), ndjson=False, openai_stream=True)
+
+        return handler
+
+    async def _run(
+        self, work: Callable[[], Awaitable[Any]], *, ndjson: bool, openai_stream: bool
+    ) -> Response:
+        """Admit, run with the request timeout, and shape the result (JSON or a stream)."""
+        deadline = time.monotonic() + self.runtime.request_timeout_s
+        await self.admission.acquire()
+        released = False
+
+        task = asyncio.ensure_future(work())
+        try:
+            try:
+                result = await asyncio.wait_for(asyncio.shield(task), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                task.cancel()
+                task.add_done_callback(lambda _t: self.admission.release())
+                released = True
+                raise APIError(
+                    504, f"the request took longer than request_timeout_s={self.runtime.request_timeout_s:g}",
+                    code="timeout",
+                ) from None
+            except asyncio.CancelledError:
+                task.cancel()
+                task.add_done_callback(lambda _t: self.admission.release())
+                released = True
+                raise
+            except APIError:
+                raise
+            except Exception as e:
+                raise _user_error(e) from None
+            if isinstance(result, AsyncIterator):
+                released = True  # the stream owns the slot from here and releases it when it ends
+                return self._stream(result, deadline, ndjson=ndjson, openai=openai_stream)
+            if isinstance(result, Response):
+                return result
+            return Response(dumps(result), media_type="application/json")
+        finally:
+            if not released:
+                self.admission.release()
+
+    def _stream(self, items: AsyncIterator[Any], deadline: float, *, ndjson: bool, openai: bool) -> Response:
+        admission = self.admission
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                while True:
+                    remaining = deadline - time.monotonic()
+                    try:
+                        item = await asyncio.wait_for(anext(items), max(0.0, remaining))
+                    except StopAsyncIteration:
+                        break
+                    except TimeoutError:
+                        err = APIError(504, "the stream exceeded request_timeout_s", code="timeout")
+                        yield _frame(err.body(), ndjson, event="error")
+                        return
+                    except Exception as e:
+                        yield _frame(_user_error(e).body(), ndjson, event="error")
+                        return
+                    if isinstance(item, bytes):
+                        yield item
+                    else:
+                        yield _frame(item, ndjson)
+                if openai and not ndjson:
+                    yield DONE
+            finally:
+                aclose = getattr(items, "aclose", None)
+                if aclose is not None:
+                    try:
+                        await aclose()
+                    except Exception:
+                        log.exception("closing the model's stream failed")
+                admission.release()
+
+        media = NDJSON if ndjson else "text/event-stream"
+        return StreamingResponse(body(), media_type=media, headers={"Cache-Control": "no-cache"})
+
+
+def _frame(item: Any, ndjson: bool, event: str | None = None) -> bytes:
+    if ndjson:
+        return dumps({"error": item["error"]} if event == "error" else item) + b"\n"
+    return sse_event(item if isinstance(item, str) else dumps(item).decode(), event=event)
+
+
+def _user_error(e: Exception) -> APIError:
+    """User code raised: log the trace (with the request id), return a 500 that names the request."""
+    if isinstance(e, APIError):
+        return e
+    log.error("model raised %s", type(e).__name__, exc_info=e)
+    rid = request_id_var.get()
+    return APIError(
+        500, f"the model raised {type(e).__name__} (request id {rid}); see the replica log", code="model_error"
+    )
