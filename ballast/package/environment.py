@@ -1,8 +1,9 @@
 """Isolated virtual environments for package requirements, cached by a hash of the requirements.
 
-Environments are created with access to the system site-packages, so heavy packages that are
-already installed (torch, Ballast itself) are reused instead of downloaded again; requirements
-the package names are installed into the environment and take precedence.
+An environment layers on top of the environment Ballast runs in (a `.pth` file adds the parent's
+site-packages after its own), so heavy packages already installed (torch, Ballast itself) are reused
+instead of downloaded again, while the requirements the package names take precedence. This works
+whether Ballast itself runs in a virtual environment or in the system Python.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import site
 import subprocess
 import sys
 import time
@@ -41,6 +43,14 @@ def _uv() -> list[str]:
         raise EnvironmentError_("uv is not installed; `pip install uv` or run with --no-isolation") from e
 
 
+def _link_parent(env_dir: Path) -> None:
+    """Make the parent environment's packages importable after the environment's own."""
+    parents = [p for p in (*site.getsitepackages(), site.getusersitepackages()) if Path(p).is_dir()]
+    lines = "".join(f"import site; site.addsitedir({p!r})\n" for p in parents)
+    for sp in env_dir.glob("lib/python*/site-packages"):
+        (sp / "zz_ballast_parent.pth").write_text(lines)
+
+
 def ensure_environment(
     requirements: list[str], *, log: Callable[[str], None] = lambda _m: None, timeout_s: float = 1800
 ) -> Path:
@@ -58,15 +68,17 @@ def ensure_environment(
     started = time.monotonic()
     log(f"creating environment for {len(requirements)} requirement(s)")
     steps = [
-        [*uv, "venv", "--quiet", "--system-site-packages", "--python", sys.executable, str(tmp)],
+        [*uv, "venv", "--quiet", "--python", sys.executable, str(tmp)],
         [*uv, "pip", "install", "--quiet", "--python", str(tmp / "bin" / "python"), *requirements],
     ]
-    for cmd in steps:
+    for i, cmd in enumerate(steps):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
         if proc.returncode != 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
             raise EnvironmentError_("installing requirements failed: " + " | ".join(tail))
+        if i == 0:
+            _link_parent(tmp)
     (tmp / ".ready").write_text(f"{time.time()}\n")
     try:
         tmp.rename(env_dir)  # atomic: a half-built environment is never used

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ OPENAI_METHODS = {
 }
 
 
-class LoadState(str, Enum):
+class LoadState(StrEnum):
     LOADING = "loading"
     READY = "ready"
     FAILED = "failed"
