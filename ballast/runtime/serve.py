@@ -58,6 +58,20 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def make_host(package: Package) -> Any:
+    """The host for a package: its Python model, the native LLM engine, or an external engine command."""
+    engine = package.config.engine
+    if engine is None:
+        return ModelHost(package)
+    if engine.kind == "native":
+        from ballast.runtime.llm import EngineHost
+
+        return EngineHost(package)
+    from ballast.runtime.command import CommandHost
+
+    return CommandHost(package)
+
+
 def serve_package(
     package: Package,
     *,
@@ -69,8 +83,13 @@ def serve_package(
 ) -> None:
     """Serve `package` until SIGTERM/SIGINT; prints `ready: URL` once the model has loaded."""
     configure_logging()
-    model_host = build_host(package) if build_host else ModelHost(package)
-    replica = ReplicaApp(model_host, package.config.runtime)
+    model_host = build_host(package) if build_host else make_host(package)
+    runtime = package.config.runtime
+    if package.config.engine is not None:
+        from ballast.runtime.llm import engine_default_concurrency
+
+        runtime = runtime.model_copy(update={"predict_concurrency": engine_default_concurrency(package.config)})
+    replica = ReplicaApp(model_host, runtime)
     sock = bind_socket(host, port)
     actual_port = sock.getsockname()[1]
     shown_host = f"[{host}]" if ":" in host else host

@@ -146,11 +146,17 @@ class ReplicaApp:
         app.add_route("/metrics", self._metrics, methods=["GET"])
         for method, path in OPENAI_METHODS.items():
             app.add_route(path, self._openai_route(method), methods=["POST"])
+        extra_paths: set[str] = set()
+        for path, handler, methods in getattr(self.host, "extra_routes", list)():
+            app.add_route(path, handler, methods=methods)
+            extra_paths.add(path)
+        if hasattr(self.host, "bind_metrics"):
+            self.host.bind_metrics(self.metrics.registry)
         app.add_exception_handler(APIError, self._api_error)
         app.add_exception_handler(404, self._not_found)
         app.add_exception_handler(405, self._not_allowed)
         app.add_exception_handler(Exception, self._internal_error)
-        routes = {"/predict", "/health/live", "/health/ready", "/metrics", *OPENAI_METHODS.values()}
+        routes = {"/predict", "/health/live", "/health/ready", "/metrics", *OPENAI_METHODS.values(), *extra_paths}
         return RequestContextMiddleware(app, self.metrics, routes)
 
     @contextlib.asynccontextmanager
@@ -160,6 +166,9 @@ class ReplicaApp:
         yield
         if self._load_task and not self._load_task.done():
             self._load_task.cancel()
+        shutdown = getattr(self.host, "shutdown", None)
+        if shutdown is not None:
+            await shutdown()
 
     async def _load(self) -> None:
         timeout = self.host.package.config.health.startup_timeout_s
@@ -227,7 +236,7 @@ class ReplicaApp:
             raise APIError(404, "this model defines no predict(); use its /v1 routes", code="not_found")
         inputs = await read_json(request, self.runtime.max_request_bytes)
         ndjson = NDJSON in request.headers.get("accept", "")
-        return await self._run(lambda: self.host.predict(inputs), ndjson=ndjson, openai_stream=False)
+        return await self._run(lambda: self.host.predict(inputs), request, ndjson=ndjson, openai_stream=False)
 
     def _openai_route(self, method: str) -> Callable[[Request], Awaitable[Response]]:
         async def handler(request: Request) -> Response:
@@ -237,22 +246,38 @@ class ReplicaApp:
             body = await read_json(request, self.runtime.max_request_bytes)
             if not isinstance(body, dict):
                 raise APIError(400, "the request body must be a JSON object", code="invalid_request")
-            return await self._run(lambda: self.host.call(method, body), ndjson=False, openai_stream=True)
+            return await self._run(lambda: self.host.call(method, body), request, ndjson=False, openai_stream=True)
 
         return handler
 
     async def _run(
-        self, work: Callable[[], Awaitable[Any]], *, ndjson: bool, openai_stream: bool
+        self, work: Callable[[], Awaitable[Any]], request: Request, *, ndjson: bool, openai_stream: bool
     ) -> Response:
-        """Admit, run with the request timeout, and shape the result (JSON or a stream)."""
+        """Admit, run with the request timeout, and shape the result (JSON or a stream).
+
+        A client that disconnects while its request runs cancels the work (an engine aborts the
+        request and frees its KV blocks); sync code in a thread finishes, then frees its slot.
+        """
         deadline = time.monotonic() + self.runtime.request_timeout_s
         await self.admission.acquire()
         released = False
 
         task = asyncio.ensure_future(work())
+        watcher = asyncio.ensure_future(_wait_disconnect(request))
         try:
             try:
-                result = await asyncio.wait_for(asyncio.shield(task), max(0.0, deadline - time.monotonic()))
+                done, _ = await asyncio.wait(
+                    {task, watcher}, timeout=max(0.0, deadline - time.monotonic()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if task not in done:
+                    if watcher in done:  # the client left: stop the work, nobody reads the answer
+                        task.cancel()
+                        task.add_done_callback(lambda _t: self.admission.release())
+                        released = True
+                        return Response(status_code=499)
+                    raise TimeoutError
+                result = task.result()
             except TimeoutError:
                 task.cancel()
                 task.add_done_callback(lambda _t: self.admission.release())
@@ -277,6 +302,7 @@ class ReplicaApp:
                 return result
             return Response(dumps(result), media_type="application/json")
         finally:
+            watcher.cancel()
             if not released:
                 self.admission.release()
 
@@ -315,6 +341,14 @@ class ReplicaApp:
 
         media = NDJSON if ndjson else "text/event-stream"
         return StreamingResponse(body(), media_type=media, headers={"Cache-Control": "no-cache"})
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Returns when the client goes away (the body has been read, so only disconnects remain)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 def _frame(item: Any, ndjson: bool, event: str | None = None) -> bytes:
