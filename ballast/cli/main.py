@@ -8,8 +8,8 @@ import sys
 import typer
 from rich.console import Console
 
+from ballast.cli import chat_cmds, package_cmds, platform_cmds, serve_cmds
 from ballast.cli import models as models_cmds
-from ballast.cli import package_cmds, platform_cmds, serve_cmds
 
 app = typer.Typer(
     name="ballast",
@@ -21,6 +21,7 @@ app = typer.Typer(
 package_cmds.register(app)
 serve_cmds.register(app)
 platform_cmds.register(app)
+chat_cmds.register(app)
 app.add_typer(models_cmds.app, name="models", help="Make and import LLM checkpoints (offline).")
 
 err_console = Console(stderr=True)
