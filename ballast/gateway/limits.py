@@ -1,0 +1,110 @@
+"""Per-key limits held in memory: token buckets for requests/min and tokens/min, period budgets."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from ballast.openai import APIError
+
+
+@dataclass
+class TokenBucket:
+    """Refills continuously at `rate_per_min`; may go negative when actual usage is charged late."""
+
+    rate_per_min: float
+    level: float = field(default=-1.0)
+    stamp: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        if self.level < 0:
+            self.level = self.rate_per_min
+
+    def _refill(self, now: float) -> None:
+        self.level = min(self.rate_per_min, self.level + (now - self.stamp) * self.rate_per_min / 60.0)
+        self.stamp = now
+
+    def try_take(self, amount: float = 1.0) -> float:
+        """Take `amount` if available; otherwise return the seconds until it would be (0 = taken)."""
+        now = time.monotonic()
+        self._refill(now)
+        if self.level >= amount:
+            self.level -= amount
+            return 0.0
+        return (amount - self.level) * 60.0 / self.rate_per_min
+
+    def blocked_for(self) -> float:
+        """Seconds until the level is positive again (0 if it is)."""
+        now = time.monotonic()
+        self._refill(now)
+        return 0.0 if self.level > 0 else (1e-9 - self.level) * 60.0 / self.rate_per_min
+
+    def charge(self, amount: float) -> None:
+        self._refill(time.monotonic())
+        self.level -= amount
+
+
+def period_start(per: str, now: datetime | None = None) -> datetime:
+    now = now or datetime.now(UTC)
+    if per == "day":
+        return now.replace(hour=0, minute=0, second=0, microsecond=0)
+    return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+def period_end(per: str, now: datetime | None = None) -> datetime:
+    start = period_start(per, now)
+    if per == "day":
+        return datetime.fromtimestamp(start.timestamp() + 86400, UTC)
+    year, month = (start.year + 1, 1) if start.month == 12 else (start.year, start.month + 1)
+    return start.replace(year=year, month=month)
+
+
+def too_many(message: str, retry_after: float, code: str) -> APIError:
+    return APIError(429, message, code=code, headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
+
+
+@dataclass
+class KeyLimiter:
+    """The live limit state of one API key."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    token_budget: int | None = None
+    budget_per: str = "month"
+    used_in_period: int = 0
+    period: datetime = field(default_factory=lambda: period_start("month"))
+    _rpm: TokenBucket | None = None
+    _tpm: TokenBucket | None = None
+
+    def __post_init__(self) -> None:
+        self._rpm = TokenBucket(self.rpm) if self.rpm else None
+        self._tpm = TokenBucket(self.tpm) if self.tpm else None
+        self.period = period_start(self.budget_per)
+
+    def admit(self) -> None:
+        """Raise 429 if the key is over a limit; otherwise count the request."""
+        if self.token_budget is not None:
+            start = period_start(self.budget_per)
+            if start != self.period:
+                self.period, self.used_in_period = start, 0
+            if self.used_in_period >= self.token_budget:
+                wait = (period_end(self.budget_per) - datetime.now(UTC)).total_seconds()
+                raise too_many(
+                    f"this key has used its token budget of {self.token_budget} for this {self.budget_per}",
+                    wait, "budget_exceeded",
+                )
+        if self._tpm is not None:
+            wait = self._tpm.blocked_for()
+            if wait > 0:
+                raise too_many(f"rate limit of {self.tpm} tokens per minute reached", wait, "rate_limit_tokens")
+        if self._rpm is not None:
+            wait = self._rpm.try_take(1)
+            if wait > 0:
+                raise too_many(f"rate limit of {self.rpm} requests per minute reached", wait, "rate_limit_requests")
+
+    def charge(self, tokens: int) -> None:
+        if self._tpm is not None:
+            self._tpm.charge(tokens)
+        self.used_in_period += tokens

@@ -1,0 +1,122 @@
+"""Choosing a replica for a request.
+
+- Least outstanding requests with power-of-two choices: the default; cheap and near-optimal.
+- Prefix-aware: requests that share a prompt prefix (a system prompt plus a conversation's first
+  message, or an explicit `x-ballast-session`) go to the replica that already holds that prefix in
+  its KV cache. Rendezvous hashing ranks replicas per key; bounded load skips a replica whose
+  outstanding requests exceed (1 + epsilon) times the mean, so one hot prefix never swamps a replica.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(eq=False)
+class Endpoint:
+    """One ready replica as the gateway sees it."""
+
+    replica_id: str
+    url: str
+    version: int
+    outstanding: int = 0
+    consecutive_failures: int = 0
+    ejected_until: float = 0.0
+    served: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def available(self, now: float) -> bool:
+        return self.ejected_until <= now
+
+
+def _score(key: bytes, replica_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key + replica_id.encode(), digest_size=8).digest(), "big")
+
+
+class Router:
+    """Picks endpoints; `key` (a prefix or session key) switches on prefix-aware routing."""
+
+    def __init__(self, load_epsilon: float = 0.5, rng: random.Random | None = None):
+        self.load_epsilon = load_epsilon
+        self.rng = rng or random.Random()
+
+    def choose(
+        self, endpoints: Sequence[Endpoint], *, key: bytes | None = None, exclude: set[str] | frozenset[str] = frozenset()
+    ) -> Endpoint | None:
+        now = time.monotonic()
+        candidates = [e for e in endpoints if e.replica_id not in exclude and e.available(now)]
+        if not candidates:
+            # Every replica is ejected: trying one beats failing the request outright.
+            candidates = [e for e in endpoints if e.replica_id not in exclude]
+            if not candidates:
+                return None
+        if len(candidates) == 1:
+            return candidates[0]
+        if key is not None:
+            return self._prefix(candidates, key)
+        a, b = self.rng.sample(candidates, 2)
+        return a if a.outstanding <= b.outstanding else b
+
+    def _prefix(self, candidates: list[Endpoint], key: bytes) -> Endpoint:
+        total = sum(e.outstanding for e in candidates) + 1
+        bound = math.ceil(total / len(candidates) * (1 + self.load_epsilon))
+        ranked = sorted(candidates, key=lambda e: _score(key, e.replica_id), reverse=True)
+        for e in ranked:
+            if e.outstanding < bound:
+                return e
+        return min(ranked, key=lambda e: e.outstanding)
+
+
+PREFIX_CHARS = 4096
+
+
+def prefix_key(body: dict[str, Any] | None, session: str | None) -> bytes | None:
+    """The cache-affinity key of a request: its session, or the prompt's identifying prefix.
+
+    For chat: the system/developer messages plus the first user message, which stay the same as a
+    conversation grows, so every turn of a conversation lands where its history is cached.
+    For completions: the first PREFIX_CHARS characters of the prompt.
+    """
+    if session:
+        return b"s:" + session.encode()
+    if not isinstance(body, dict):
+        return None
+    messages = body.get("messages")
+    if isinstance(messages, list) and messages:
+        parts: list[str] = []
+        for m in messages:
+            if not isinstance(m, dict):
+                continue
+            content = m.get("content")
+            text = content if isinstance(content, str) else repr(content)
+            parts.append(f"{m.get('role')}:{text}")
+            if m.get("role") == "user":
+                break
+        return b"c:" + "\x1e".join(parts)[:PREFIX_CHARS].encode()
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) and prompt:
+        return b"p:" + prompt[:PREFIX_CHARS].encode()
+    return None
+
+
+class WeightedSplit:
+    """Smooth weighted round robin (as nginx does): over any window of sum(weights) requests each
+    version gets exactly its share, evenly interleaved, so a 10% canary is 10% and not "about 10%"."""
+
+    def __init__(self, weights: Sequence[tuple[int, int]]):
+        self.weights = [(v, w) for v, w in weights if w > 0] or list(weights[:1])
+        self.current = {v: 0 for v, _ in self.weights}
+
+    def next(self) -> int:
+        total = sum(w for _, w in self.weights)
+        for v, w in self.weights:
+            self.current[v] += w
+        best = max(self.weights, key=lambda vw: self.current[vw[0]])[0]
+        self.current[best] -= total
+        return best

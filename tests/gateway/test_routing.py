@@ -1,0 +1,89 @@
+"""Routing policies: P2C least outstanding, prefix affinity with bounded load, exact canary splits."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+
+from ballast.gateway.limits import KeyLimiter, TokenBucket
+from ballast.gateway.routing import Endpoint, Router, WeightedSplit, prefix_key
+
+
+def _eps(n: int) -> list[Endpoint]:
+    return [Endpoint(replica_id=f"r{i}", url=f"http://127.0.0.1:{9000 + i}", version=1) for i in range(n)]
+
+
+def test_p2c_prefers_less_loaded():
+    eps = _eps(2)
+    eps[0].outstanding = 5
+    router = Router(rng=random.Random(0))
+    assert all(router.choose(eps) is eps[1] for _ in range(20))
+
+
+def test_ejected_and_excluded_replicas_are_skipped():
+    eps = _eps(3)
+    eps[0].ejected_until = time.monotonic() + 60
+    router = Router(rng=random.Random(1))
+    picks = {router.choose(eps, exclude={"r1"}).replica_id for _ in range(20)}
+    assert picks == {"r2"}
+    # All ejected: still try one rather than fail outright.
+    for e in eps:
+        e.ejected_until = time.monotonic() + 60
+    assert router.choose(eps) is not None
+    assert router.choose(eps, exclude={"r0", "r1", "r2"}) is None
+
+
+def test_prefix_affinity_is_stable_and_bounded():
+    eps = _eps(4)
+    router = Router(load_epsilon=0.5, rng=random.Random(2))
+    conv = {"messages": [{"role": "system", "content": "S" * 3000}, {"role": "user", "content": "conv-7 hi"}]}
+    key = prefix_key(conv, None)
+    first = router.choose(eps, key=key)
+    # Later turns of the same conversation share system + first user message: same replica.
+    later = {**conv, "messages": [*conv["messages"], {"role": "assistant", "content": "x"},
+                                  {"role": "user", "content": "more"}]}
+    assert prefix_key(later, None) == key
+    assert all(router.choose(eps, key=key) is first for _ in range(10))
+    # Different conversations spread over replicas.
+    owners = Counter(
+        router.choose(eps, key=prefix_key({"messages": [{"role": "user", "content": f"c{i}"}]}, None)).replica_id
+        for i in range(200)
+    )
+    assert len(owners) == 4 and min(owners.values()) > 20
+    # Bounded load: a hot prefix spills over when its replica is far above the mean.
+    first.outstanding = 10
+    assert router.choose(eps, key=key) is not first
+    # A session header overrides the prompt.
+    assert prefix_key(conv, "sess-1") == b"s:sess-1"
+
+
+def test_weighted_split_is_exact():
+    split = WeightedSplit([(1, 90), (2, 10)])
+    picks = [split.next() for _ in range(1000)]
+    assert picks.count(2) == 100
+    # Evenly spread: every window of 100 has exactly 10 canary picks.
+    assert all(picks[i : i + 100].count(2) == 10 for i in range(0, 1000, 100))
+    assert WeightedSplit([(3, 0), (4, 100)]).next() == 4
+
+
+def test_token_bucket_and_key_limits():
+    b = TokenBucket(60)  # one per second
+    assert all(b.try_take() == 0 for _ in range(60))
+    assert b.try_take() > 0
+    lim = KeyLimiter(rpm=2)
+    lim.admit()
+    lim.admit()
+    try:
+        lim.admit()
+        raise AssertionError("expected 429")
+    except Exception as e:
+        assert getattr(e, "status", None) == 429 and e.headers["Retry-After"]
+    budget = KeyLimiter(token_budget=100, budget_per="day")
+    budget.admit()
+    budget.charge(150)
+    try:
+        budget.admit()
+        raise AssertionError("expected 429")
+    except Exception as e:
+        assert e.code == "budget_exceeded"
