@@ -47,7 +47,8 @@ class Router:
         self.rng = rng or random.Random()
 
     def choose(
-        self, endpoints: Sequence[Endpoint], *, key: bytes | None = None, exclude: set[str] | frozenset[str] = frozenset()
+        self, endpoints: Sequence[Endpoint], *, key: bytes | None = None,
+        exclude: set[str] | frozenset[str] = frozenset(),
     ) -> Endpoint | None:
         now = time.monotonic()
         candidates = [e for e in endpoints if e.replica_id not in exclude and e.available(now)]

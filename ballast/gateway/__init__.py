@@ -1,0 +1,1 @@
+"""The data plane: auth, limits, routing, proxying with failover, metering."""
