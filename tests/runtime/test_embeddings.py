@@ -6,7 +6,6 @@ import base64
 import math
 
 import numpy as np
-
 import pytest
 
 from tests.conftest import EXAMPLES
