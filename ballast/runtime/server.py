@@ -307,40 +307,51 @@ class ReplicaApp:
                 self.admission.release()
 
     def _stream(self, items: AsyncIterator[Any], deadline: float, *, ndjson: bool, openai: bool) -> Response:
-        admission = self.admission
-
         async def body() -> AsyncIterator[bytes]:
+            while True:
+                remaining = deadline - time.monotonic()
+                try:
+                    item = await asyncio.wait_for(anext(items), max(0.0, remaining))
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    err = APIError(504, "the stream exceeded request_timeout_s", code="timeout")
+                    yield _frame(err.body(), ndjson, event="error")
+                    return
+                except Exception as e:
+                    yield _frame(_user_error(e).body(), ndjson, event="error")
+                    return
+                yield item if isinstance(item, bytes) else _frame(item, ndjson)
+            if openai and not ndjson:
+                yield DONE
+
+        async def close() -> None:
+            aclose = getattr(items, "aclose", None)
             try:
-                while True:
-                    remaining = deadline - time.monotonic()
-                    try:
-                        item = await asyncio.wait_for(anext(items), max(0.0, remaining))
-                    except StopAsyncIteration:
-                        break
-                    except TimeoutError:
-                        err = APIError(504, "the stream exceeded request_timeout_s", code="timeout")
-                        yield _frame(err.body(), ndjson, event="error")
-                        return
-                    except Exception as e:
-                        yield _frame(_user_error(e).body(), ndjson, event="error")
-                        return
-                    if isinstance(item, bytes):
-                        yield item
-                    else:
-                        yield _frame(item, ndjson)
-                if openai and not ndjson:
-                    yield DONE
-            finally:
-                aclose = getattr(items, "aclose", None)
                 if aclose is not None:
-                    try:
-                        await aclose()
-                    except Exception:
-                        log.exception("closing the model's stream failed")
-                admission.release()
+                    await aclose()
+            except Exception:
+                log.exception("closing the model's stream failed")
+            finally:
+                self.admission.release()
 
         media = NDJSON if ndjson else "text/event-stream"
-        return StreamingResponse(body(), media_type=media, headers={"Cache-Control": "no-cache"})
+        return _ClosingStream(body(), close, media_type=media, headers={"Cache-Control": "no-cache"})
+
+
+class _ClosingStream(StreamingResponse):
+    """A stream whose cleanup runs however the response ends: finished, failed, or the client left
+    before the first byte (when the body generator may never have started)."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]], **kw: Any):
+        super().__init__(content, **kw)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await asyncio.shield(self._on_close())
 
 
 async def _wait_disconnect(request: Request) -> None:

@@ -1,0 +1,377 @@
+"""The gateway: one OpenAI-compatible endpoint in front of every deployment.
+
+Hot path per request: key lookup (a dict), limits (in-memory buckets), target resolution (a dict),
+replica choice, proxy. No database round trip: keys and routes are snapshots that the control plane
+refreshes (`GatewaySource`), usage is written in batches by the `Meter`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from ballast.gateway.limits import KeyLimiter
+from ballast.gateway.metering import Meter, UsageCounts, UsageKey, counts_from_usage
+from ballast.gateway.proxy import Outcome, Proxy
+from ballast.gateway.routing import Endpoint, Router, WeightedSplit, prefix_key
+from ballast.observe import REQUEST_ID_HEADER, current_request_id
+from ballast.openai import APIError
+
+log = logging.getLogger("ballast.gateway")
+
+MAX_BODY = 32 * 2**20
+INFERENCE_PATHS = {"chat_completions": "/v1/chat/completions", "completions": "/v1/completions",
+                   "embeddings": "/v1/embeddings", "predict": "/predict"}
+
+
+def hash_key(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    id: str
+    key_hash: str
+    scopes: frozenset[str]
+    deployments: frozenset[str] | None = None  # None: all deployments
+    rpm: int | None = None
+    tpm: int | None = None
+    token_budget: int | None = None
+    budget_per: str = "month"
+    used_in_period: int = 0  # tokens used in the current budget period when the snapshot was taken
+
+    def may_use(self, deployment: str) -> bool:
+        return self.deployments is None or deployment in self.deployments
+
+
+@dataclass
+class VersionRoute:
+    version: int
+    endpoints: list[Endpoint] = field(default_factory=list)
+    starting: int = 0  # replicas being started (cold start in progress)
+
+
+@dataclass
+class DeploymentRoute:
+    name: str
+    llm: bool
+    versions: dict[int, VersionRoute]
+    environments: dict[str, list[tuple[int, int]]]  # env -> [(version, weight percent)]
+    min_replicas: int = 1
+    max_queue: int = 256
+    max_wait_s: float = 120.0
+
+
+class GatewaySource(Protocol):
+    """What the gateway needs from the control plane (same process: plain method calls)."""
+
+    def snapshot(self) -> tuple[list[KeyInfo], dict[str, DeploymentRoute]]: ...
+
+    async def write_usage(self, batch: dict[UsageKey, UsageCounts]) -> None: ...
+
+    def request_capacity(self, deployment: str, version: int) -> None:
+        """A request is waiting for a version with no ready replica: scale it up from zero."""
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry):
+        r = registry
+        self.requests = Counter("ballast_gateway_requests", "Requests by deployment, version and status.",
+                                ["deployment", "version", "status"], registry=r)
+        self.latency = Histogram("ballast_gateway_request_duration_seconds", "End-to-end latency through the gateway.",
+                                 ["deployment"], registry=r,
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
+                                          60, 120))
+        self.ttfb = Histogram("ballast_gateway_time_to_first_byte_seconds", "Time to the replica's first byte "
+                              "(time to first token for streams).", ["deployment"], registry=r,
+                              buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.tokens = Counter("ballast_gateway_tokens", "Tokens through the gateway by kind.",
+                              ["deployment", "kind"], registry=r)
+        self.queued = Gauge("ballast_gateway_queue_depth", "Requests held waiting for a replica.", ["deployment"],
+                            registry=r)
+        self.retries = Counter("ballast_gateway_retries", "Requests retried on another replica.", ["deployment"],
+                               registry=r)
+        self.ejections = Counter("ballast_gateway_ejections", "Replicas ejected after failures.", ["deployment"],
+                                 registry=r)
+        self.cold_waits = Histogram("ballast_gateway_cold_start_wait_seconds", "Time requests were held for a "
+                                    "replica to start.", ["deployment"], registry=r,
+                                    buckets=(0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300))
+
+
+class Gateway:
+    def __init__(self, source: GatewaySource, registry: CollectorRegistry, *, refresh_s: float = 0.25):
+        self.source = source
+        self.router = Router()
+        self.metrics = GatewayMetrics(registry)
+        self.proxy = Proxy(self.router, on_retry=lambda ep: self.metrics.retries.labels(ep.meta.get("d", "")).inc(),
+                           on_eject=lambda ep: self.metrics.ejections.labels(ep.meta.get("d", "")).inc())
+        self.meter = Meter(source.write_usage)
+        self.refresh_s = refresh_s
+        self.keys: dict[str, KeyInfo] = {}
+        self.routes: dict[str, DeploymentRoute] = {}
+        self.limiters: dict[str, KeyLimiter] = {}
+        self._splits: dict[tuple[str, str], tuple[tuple[tuple[int, int], ...], WeightedSplit]] = {}
+        self._held: dict[str, int] = {}
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.refresh()
+        self.meter.start()
+        self._task = asyncio.create_task(self._refresh_loop())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+        await self.meter.stop()
+        await self.proxy.aclose()
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                self.refresh()
+            except Exception:
+                log.exception("refreshing the gateway's routes failed; keeping the last good snapshot")
+
+    def refresh(self) -> None:
+        """Swap in the control plane's latest keys and routes, keeping live endpoint state."""
+        keys, routes = self.source.snapshot()
+        self.keys = {k.key_hash: k for k in keys}
+        for k in keys:
+            lim = self.limiters.get(k.id)
+            sig = (k.rpm, k.tpm, k.token_budget, k.budget_per)
+            if lim is None or (lim.rpm, lim.tpm, lim.token_budget, lim.budget_per) != sig:
+                lim = KeyLimiter(rpm=k.rpm, tpm=k.tpm, token_budget=k.token_budget, budget_per=k.budget_per)
+                lim.used_in_period = k.used_in_period
+                self.limiters[k.id] = lim
+            else:
+                lim.used_in_period = max(lim.used_in_period, k.used_in_period)
+        old = {ep.replica_id: ep for d in self.routes.values() for v in d.versions.values() for ep in v.endpoints}
+        for d in routes.values():
+            for v in d.versions.values():
+                fresh = []
+                for ep in v.endpoints:
+                    prev = old.get(ep.replica_id)
+                    if prev is not None and prev.url == ep.url:
+                        ep = prev
+                    ep.meta["d"] = d.name
+                    fresh.append(ep)
+                v.endpoints = fresh
+        self.routes = routes
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # ---- load signal for the autoscaler ------------------------------------------------------
+    def load(self) -> dict[tuple[str, int], float]:
+        """In-flight requests per (deployment, version), held requests included."""
+        out: dict[tuple[str, int], float] = {}
+        for d in self.routes.values():
+            for v in d.versions.values():
+                out[(d.name, v.version)] = float(sum(ep.outstanding for ep in v.endpoints))
+        for name, held in self._held.items():
+            dep, _, ver = name.partition("#")
+            out[(dep, int(ver))] = out.get((dep, int(ver)), 0.0) + held
+        return out
+
+    # ---- auth ------------------------------------------------------------------------------
+    def authenticate(self, request: Request, scope: str) -> KeyInfo:
+        h = request.headers
+        secret = None
+        auth = h.get("authorization")
+        if auth and auth[:7].lower() == "bearer ":
+            secret = auth[7:].strip()
+        elif h.get("api-key"):
+            secret = h["api-key"].strip()
+        if not secret:
+            raise APIError(401, "missing API key: send `Authorization: Bearer KEY` or `Api-Key: KEY`",
+                           code="missing_api_key")
+        key = self.keys.get(hash_key(secret))
+        if key is None:
+            raise APIError(401, "invalid API key (it may have been revoked)", code="invalid_api_key")
+        if scope not in key.scopes and "admin" not in key.scopes:
+            raise APIError(403, f"this key lacks the `{scope}` scope", code="insufficient_scope")
+        return key
+
+    # ---- resolution ------------------------------------------------------------------------
+    def resolve(self, model: str | None, key: KeyInfo) -> tuple[DeploymentRoute, int]:
+        if not model or not isinstance(model, str):
+            raise APIError(400, "`model` is required: a deployment name (chat, chat@staging, chat:3)", param="model",
+                           code="missing_model")
+        name, env, version = model, "production", None
+        if "@" in model:
+            name, env = model.split("@", 1)
+        elif ":" in model:
+            name, _, v = model.partition(":")
+            if not v.isdigit():
+                raise APIError(400, f"`{model}`: a version is a number, as in {name}:3", param="model")
+            version = int(v)
+        dep = self.routes.get(name)
+        if dep is None or not key.may_use(name):
+            if dep is not None:
+                raise APIError(403, f"this key may not use deployment `{name}`", param="model",
+                               code="deployment_not_allowed")
+            raise APIError(404, f"the model `{model}` does not exist", param="model", code="model_not_found")
+        if version is not None:
+            if version not in dep.versions:
+                raise APIError(404, f"deployment `{name}` has no version {version}", param="model",
+                               code="model_not_found")
+            return dep, version
+        weights = dep.environments.get(env)
+        if not weights:
+            raise APIError(404, f"deployment `{name}` has no environment `{env}`", param="model",
+                           code="model_not_found")
+        if len(weights) == 1:
+            return dep, weights[0][0]
+        sig = tuple(weights)
+        cached = self._splits.get((name, env))
+        if cached is None or cached[0] != sig:
+            cached = (sig, WeightedSplit(weights))
+            self._splits[(name, env)] = cached
+        return dep, cached[1].next()
+
+    # ---- requests --------------------------------------------------------------------------
+    async def _endpoints(self, dep: DeploymentRoute, version: int) -> Callable[[], list[Endpoint]]:
+        """Ready endpoints of a version; holds the request (bounded) while a replica cold-starts."""
+
+        def current() -> list[Endpoint]:
+            d = self.routes.get(dep.name)
+            v = d.versions.get(version) if d else None
+            return v.endpoints if v else []
+
+        if current():
+            return current
+        slot = f"{dep.name}#{version}"
+        held = self._held.get(slot, 0)
+        if held >= dep.max_queue:
+            raise APIError(429, f"too many requests are waiting for `{dep.name}` to start", code="queue_full",
+                           headers={"Retry-After": "2"})
+        self._held[slot] = held + 1
+        self.metrics.queued.labels(dep.name).set(self._held[slot])
+        started = time.monotonic()
+        deadline = started + dep.max_wait_s
+        try:
+            self.source.request_capacity(dep.name, version)
+            while not current():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise APIError(503, f"no replica of `{dep.name}` became ready within {dep.max_wait_s:g}s; "
+                                   "retry later", code="no_replica_available", headers={"Retry-After": "5"})
+                try:
+                    await asyncio.wait_for(self._changed.wait(), min(remaining, 1.0))
+                except TimeoutError:
+                    self.source.request_capacity(dep.name, version)
+            self.metrics.cold_waits.labels(dep.name).observe(time.monotonic() - started)
+            return current
+        finally:
+            self._held[slot] -= 1
+            self.metrics.queued.labels(dep.name).set(self._held[slot])
+
+    async def handle(self, request: Request, kind: str, model: str | None = None) -> Response:
+        started = time.monotonic()
+        key = self.authenticate(request, "inference")
+        body = await request.body()
+        if len(body) > MAX_BODY:
+            raise APIError(413, f"request body exceeds {MAX_BODY} bytes", code="request_too_large")
+        parsed: Any = None
+        if kind != "predict" or model is None:
+            try:
+                parsed = json.loads(body) if body else None
+            except ValueError as e:
+                raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+            if not isinstance(parsed, dict):
+                raise APIError(400, "the request body must be a JSON object", code="invalid_request")
+            model = parsed.get("model")
+        dep, version = self.resolve(model, key)
+        limiter = self.limiters.get(key.id)
+        if limiter is not None:
+            limiter.admit()
+        endpoints = await self._endpoints(dep, version)
+        is_llm_call = kind != "predict"
+        prefix = prefix_key(parsed, request.headers.get("x-ballast-session")) if dep.llm and is_llm_call else None
+        if prefix is None and request.headers.get("x-ballast-session"):
+            prefix = b"s:" + request.headers["x-ballast-session"].encode()
+        headers = {"content-type": "application/json", REQUEST_ID_HEADER: current_request_id()}
+        if kind == "chat_completions" and parsed.get("stream") and dep.llm:
+            opts = parsed.get("stream_options") or {}
+            if not opts.get("include_usage"):
+                # Metering needs the token counts; the usage chunk is extra output the SDKs ignore.
+                parsed["stream_options"] = {**opts, "include_usage": True}
+                body = json.dumps(parsed).encode()
+        outcome = Outcome()
+        m = self.metrics
+
+        def done(o: Outcome) -> None:
+            status = str(o.status)
+            m.requests.labels(dep.name, str(version), status).inc()
+            m.latency.labels(dep.name).observe(time.monotonic() - started)
+            if o.first_byte_s is not None:
+                m.ttfb.labels(dep.name).observe(o.first_byte_s)
+            counts = counts_from_usage(o.usage, o.error or o.status >= 400)
+            if counts.prompt_tokens or counts.completion_tokens:
+                m.tokens.labels(dep.name, "prompt").inc(counts.prompt_tokens)
+                m.tokens.labels(dep.name, "completion").inc(counts.completion_tokens)
+            self.meter.record(key.id, dep.name, version, counts)
+            if limiter is not None:
+                limiter.charge(counts.prompt_tokens + counts.completion_tokens)
+
+        return await self.proxy.forward(
+            endpoints, INFERENCE_PATHS[kind], body, headers, key=prefix, outcome=outcome, on_done=done,
+            extract_usage=is_llm_call,
+        )
+
+    def models_for(self, request: Request) -> Response:
+        key = self.authenticate(request, "inference")
+        data = []
+        for name, dep in sorted(self.routes.items()):
+            if not key.may_use(name):
+                continue
+            data.append({"id": name, "object": "model", "created": 0, "owned_by": "ballast"})
+            for env in sorted(dep.environments):
+                if env != "production":
+                    data.append({"id": f"{name}@{env}", "object": "model", "created": 0, "owned_by": "ballast"})
+        return JSONResponse({"object": "list", "data": data})
+
+    def routes_for_app(self) -> list[tuple[str, Callable[[Request], Awaitable[Response]], list[str]]]:
+        """Routes to mount on the platform app."""
+
+        def openai_route(kind: str) -> Callable[[Request], Awaitable[Response]]:
+            async def h(request: Request) -> Response:
+                return await self.handle(request, kind)
+
+            return h
+
+        async def models(request: Request) -> Response:
+            return self.models_for(request)
+
+        async def predict_prod(request: Request) -> Response:
+            return await self.handle(request, "predict", request.path_params["name"])
+
+        async def predict_env(request: Request) -> Response:
+            p = request.path_params
+            return await self.handle(request, "predict", f"{p['name']}@{p['env']}")
+
+        async def predict_version(request: Request) -> Response:
+            p = request.path_params
+            return await self.handle(request, "predict", f"{p['name']}:{p['version']}")
+
+        return [
+            ("/v1/chat/completions", openai_route("chat_completions"), ["POST"]),
+            ("/v1/completions", openai_route("completions"), ["POST"]),
+            ("/v1/embeddings", openai_route("embeddings"), ["POST"]),
+            ("/v1/models", models, ["GET"]),
+            ("/deployments/{name}/predict", predict_prod, ["POST"]),
+            ("/deployments/{name}/environments/{env}/predict", predict_env, ["POST"]),
+            ("/deployments/{name}/versions/{version:int}/predict", predict_version, ["POST"]),
+        ]
