@@ -1,0 +1,152 @@
+"""The gateway's data path against real replica processes: auth, routing, failover on kill -9.
+
+The control plane is not the subject here: a fixed in-memory source feeds the gateway the same
+snapshot shape the control plane does, and the gateway runs in a real uvicorn server on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import threading
+import time
+from collections import Counter
+
+import httpx
+import pytest
+import uvicorn
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ballast.gateway.routing import Endpoint
+from ballast.gateway.service import DeploymentRoute, Gateway, KeyInfo, VersionRoute, hash_key
+from ballast.openai import APIError
+from tests.conftest import EXAMPLES, free_port
+
+
+class StaticSource:
+    def __init__(self, keys: list[KeyInfo], routes: dict[str, DeploymentRoute]):
+        self.keys = keys
+        self.routes = routes
+        self.usage: list = []
+        self.capacity_requests: list = []
+
+    def snapshot(self):
+        return self.keys, self.routes
+
+    async def write_usage(self, batch) -> None:
+        self.usage.append(batch)
+
+    def request_capacity(self, deployment: str, version: int) -> None:
+        self.capacity_requests.append((deployment, version))
+
+
+class GatewayServer:
+    def __init__(self, gateway: Gateway):
+        @contextlib.asynccontextmanager
+        async def lifespan(_app: Starlette):
+            await gateway.start()
+            yield
+            await gateway.stop()
+
+        app = Starlette(lifespan=lifespan)
+        for path, handler, methods in gateway.routes_for_app():
+            app.add_route(path, handler, methods=methods)
+
+        async def api_error(_req: Request, exc: Exception) -> Response:
+            from ballast.runtime.server import error_response
+
+            return error_response(exc)  # type: ignore[arg-type]
+
+        app.add_exception_handler(APIError, api_error)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, port=self.port, log_config=None, lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> GatewayServer:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(20)
+
+
+KEY = "sk-test-inference"
+OTHER = "sk-test-other"
+
+
+@pytest.fixture
+def two_echo(replica_factory):
+    return [replica_factory(EXAMPLES / "echo") for _ in range(2)]
+
+
+def _source(replicas) -> StaticSource:
+    eps = [Endpoint(replica_id=f"r{i}", url=r.url, version=1) for i, r in enumerate(replicas)]
+    route = DeploymentRoute(name="echo", llm=False, versions={1: VersionRoute(1, eps)},
+                            environments={"production": [(1, 100)]})
+    keys = [
+        KeyInfo(id="k1", key_hash=hash_key(KEY), scopes=frozenset({"inference"})),
+        KeyInfo(id="k2", key_hash=hash_key(OTHER), scopes=frozenset({"inference"}), deployments=frozenset({"x"})),
+        KeyInfo(id="k3", key_hash=hash_key("sk-metrics"), scopes=frozenset({"metrics"})),
+    ]
+    return StaticSource(keys, {"echo": route})
+
+
+def test_auth_and_resolution_errors(two_echo):
+    src = _source(two_echo)
+    with GatewayServer(Gateway(src, CollectorRegistry())) as gw:
+        url = gw.url + "/deployments/echo/predict"
+        r = httpx.post(url, json={"a": 1})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
+        r = httpx.post(url, json={"a": 1}, headers={"Authorization": "Bearer nope"})
+        assert r.status_code == 401
+        r = httpx.post(url, json={"a": 1}, headers={"Authorization": "Bearer sk-metrics"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "insufficient_scope"
+        r = httpx.post(url, json={"a": 1}, headers={"Api-Key": OTHER})
+        assert r.status_code == 403
+        r = httpx.post(gw.url + "/deployments/nope/predict", json={}, headers={"Api-Key": KEY})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        r = httpx.post(url, json={"a": 1}, headers={"Api-Key": KEY})
+        assert r.status_code == 200 and r.json() == {"echo": {"a": 1}}
+        r = httpx.post(gw.url + "/deployments/echo/versions/1/predict", json=2, headers={"Api-Key": KEY})
+        assert r.json() == {"echo": 2}
+        models = httpx.get(gw.url + "/v1/models", headers={"Api-Key": OTHER}).json()
+        assert models["data"] == []  # hides what the key cannot use
+        models = httpx.get(gw.url + "/v1/models", headers={"Api-Key": KEY}).json()
+        assert [m["id"] for m in models["data"]] == ["echo"]
+
+
+def test_kill_minus_nine_during_load_loses_no_request(two_echo):
+    src = _source(two_echo)
+    victim = two_echo[0]
+
+    async def load(gw_url: str) -> Counter:
+        results: Counter = Counter()
+        sem = asyncio.Semaphore(8)
+
+        async with httpx.AsyncClient(timeout=30, headers={"Api-Key": KEY}) as client:
+            async def one(i: int) -> None:
+                async with sem:
+                    r = await client.post(gw_url + "/deployments/echo/predict", json={"i": i})
+                    results[r.status_code] += 1
+                    if r.status_code == 200:
+                        assert r.json() == {"echo": {"i": i}}
+                if i == 100:
+                    os.killpg(victim.proc.pid, signal.SIGKILL)
+
+            await asyncio.gather(*(one(i) for i in range(400)))
+        return results
+
+    with GatewayServer(Gateway(src, CollectorRegistry())) as gw:
+        results = asyncio.run(load(gw.url))
+    assert results == Counter({200: 400})
+    assert victim.proc.wait(5) == -signal.SIGKILL
