@@ -150,3 +150,27 @@ def test_kill_minus_nine_during_load_loses_no_request(two_echo):
         results = asyncio.run(load(gw.url))
     assert results == Counter({200: 400})
     assert victim.proc.wait(5) == -signal.SIGKILL
+
+
+def test_replica_dying_mid_stream_ends_with_an_error_event(replica_factory):
+    rep = replica_factory(EXAMPLES / "stream")
+    eps = [Endpoint(replica_id="s0", url=rep.url, version=1)]
+    src = StaticSource(
+        [KeyInfo(id="k1", key_hash=hash_key(KEY), scopes=frozenset({"inference"}))],
+        {"stream": DeploymentRoute(name="stream", llm=False, versions={1: VersionRoute(1, eps)},
+                                   environments={"production": [(1, 100)]})},
+    )
+    with GatewayServer(Gateway(src, CollectorRegistry())) as gw:
+        lines = []
+        body = {"text": " ".join(f"w{i}" for i in range(100)), "delay": 0.05}
+        with httpx.stream("POST", gw.url + "/deployments/stream/predict", json=body, headers={"Api-Key": KEY},
+                          timeout=30) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                lines.append(line)
+                if len(lines) == 6:
+                    os.killpg(rep.proc.pid, signal.SIGKILL)
+    data = [x for x in lines if x.startswith("data:")]
+    assert 3 <= len(data) < 100
+    assert "event: error" in lines
+    assert '"code":"stream_interrupted"' in data[-1]
