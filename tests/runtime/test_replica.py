@@ -303,24 +303,24 @@ def test_init_scaffold_serves_as_is(tmp_path, replica_factory):
 
 @pytest.mark.slow
 def test_requirements_get_an_isolated_cached_environment(tmp_path, tmp_home: Path, replica_factory):
-    """`requirements` are installed into a venv keyed by their hash; the base environment is untouched."""
-    import six  # the base environment has another version
-
+    """`requirements` are installed into a venv keyed by their hash, layered over Ballast's environment."""
     pkg = write_package(
         tmp_path / "iso",
         "name: iso\nrequirements: ['six==1.16.0']\n",
         """
         import six, sys
+        import ballast, torch  # from the parent environment: reused, not reinstalled
 
         class Model:
             def predict(self, inputs):
-                return {"six": six.__version__, "prefix": sys.prefix}
+                return {"six": six.__version__, "prefix": sys.prefix, "torch": torch.__file__}
         """,
     )
     rep = replica_factory(pkg, extra_args=[])
     body = httpx.post(rep.url + "/predict", json={}).json()
-    assert body["six"] == "1.16.0" != six.__version__
+    assert body["six"] == "1.16.0"
     assert body["prefix"].startswith(str(tmp_home / "envs"))
+    assert not body["torch"].startswith(body["prefix"])
     envs = list((tmp_home / "envs").iterdir())
     rep.stop()
     rep2 = replica_factory(pkg, extra_args=[])
