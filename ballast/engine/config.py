@@ -1,0 +1,120 @@
+"""Engine settings (`EngineArgs`) and the model's architecture (`ModelConfig`, read from config.json)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class EngineError(ValueError):
+    """A request the engine refuses; `code` is the OpenAI-style error code."""
+
+    def __init__(self, message: str, code: str = "invalid_request"):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    qk_norm: bool
+    eos_token_ids: list[int] = field(default_factory=list)
+    bos_token_id: int | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> ModelConfig:
+        c = json.loads((path / "config.json").read_text())
+        text = c.get("text_config", c)
+        mt = text.get("model_type", "llama")
+        supported = {"llama", "mistral", "qwen2", "qwen3"}
+        if mt not in supported:
+            raise EngineError(f"{path}: model_type {mt!r} is not supported (supported: {sorted(supported)})")
+        heads = text["num_attention_heads"]
+        rope = text.get("rope_parameters") or {}
+        theta = text.get("rope_theta", rope.get("rope_theta", 10000.0))
+        scaling = text.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        eos = text.get("eos_token_id")
+        gen = path / "generation_config.json"
+        if gen.exists():
+            eos = json.loads(gen.read_text()).get("eos_token_id", eos)
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        return cls(
+            model_type=mt,
+            vocab_size=text["vocab_size"],
+            hidden_size=text["hidden_size"],
+            intermediate_size=text["intermediate_size"],
+            num_layers=text["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=text.get("num_key_value_heads") or heads,
+            head_dim=text.get("head_dim") or text["hidden_size"] // heads,
+            rms_norm_eps=text.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            max_position_embeddings=text.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+            attention_bias=bool(text.get("attention_bias", mt == "qwen2")),
+            qk_norm=mt == "qwen3",
+            eos_token_ids=eos_ids,
+            bos_token_id=text.get("bos_token_id"),
+        )
+
+
+@dataclass
+class EngineArgs:
+    checkpoint: str
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    kv_cache_bytes: int = 1 << 30
+    block_size: int = 16
+    dtype: str = "auto"
+    enable_prefix_caching: bool = True
+    device: str = "auto"
+    served_model_name: str | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Any, base_dir: str | Path | None = None) -> EngineArgs:
+        """From `ballast.config.NativeEngineConfig`; the checkpoint is resolved (and imported) here."""
+        from ballast.config.models import parse_memory
+        from ballast.engine.checkpoints import resolve_checkpoint
+
+        return cls(
+            checkpoint=str(resolve_checkpoint(cfg.checkpoint, base_dir)),
+            max_model_len=cfg.max_model_len,
+            max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=cfg.max_num_batched_tokens,
+            kv_cache_bytes=parse_memory(cfg.kv_cache_memory),
+            block_size=cfg.block_size,
+            dtype=cfg.dtype,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            device=cfg.device,
+            served_model_name=cfg.served_model_name,
+        )
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            # bf16 on CUDA; fp32 on CPU, where these CPUs lack fast bf16 matmul.
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]

@@ -1,0 +1,101 @@
+"""Continuous batching under a token budget, the vLLM V1 way: no prefill or decode phase.
+
+Each step gives every scheduled sequence a number of tokens to compute: one for a decode, a chunk
+of its prompt otherwise. Running sequences go first (decode first, oldest first); waiting ones are
+admitted in arrival order while the budget, `max_num_seqs` and the block pool allow. When blocks
+run out, the newest running sequence is preempted: its blocks are freed and it is recomputed later
+(its full blocks usually come back from the prefix cache).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from ballast.engine.block_manager import BlockManager
+from ballast.engine.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int  # tokens computed this step, starting at seq.num_computed
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step reaches the end of the known tokens, so a new token is sampled."""
+        return self.seq.num_computed + self.num_tokens == self.seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence and free its blocks at once."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free_seq(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free_seq(seq)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.max_tokens
+        out: list[ScheduledSeq] = []
+        # Decodes before continuing prefills, each group oldest first.
+        order = sorted(self.running, key=lambda s: (s.num_tokens - s.num_computed > 1, s.arrival))
+        scheduled: set[int] = set()
+        for seq in order:
+            if budget <= 0:
+                break
+            if seq not in self.running:  # preempted earlier in this loop
+                continue
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            while not self.blocks.allocate(seq, seq.num_computed + n):
+                victim = next((s for s in reversed(self.running) if id(s) not in scheduled and s is not seq), None)
+                if victim is None:
+                    victim = seq
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                continue
+            out.append(ScheduledSeq(seq, n))
+            scheduled.add(id(seq))
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.admitted:
+                seq.num_cached_tokens = self.blocks.match_prefix(seq)
+                seq.num_computed = seq.num_cached_tokens
+                seq.admitted = True
+            elif not seq.block_table:
+                seq.num_computed = self.blocks.match_prefix(seq)  # resuming after preemption
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self.blocks.allocate(seq, seq.num_computed + n):
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            out.append(ScheduledSeq(seq, n))
+            budget -= n
+        return out

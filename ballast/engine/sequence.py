@@ -1,0 +1,144 @@
+"""Sampling parameters, sequences and request outputs: the engine's plain data."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ballast.engine.config import EngineError
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    max_tokens: int | None = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> EngineError:
+            return EngineError(msg, "invalid_sampling_params")
+
+        if not 1 <= self.n <= 64:
+            raise bad(f"n must be between 1 and 64, got {self.n}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise bad(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not 0 <= self.temperature <= 100:
+            raise bad(f"temperature must be between 0 and 100, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise bad(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0:
+            self.top_k = -1
+        if self.top_k < -1:
+            raise bad(f"top_k must be -1 (off) or positive, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise bad(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise bad(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+        if not -2 <= self.frequency_penalty <= 2 or not -2 <= self.presence_penalty <= 2:
+            raise bad("frequency_penalty and presence_penalty must be between -2 and 2")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise bad(f"logprobs must be between 0 and 20, got {self.logprobs}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if any(not s for s in self.stop):
+            raise bad("stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Logprob:
+    token_id: int
+    token: str
+    logprob: float
+    top_logprobs: list[tuple[str, float]]
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str  # the delta since the previous output
+    token_ids: list[int]  # the delta
+    finish_reason: str | None = None
+    logprobs: list[Logprob] | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    num_cached_tokens: int = 0
+    finished: bool = False
+    error: str | None = None
+
+
+class Sequence:
+    """One generated continuation; a request with n > 1 has n sequences sharing the prompt."""
+
+    def __init__(self, request_id: str, index: int, prompt_ids: list[int], params: SamplingParams,
+                 arrival: float, max_len: int):
+        self.request_id = request_id
+        self.index = index
+        self.token_ids = list(prompt_ids)
+        self.num_prompt_tokens = len(prompt_ids)
+        self.params = params
+        self.arrival = arrival
+        self.status = Status.WAITING
+        self.num_computed = 0  # tokens whose K/V are in the cache
+        self.block_table: list[int] = []
+        self.num_hashed_blocks = 0  # leading full blocks registered in the prefix cache
+        self.block_hashes: list[int] = []
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache on first admission
+        self.admitted = False
+        self.finish_reason: str | None = None
+        self.finish_reported = False
+        self.max_len = max_len
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed + index)
+        # Output bookkeeping (owned by the engine).
+        self.detok: Any = None
+        self.text = ""  # decoded output so far
+        self.emitted_chars = 0
+        self.emitted_tokens = 0
+        self.pending_logprobs: list[Logprob] = []
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
