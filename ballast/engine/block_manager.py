@@ -74,8 +74,9 @@ class BlockManager:
             parent = h
             matched += 1
         seq.num_hashed_blocks = matched
-        self.query_tokens += seq.num_tokens
-        self.hit_tokens += matched * bs
+        if not seq.admitted:  # count a prompt once, not on every retry or resume
+            self.query_tokens += seq.num_tokens
+            self.hit_tokens += matched * bs
         return matched * bs
 
     def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:

@@ -205,6 +205,11 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
         if not scheduled:
+            stuck = self.scheduler.unschedulable
+            if stuck is not None:
+                self.scheduler.unschedulable = None
+                return self._fail([stuck.request_id], "the request does not fit in the KV cache; raise "
+                                  "kv_cache_memory or lower max_model_len")
             return []
         try:
             ids, pos, batch, rows, seqs = self._prepare(scheduled)

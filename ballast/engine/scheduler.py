@@ -35,6 +35,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.unschedulable: Sequence | None = None
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -84,14 +85,18 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            # A waiting sequence holds no blocks: take its cached prefix now, give it back if it can't run.
+            cached = self.blocks.match_prefix(seq)
             if not seq.admitted:
-                seq.num_cached_tokens = self.blocks.match_prefix(seq)
-                seq.num_computed = seq.num_cached_tokens
+                seq.num_cached_tokens = cached
                 seq.admitted = True
-            elif not seq.block_table:
-                seq.num_computed = self.blocks.match_prefix(seq)  # resuming after preemption
+            seq.num_computed = cached
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self.blocks.allocate(seq, seq.num_computed + n):
+                self.blocks.free_seq(seq)
+                seq.num_computed = 0
+                if not self.running and not out:
+                    self.unschedulable = seq  # cannot fit even alone: the engine fails it
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
