@@ -12,14 +12,13 @@ import logging
 import os
 import sys
 import time
-import uuid
 
 REQUEST_ID_HEADER = "x-request-id"
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("ballast_request_id", default="-")
 
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # as unique as uuid4, without building a UUID object per request
 
 
 def current_request_id() -> str:

@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,10 @@ class ModelHost:
 
     def __init__(self, package: Package):
         self.package = package
+        # Sync user code runs here: at most predict_concurrency threads, even when a timed-out
+        # request's thread is still finishing after its slot was given back.
+        self.executor = ThreadPoolExecutor(max_workers=package.config.runtime.predict_concurrency,
+                                           thread_name_prefix="ballast-model")
         self.state = LoadState.LOADING
         self.error: str | None = None
         self.load_seconds: float | None = None
@@ -149,6 +154,11 @@ class ModelHost:
     def has(self, name: str) -> bool:
         return name in self._methods
 
+    def cancellable(self, name: str) -> bool:
+        """Whether cancelling a call stops work (async code); sync code in a thread runs to the end."""
+        fn = self._methods.get(name)
+        return fn is not None and (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn))
+
     async def healthy(self) -> tuple[bool, str | None]:
         if self.state is not LoadState.READY:
             return False, self.state.value if self.error is None else f"load failed: {self.error}"
@@ -172,7 +182,7 @@ class ModelHost:
         elif inspect.isgeneratorfunction(fn):
             return _iterate_in_threads(fn(*args))
         else:
-            result = await anyio.to_thread.run_sync(fn, *args)
+            result = await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
         if inspect.isasyncgen(result):
             return result
         if inspect.isgenerator(result):

@@ -14,13 +14,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ballast import __version__
 from ballast.config import RuntimeConfig
 from ballast.observe import new_request_id, request_id_var
 from ballast.openai import DONE, APIError, error_body, sse_event
@@ -60,6 +59,8 @@ class RequestContextMiddleware:
         self.app = app
         self.metrics = metrics
         self.known_routes = known_routes
+        self._children: dict[str, tuple[Any, Any]] = {}
+        self._counters: dict[tuple[str, str, int], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -77,7 +78,11 @@ class RequestContextMiddleware:
         start = time.perf_counter()
         status = 500
         first_byte = False
-        m = self.metrics
+        children = self._children.get(route)
+        if children is None:
+            m = self.metrics
+            children = self._children[route] = (m.ttfb.labels(route), m.latency.labels(route))
+        ttfb, latency = children
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status, first_byte
@@ -86,14 +91,18 @@ class RequestContextMiddleware:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
             elif message["type"] == "http.response.body" and not first_byte:
                 first_byte = True
-                m.ttfb.labels(route).observe(time.perf_counter() - start)
+                ttfb.observe(time.perf_counter() - start)
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            m.requests.labels(route, scope["method"], str(status)).inc()
-            m.latency.labels(route).observe(time.perf_counter() - start)
+            key = (route, scope["method"], status)
+            counter = self._counters.get(key)
+            if counter is None:
+                counter = self._counters[key] = self.metrics.requests.labels(route, scope["method"], str(status))
+            counter.inc()
+            latency.observe(time.perf_counter() - start)
             request_id_var.reset(token)
 
 
@@ -133,13 +142,7 @@ class ReplicaApp:
 
     # ---- app -------------------------------------------------------------------------------
     def _build(self) -> ASGIApp:
-        app = FastAPI(
-            title=f"Ballast replica: {self.host.package.name}",
-            version=__version__,
-            lifespan=self._lifespan,
-            docs_url=None,
-            redoc_url=None,
-        )
+        app = Starlette(lifespan=self._lifespan)
         app.add_route("/predict", self._predict, methods=["POST"])
         app.add_route("/health/live", self._live, methods=["GET"])
         app.add_route("/health/ready", self._ready, methods=["GET"])
@@ -160,7 +163,7 @@ class ReplicaApp:
         return RequestContextMiddleware(app, self.metrics, routes)
 
     @contextlib.asynccontextmanager
-    async def _lifespan(self, _app: FastAPI) -> AsyncIterator[None]:
+    async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
         if self._load_on_startup:
             self._load_task = asyncio.create_task(self._load())
         yield
@@ -220,6 +223,10 @@ class ReplicaApp:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # ---- inference -------------------------------------------------------------------------
+    def _cancellable(self, method: str) -> bool:
+        check = getattr(self.host, "cancellable", None)
+        return True if check is None else bool(check(method))
+
     def _check_ready(self) -> None:
         if self.draining:
             raise APIError(503, "the replica is shutting down; retry on another replica", code="shutting_down",
@@ -236,7 +243,8 @@ class ReplicaApp:
             raise APIError(404, "this model defines no predict(); use its /v1 routes", code="not_found")
         inputs = await read_json(request, self.runtime.max_request_bytes)
         ndjson = NDJSON in request.headers.get("accept", "")
-        return await self._run(lambda: self.host.predict(inputs), request, ndjson=ndjson, openai_stream=False)
+        return await self._run(lambda: self.host.predict(inputs), request, ndjson=ndjson, openai_stream=False,
+                               cancellable=self._cancellable("predict"))
 
     def _openai_route(self, method: str) -> Callable[[Request], Awaitable[Response]]:
         async def handler(request: Request) -> Response:
@@ -246,63 +254,48 @@ class ReplicaApp:
             body = await read_json(request, self.runtime.max_request_bytes)
             if not isinstance(body, dict):
                 raise APIError(400, "the request body must be a JSON object", code="invalid_request")
-            return await self._run(lambda: self.host.call(method, body), request, ndjson=False, openai_stream=True)
+            return await self._run(lambda: self.host.call(method, body), request, ndjson=False, openai_stream=True,
+                                   cancellable=self._cancellable(method))
 
         return handler
 
     async def _run(
-        self, work: Callable[[], Awaitable[Any]], request: Request, *, ndjson: bool, openai_stream: bool
+        self, work: Callable[[], Awaitable[Any]], request: Request, *, ndjson: bool, openai_stream: bool,
+        cancellable: bool = True,
     ) -> Response:
         """Admit, run with the request timeout, and shape the result (JSON or a stream).
 
-        A client that disconnects while its request runs cancels the work (an engine aborts the
-        request and frees its KV blocks); sync code in a thread finishes, then frees its slot.
+        When the work can be cancelled (async code, an engine), a client that disconnects cancels it:
+        an engine aborts the request and frees its KV blocks at once.
         """
-        deadline = time.monotonic() + self.runtime.request_timeout_s
         await self.admission.acquire()
         released = False
-
-        task = asyncio.ensure_future(work())
-        watcher = asyncio.ensure_future(_wait_disconnect(request))
         try:
             try:
-                done, _ = await asyncio.wait(
-                    {task, watcher}, timeout=max(0.0, deadline - time.monotonic()),
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                if task not in done:
-                    if watcher in done:  # the client left: stop the work, nobody reads the answer
-                        task.cancel()
-                        task.add_done_callback(lambda _t: self.admission.release())
-                        released = True
-                        return Response(status_code=499)
-                    raise TimeoutError
-                result = task.result()
+                async with asyncio.timeout(self.runtime.request_timeout_s):
+                    if cancellable:
+                        result = await _unless_disconnected(work(), request)
+                        if result is _DISCONNECTED:
+                            return Response(status_code=499)
+                    else:
+                        result = await work()
             except TimeoutError:
-                task.cancel()
-                task.add_done_callback(lambda _t: self.admission.release())
-                released = True
                 raise APIError(
                     504, f"the request took longer than request_timeout_s={self.runtime.request_timeout_s:g}",
                     code="timeout",
                 ) from None
-            except asyncio.CancelledError:
-                task.cancel()
-                task.add_done_callback(lambda _t: self.admission.release())
-                released = True
-                raise
             except APIError:
                 raise
             except Exception as e:
                 raise _user_error(e) from None
             if isinstance(result, AsyncIterator):
                 released = True  # the stream owns the slot from here and releases it when it ends
+                deadline = time.monotonic() + self.runtime.request_timeout_s
                 return self._stream(result, deadline, ndjson=ndjson, openai=openai_stream)
             if isinstance(result, Response):
                 return result
             return Response(dumps(result), media_type="application/json")
         finally:
-            watcher.cancel()
             if not released:
                 self.admission.release()
 
@@ -354,12 +347,34 @@ class _ClosingStream(StreamingResponse):
             await asyncio.shield(self._on_close())
 
 
+_DISCONNECTED = object()
+
+
 async def _wait_disconnect(request: Request) -> None:
     """Returns when the client goes away (the body has been read, so only disconnects remain)."""
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+async def _unless_disconnected(work: Awaitable[Any], request: Request) -> Any:
+    """Run `work`, cancelling it if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        return _DISCONNECTED
+    return task.result()
 
 
 def _frame(item: Any, ndjson: bool, event: str | None = None) -> bytes:
