@@ -1,0 +1,23 @@
+"""Platform state in SQL: SQLite by default, PostgreSQL by URL, migrated with Alembic."""
+
+from ballast.store.db import default_url, make_engine, open_store, safe_url, session_factory, upgrade
+from ballast.store.tables import ApiKey, Base, Deployment, Environment, Event, Replica, Setting, Usage, Version, utcnow
+
+__all__ = [
+    "ApiKey",
+    "Base",
+    "Deployment",
+    "Environment",
+    "Event",
+    "Replica",
+    "Setting",
+    "Usage",
+    "Version",
+    "default_url",
+    "make_engine",
+    "open_store",
+    "safe_url",
+    "session_factory",
+    "upgrade",
+    "utcnow",
+]
