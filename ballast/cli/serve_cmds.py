@@ -32,14 +32,15 @@ def serve(
     reqs = package.config.requirements
     if reqs and not no_isolation and not os.environ.get("BALLAST_IN_ENV"):
         with err.status(f"preparing environment for {len(reqs)} requirement(s)..."):
-            python = ensure_environment(reqs, log=lambda m: err.print(m))
-        if Path(python) != Path(sys.executable):
-            env = {**os.environ, "BALLAST_IN_ENV": "1"}
-            args = [str(python), "-m", "ballast.cli.main", "serve", str(package.path), "--port", str(port),
+            site = ensure_environment(reqs, log=lambda m: err.print(m))
+        if site is not None:
+            path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
+            env = {**os.environ, "BALLAST_IN_ENV": "1", "PYTHONPATH": path}
+            args = [sys.executable, "-m", "ballast.cli.main", "serve", str(package.path), "--port", str(port),
                     "--host", host, "--no-isolation"]
             if access_log:
                 args.append("--access-log")
-            os.execve(str(python), args, env)
+            os.execve(sys.executable, args, env)
     from ballast.runtime.serve import serve_package
 
     serve_package(package, host=host, port=port, access_log=access_log)

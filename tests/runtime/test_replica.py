@@ -313,16 +313,16 @@ def test_requirements_get_an_isolated_cached_environment(tmp_path, tmp_home: Pat
 
         class Model:
             def predict(self, inputs):
-                return {"six": six.__version__, "prefix": sys.prefix, "torch": torch.__file__}
+                return {"six": six.__version__, "six_file": six.__file__, "torch": torch.__file__}
         """,
     )
     rep = replica_factory(pkg, extra_args=[])
     body = httpx.post(rep.url + "/predict", json={}).json()
     assert body["six"] == "1.16.0"
-    assert body["prefix"].startswith(str(tmp_home / "envs"))
-    assert not body["torch"].startswith(body["prefix"])
+    assert body["six_file"].startswith(str(tmp_home / "envs"))
+    assert not body["torch"].startswith(str(tmp_home))  # reused from Ballast's environment
     envs = list((tmp_home / "envs").iterdir())
     rep.stop()
     rep2 = replica_factory(pkg, extra_args=[])
-    assert httpx.post(rep2.url + "/predict", json={}).json()["prefix"] == body["prefix"]
+    assert httpx.post(rep2.url + "/predict", json={}).json()["six_file"] == body["six_file"]
     assert list((tmp_home / "envs").iterdir()) == envs  # reused, not rebuilt
