@@ -1,16 +1,21 @@
-"""Shared benchmark helpers: machine facts, process control, statistics, the results file and table."""
+"""Shared benchmark helpers: machine facts, processes that are always stopped, a load generator (wrk),
+statistics, and the results file and table in the schema of /work/shared/BENCHMARKS.md."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import os
 import platform
+import re
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -24,12 +29,7 @@ RESULTS = ROOT / "bench" / "results"
 VENVS = ROOT / "bench" / ".venvs"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+# ---- machine and versions ------------------------------------------------------------------------
 def machine() -> dict[str, Any]:
     cpu = platform.processor()
     with contextlib.suppress(OSError):
@@ -48,48 +48,93 @@ def machine() -> dict[str, Any]:
 
 def commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
-def summarize(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+def versions(*dists: str, python: str | Path | None = None) -> dict[str, str | None]:
+    """Installed versions of distributions, here or in another interpreter (a peer's venv)."""
+    if python is None:
+        found: dict[str, str | None] = {}
+        for d in dists:
+            try:
+                found[d] = importlib.metadata.version(d)
+            except importlib.metadata.PackageNotFoundError:
+                found[d] = None
+        return found
+    code = ("import importlib.metadata as m, json, sys\nd = {}\nfor n in sys.argv[1:]:\n"
+            "    try: d[n] = m.version(n)\n    except m.PackageNotFoundError: d[n] = None\nprint(json.dumps(d))")
+    out = subprocess.run([str(python), "-c", code, *dists], capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(out.stdout)
 
 
-def write_results(name: str, params: dict[str, Any], rows: list[dict[str, Any]], ratios: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{name}.json"
-    doc = {"name": name, "date": datetime.now(UTC).isoformat(timespec="seconds"), "commit": commit(),
-           "machine": machine(), "params": params, "rows": rows, "ratios": ratios}
-    out.write_text(json.dumps(doc, indent=2))
-    return out
+def venv_python(name: str, *requirements: str) -> Path:
+    """The Python of bench/.venvs/<name>, created (with `requirements` from PyPI) on first use."""
+    py = VENVS / name / "bin" / "python"
+    if not py.exists():
+        print(f"installing {' '.join(requirements)} into {py.parents[1].relative_to(ROOT)} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(py.parents[1])], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "--upgrade", "pip"], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", *requirements], check=True)
+    return py
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
-    print("| system | metric | median | min | max | unit |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['system']} | {r['metric']} | {r['median']:.4g} | {r['min']:.4g} | {r['max']:.4g} | {r['unit']} |")
+# ---- processes -----------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pinned(cmd: list[str], cpus: str | None) -> list[str]:
+    """`cmd` pinned to `cpus` (e.g. "0" or "0-1") with taskset, when both are available."""
+    if cpus is None or not shutil.which("taskset"):
+        return cmd
+    return ["taskset", "-c", cpus, *cmd]
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so that `finally` blocks (which stop servers) run."""
+
+    def handler(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 class Proc:
-    """A server subprocess in its own process group, stopped whatever happens."""
+    """A server subprocess in its own process group (stdout+stderr to a log file), stopped whatever happens."""
 
-    def __init__(self, cmd: list[str], *, env: dict[str, str] | None = None, cpu: str | None = None,
+    def __init__(self, cmd: list[str], *, env: dict[str, str] | None = None, cpus: str | None = None,
                  cwd: Path | None = None, log: Path | None = None):
-        if cpu is not None and sys.platform.startswith("linux"):
-            cmd = ["taskset", "-c", cpu, *cmd]
-        self.log_path = log or Path(os.devnull)
+        self.cmd = pinned(cmd, cpus)
+        self.log_path = log or Path(tempfile.mkstemp(prefix="bench-", suffix=".log")[1])
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                                     cwd=cwd, start_new_session=True)
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True)
+
+    def _check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            tail = self.log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{self.cmd} exited ({self.proc.returncode}); log {self.log_path}:\n{tail}")
+
+    def wait_line(self, pattern: str, timeout: float = 180) -> re.Match[str]:
+        """Wait for a line of output matching the regex `pattern`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(pattern, self.log_path.read_text(errors="replace"), re.M)
+            if m:
+                return m
+            self._check_alive()
+            time.sleep(0.1)
+        raise RuntimeError(f"no line matching {pattern!r} within {timeout}s; see {self.log_path}")
 
     def wait_http(self, url: str, timeout: float = 180, ok: tuple[int, ...] = (200,)) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited ({self.proc.returncode}); see {self.log_path}")
+            self._check_alive()
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(url, timeout=2).status_code in ok:
                     return
@@ -106,13 +151,82 @@ class Proc:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
+        with contextlib.suppress(ProcessLookupError):  # stragglers left in the group
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self._log.close()
 
 
 @contextlib.contextmanager
 def running(procs: list[Proc]) -> Iterator[list[Proc]]:
+    """Stop every process in `procs` on the way out (the list may grow inside the block)."""
     try:
         yield procs
     finally:
         for p in procs:
             p.stop()
+
+
+# ---- load generator ------------------------------------------------------------------------------
+_WRK_LUA = """
+wrk.method = "{method}"
+wrk.body = [==[{body}]==]
+wrk.headers["Content-Type"] = "application/json"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("JSON {{\\"requests\\": %d, \\"duration_us\\": %d, \\"p50_us\\": %d, \\"p99_us\\": %d, "
+    .. "\\"mean_us\\": %d, \\"errors\\": %d}}\\n", summary.requests, summary.duration, latency:percentile(50),
+    latency:percentile(99), latency.mean, e.connect + e.read + e.write + e.timeout + e.status))
+end
+"""
+
+
+def require_wrk() -> str:
+    path = shutil.which("wrk")
+    if path is None:
+        sys.exit("this benchmark drives load with wrk; install it with `apt-get install -y wrk` (Debian/Ubuntu)")
+    return path
+
+
+def wrk(url: str, body: Any, *, connections: int, seconds: float, threads: int = 1, cpus: str | None = None,
+        method: str = "POST", timeout_s: float = 10) -> dict[str, float]:
+    """Closed-loop load with wrk: `connections` keep-alive connections each sending `body` (JSON) back to back
+    for `seconds` (whole seconds).
+
+    Returns rps, p50_ms, p99_ms, mean_ms, requests and errors (connect/read/write/timeout/non-2xx)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(_WRK_LUA.format(method=method, body=json.dumps(body)))
+    try:
+        cmd = pinned([require_wrk(), f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
+                      f"--timeout={max(1, round(timeout_s))}s", "-s", f.name, url], cpus)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    finally:
+        os.unlink(f.name)
+    m = re.search(r"^JSON (\{.*\})$", out.stdout, re.M)
+    if not m:
+        raise RuntimeError(f"wrk failed ({out.returncode}): {out.stdout}\n{out.stderr}")
+    r = json.loads(m.group(1))
+    return {"rps": r["requests"] / (r["duration_us"] / 1e6), "p50_ms": r["p50_us"] / 1000,
+            "p99_ms": r["p99_us"] / 1000, "mean_ms": r["mean_us"] / 1000, "requests": r["requests"],
+            "errors": r["errors"]}
+
+
+# ---- results -------------------------------------------------------------------------------------
+def summarize(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def write_results(name: str, params: dict[str, Any], rows: list[dict[str, Any]], ratios: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{name}.json"
+    doc = {"name": name, "date": datetime.now(UTC).isoformat(timespec="seconds"), "commit": commit(),
+           "machine": machine(), "params": params, "rows": rows, "ratios": ratios}
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    return out
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """Rows as a markdown table: median (min–max)."""
+    print("| system | metric | median | min | max | unit |")
+    print("|---|---|---:|---:|---:|---|")
+    for r in rows:
+        print(f"| {r['system']} | {r['metric']} | {r['median']:.4g} | {r['min']:.4g} | {r['max']:.4g} | {r['unit']} |")

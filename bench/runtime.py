@@ -1,135 +1,185 @@
 """Runtime overhead: examples/echo under `ballast serve` vs a bare Starlette app vs BentoML.
 
-One command: `python bench/runtime.py [--quick]`. All servers run at once, pinned to CPU 0; wrk
-(one thread, pinned to CPU 1) drives them in interleaved rounds (A B C D A B C D ...) with the same
-payload, concurrency and duration. Reports requests/s and p50/p99 latency, medians and min-max
-over rounds, and ratios against the bare app and BentoML.
+One command: `python bench/runtime.py [--quick]`. It starts every server once (each pinned to CPU 0, all
+threads included), then drives them with wrk (one thread, pinned to CPU 1) in interleaved rounds
+(A B C D A B C D ...), the same JSON body, the same concurrency and the same duration for all. Reports
+requests/s and p50/p99 latency (medians and min-max over rounds) and ratios Ballast ÷ peer, and writes
+bench/results/runtime.json. Needs wrk (`apt-get install -y wrk`); installs BentoML into
+bench/.venvs/bentoml on first use.
+
+Systems:
+  ballast          `ballast serve examples/echo` (the CLI, default settings; sync predict in its executor)
+  bare-threadpool  the floor: a bare Starlette app calling the same sync echo via run_in_threadpool
+  bare-inline      the absolute floor: the same app echoing inline in async code (no thread hop)
+  bentoml          BentoML serving the same echo as a sync API method, one worker, default settings
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import re
-import shutil
-import subprocess
+import os
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import ROOT, VENVS, Proc, free_port, print_table, running, summarize, write_results  # noqa: E402
+from bench._common import (
+    ROOT,
+    Proc,
+    free_port,
+    print_table,
+    require_wrk,
+    running,
+    stop_on_sigterm,
+    summarize,
+    venv_python,
+    versions,
+    write_results,
+    wrk,
+)
 
 PAYLOAD = {"text": "hello ballast", "numbers": [1, 2, 3, 4, 5], "nested": {"a": True, "b": None}}
-LUA = """
-wrk.method = "POST"
-wrk.body = [[{body}]]
-wrk.headers["Content-Type"] = "application/json"
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format("JSON {{\\"requests\\": %d, \\"duration_us\\": %d, \\"p50_us\\": %d, \\"p99_us\\": %d, "
-    .. "\\"errors\\": %d}}\\n", summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
-    e.connect + e.read + e.write + e.timeout + e.status))
-end
-"""
+SERVER_CPUS, LOAD_CPUS = "0", "1"
+PEERS = ROOT / "bench" / "peers"
+# The bare app runs under the same uvicorn as Ballast, with the options `ballast serve` gives it:
+# uvloop, httptools, no access log, keep-alive 30 s, no server header, one process.
+UVICORN_OPTS = ["--loop", "uvloop", "--http", "httptools", "--no-access-log", "--timeout-keep-alive", "30",
+                "--no-server-header", "--workers", "1", "--log-level", "warning"]
 
 
-def bentoml_python() -> Path:
-    py = VENVS / "bentoml" / "bin" / "python"
-    if not py.exists():
-        print("installing BentoML into bench/.venvs/bentoml ...", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(VENVS / "bentoml")], check=True)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "bentoml"], check=True)
-    return py
+def ballast_cli() -> str:
+    script = Path(sys.executable).parent / "ballast"
+    return str(script) if script.exists() else "ballast"
 
 
-def wrk(url: str, script: Path, conns: int, seconds: float) -> dict:
-    out = subprocess.run(
-        ["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "-s", str(script), url],
-        capture_output=True, text=True, timeout=seconds + 60,
-    )
-    m = re.search(r"^JSON (\{.*\})$", out.stdout, re.M)
-    if not m:
-        raise RuntimeError(f"wrk failed: {out.stdout}\n{out.stderr}")
-    r = json.loads(m.group(1))
-    return {"rps": r["requests"] / (r["duration_us"] / 1e6), "p50_ms": r["p50_us"] / 1000,
-            "p99_ms": r["p99_us"] / 1000, "errors": r["errors"]}
+def start_servers(tmp: Path, with_bentoml: bool, procs: list[Proc]) -> dict[str, dict[str, Any]]:
+    """Start every system (appending to `procs` as it goes, so a failure still stops the ones started)."""
+    systems: dict[str, dict[str, Any]] = {}
+    port = free_port()
+    procs.append(Proc([ballast_cli(), "serve", str(ROOT / "examples" / "echo"), "--port", str(port), "--host",
+                       "127.0.0.1"], cpus=SERVER_CPUS, log=tmp / "ballast.log", cwd=ROOT))
+    procs[-1].wait_line(r"^ready: http://", timeout=120)
+    systems["ballast"] = {"url": f"http://127.0.0.1:{port}/predict", "body": PAYLOAD}
+    for variant in ("threadpool", "inline"):
+        port = free_port()
+        procs.append(Proc([sys.executable, "-m", "uvicorn", *UVICORN_OPTS, "--app-dir", str(PEERS), "--host",
+                           "127.0.0.1", "--port", str(port), f"bare_echo:{variant}"], cpus=SERVER_CPUS,
+                          log=tmp / f"bare-{variant}.log"))
+        procs[-1].wait_http(f"http://127.0.0.1:{port}/ready", timeout=60)
+        systems[f"bare-{variant}"] = {"url": f"http://127.0.0.1:{port}/predict", "body": PAYLOAD}
+    if with_bentoml:
+        py = venv_python("bentoml", "bentoml")
+        port = free_port()
+        procs.append(Proc([str(py), "-m", "bentoml", "serve", "bentoml_echo:Echo", "--host", "127.0.0.1", "--port",
+                           str(port)], cpus=SERVER_CPUS, cwd=PEERS, log=tmp / "bentoml.log",
+                          env={"BENTOML_DO_NOT_TRACK": "true"}))
+        procs[-1].wait_http(f"http://127.0.0.1:{port}/readyz", timeout=300)
+        # BentoML maps JSON fields to the API's parameters: the method's `inputs` is the same payload.
+        systems["bentoml"] = {"url": f"http://127.0.0.1:{port}/predict", "body": {"inputs": PAYLOAD}}
+    for name, s in systems.items():  # same answer from everyone, or the comparison means nothing
+        r = httpx.post(s["url"], json=s["body"], timeout=30)
+        if r.status_code != 200 or r.json() != {"echo": PAYLOAD}:
+            raise RuntimeError(f"{name} answered {r.status_code} {r.text[:200]}")
+    return systems
+
+
+def ratio_stats(num: list[float], den: list[float]) -> dict[str, float]:
+    """Ratio of medians, and the median and range of per-round ratios (rounds are interleaved)."""
+    per_round = [a / b for a, b in zip(num, den, strict=True)]
+    s = summarize(per_round)
+    return {"of_medians": summarize(num)["median"] / summarize(den)["median"], **s}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="about a minute")
-    ap.add_argument("--rounds", type=int)
-    ap.add_argument("--seconds", type=float)
-    ap.add_argument("--no-bentoml", action="store_true")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="about a minute: c=64 only, 3 s rounds")
+    ap.add_argument("--rounds", type=int, help="rounds (default 5; at least 5 for quotable figures)")
+    ap.add_argument("--seconds", type=int, help="seconds of load per system per round (default 10; quick 3)")
+    ap.add_argument("--concurrency", type=int, nargs="+", help="wrk connections (default 16 64; quick 64)")
+    ap.add_argument("--no-bentoml", action="store_true", help="skip BentoML (no venv needed)")
     a = ap.parse_args()
-    if not shutil.which("wrk"):
-        sys.exit("wrk is needed: apt-get install -y wrk")
-    rounds = a.rounds or (3 if a.quick else 5)
-    seconds = a.seconds or (3 if a.quick else 8)
-    conc = [32] if a.quick else [16, 64]
+    require_wrk()
+    stop_on_sigterm()
+    rounds = a.rounds or 5
+    seconds = a.seconds or (3 if a.quick else 10)
+    conc = a.concurrency or ([64] if a.quick else [16, 64])
     tmp = Path(tempfile.mkdtemp(prefix="bench-runtime-"))
-    body = json.dumps(PAYLOAD)
-    scripts = {"plain": tmp / "plain.lua", "bentoml": tmp / "bentoml.lua"}
-    scripts["plain"].write_text(LUA.format(body=body))
-    scripts["bentoml"].write_text(LUA.format(body=json.dumps({"inputs": PAYLOAD})))
-    uv = [sys.executable, "-m", "uvicorn", "--no-access-log", "--log-level", "warning", "--app-dir", str(ROOT / "bench")]
-    ports = {k: free_port() for k in ("ballast", "bare-threadpool", "bare-inline", "bentoml")}
-    procs = {
-        "ballast": Proc([sys.executable, "-m", "ballast.cli.main", "serve", str(ROOT / "examples" / "echo"),
-                         "--port", str(ports["ballast"]), "--no-isolation"], cpu="0", env={"BALLAST_LOG_LEVEL": "WARNING"},
-                        log=tmp / "ballast.log"),
-        "bare-threadpool": Proc([*uv, "peers.bare_echo:threadpool", "--port", str(ports["bare-threadpool"])], cpu="0",
-                                log=tmp / "bare-threadpool.log"),
-        "bare-inline": Proc([*uv, "peers.bare_echo:inline", "--port", str(ports["bare-inline"])], cpu="0",
-                            log=tmp / "bare-inline.log"),
-    }
-    ready = {"ballast": "/health/ready", "bare-threadpool": "/ready", "bare-inline": "/ready"}
-    if not a.no_bentoml:
-        py = bentoml_python()
-        procs["bentoml"] = Proc([str(py), "-m", "bentoml", "serve", "bentoml_echo:Echo", "--port", str(ports["bentoml"]),
-                                 "--host", "127.0.0.1"], cpu="0", cwd=ROOT / "bench" / "peers",
-                                log=tmp / "bentoml.log", env={"BENTOML_DO_NOT_TRACK": "true"})
-        ready["bentoml"] = "/readyz"
-    samples: dict[tuple[str, int], list[dict]] = {}
-    with running(list(procs.values())):
-        for name, p in procs.items():
-            p.wait_http(f"http://127.0.0.1:{ports[name]}{ready[name]}", timeout=300)
-        for name in procs:  # warm up
-            wrk(f"http://127.0.0.1:{ports[name]}/predict", scripts["bentoml" if name == "bentoml" else "plain"], 8, 1)
+    load_before = os.getloadavg()
+    started = time.monotonic()
+    samples: dict[tuple[str, int], list[dict[str, float]]] = {}
+    with running([]) as procs:
+        systems = start_servers(tmp, not a.no_bentoml, procs)
+        print(f"servers up ({', '.join(systems)}); logs in {tmp}", flush=True)
+        for c in conc:  # warm up: connections, thread pools, caches
+            for s in systems.values():
+                wrk(s["url"], s["body"], connections=c, seconds=2, cpus=LOAD_CPUS)
         for r in range(rounds):
             for c in conc:
-                for name in procs:
-                    res = wrk(f"http://127.0.0.1:{ports[name]}/predict",
-                              scripts["bentoml" if name == "bentoml" else "plain"], c, seconds)
+                for name, s in systems.items():
+                    res = wrk(s["url"], s["body"], connections=c, seconds=seconds, cpus=LOAD_CPUS)
                     samples.setdefault((name, c), []).append(res)
-                    print(f"round {r + 1}/{rounds} c={c} {name}: {res['rps']:.0f} req/s p50 {res['p50_ms']:.2f} ms "
-                          f"p99 {res['p99_ms']:.2f} ms errors {res['errors']}", flush=True)
+                    print(f"round {r + 1}/{rounds} c={c:<3} {name:<16} {res['rps']:8.0f} req/s  "
+                          f"p50 {res['p50_ms']:7.2f} ms  p99 {res['p99_ms']:7.2f} ms  errors {res['errors']:.0f}",
+                          flush=True)
+    load_after = os.getloadavg()
+
     rows = []
-    med: dict[tuple[str, int, str], float] = {}
     for (name, c), rs in samples.items():
-        for metric, unit in (("rps", "req/s"), ("p50_ms", "ms"), ("p99_ms", "ms")):
-            s = summarize([x[metric] for x in rs])
-            med[(name, c, metric)] = s["median"]
-            rows.append({"system": name, "metric": f"{metric}@c{c}", **s, "unit": unit})
-        rows.append({"system": name, "metric": f"errors@c{c}", **summarize([x["errors"] for x in rs]), "unit": "count"})
-    ratios = {}
+        for metric, unit in (("rps", "req/s"), ("p50_ms", "ms"), ("p99_ms", "ms"), ("errors", "count")):
+            rows.append({"system": name, "metric": f"{metric}@c{c}", **summarize([x[metric] for x in rs]),
+                         "unit": unit})
+    ratios: dict[str, Any] = {}
     for c in conc:
         for peer in ("bare-threadpool", "bare-inline", "bentoml"):
-            if (peer, c, "rps") in med:
-                ratios[f"ballast/{peer} rps@c{c}"] = med[("ballast", c, "rps")] / med[(peer, c, "rps")]
-                ratios[f"ballast/{peer} p50@c{c}"] = med[("ballast", c, "p50_ms")] / med[(peer, c, "p50_ms")]
-    params = {"rounds": rounds, "seconds": seconds, "concurrency": conc, "payload": PAYLOAD, "wrk_threads": 1,
-              "pinning": "servers on CPU 0, wrk on CPU 1", "uvicorn": "same uvicorn, auto loop/http (uvloop, httptools)",
-              "bentoml_workers": 1}
+            if (peer, c) not in samples:
+                continue
+            for metric in ("rps", "p50_ms", "p99_ms"):
+                num = [x[metric] for x in samples[("ballast", c)]]
+                den = [x[metric] for x in samples[(peer, c)]]
+                ratios[f"ballast/{peer} {metric}@c{c}"] = ratio_stats(num, den)
+    aim = {}
+    for c in conc:
+        aim[f"within 15% of bare-threadpool rps@c{c}"] = ratios[f"ballast/bare-threadpool rps@c{c}"]["median"] >= 0.85
+        if f"ballast/bentoml rps@c{c}" in ratios:
+            aim[f"ahead of bentoml rps@c{c}"] = ratios[f"ballast/bentoml rps@c{c}"]["median"] > 1
+    ratios["aim"] = aim
+
+    bentoml_py = ROOT / "bench" / ".venvs" / "bentoml" / "bin" / "python"
+    params = {
+        "rounds": rounds, "seconds_per_round": seconds, "concurrency": conc, "payload": PAYLOAD,
+        "order": "interleaved per round: " + " ".join(systems), "warmup": "2 s per system per concurrency",
+        "load_generator": "wrk, 1 thread, keep-alive connections, POST JSON, closed loop, loopback",
+        "pinning": f"each server (all its threads and processes) on CPU {SERVER_CPUS}, wrk on CPU {LOAD_CPUS} "
+                   "(taskset); all servers up at once, only one under load at a time",
+        "ballast": "`ballast serve examples/echo --host 127.0.0.1` defaults: uvicorn (httptools) on a uvloop "
+                   "loop, one process, no access log, keep-alive 30 s; predict_concurrency 64, max_queue 1024, "
+                   "request_timeout_s 30 (examples/echo/ballast.yaml)",
+        "bare": "bench/peers/bare_echo.py under `python -m uvicorn " + " ".join(UVICORN_OPTS) + "`",
+        "bentoml": "bench/peers/bentoml_echo.py, `bentoml serve` (one worker, defaults otherwise: threads=1 for "
+                   "sync APIs, access log and metrics on), BENTOML_DO_NOT_TRACK=true",
+        "versions": versions("ballast", "uvicorn", "starlette", "uvloop", "httptools", "anyio"),
+        "versions_bentoml_venv": (versions("bentoml", "uvicorn", "starlette", "uvloop", "httptools", "anyio",
+                                           python=bentoml_py) if "bentoml" in systems else None),
+        "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in load_after],
+        "wall_s": round(time.monotonic() - started, 1),
+        "ratios": "per-round ratios Ballast ÷ peer (median, min, max over rounds) and the ratio of medians",
+    }
     out = write_results("runtime", params, rows, ratios)
     print()
     print_table(rows)
-    print()
+    print("\n| ratio | median | min | max | of medians |\n|---|---:|---:|---:|---:|")
     for k, v in ratios.items():
-        print(f"{k}: {v:.3f}")
-    print(f"\nwrote {out}")
+        if k != "aim":
+            print(f"| {k} | {v['median']:.3f} | {v['min']:.3f} | {v['max']:.3f} | {v['of_medians']:.3f} |")
+    print()
+    for k, ok in aim.items():
+        print(f"aim {k}: {'yes' if ok else 'NO'}")
+    print(f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f} (2 CPUs); wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """Ballast's native LLM engine: continuous batching, paged KV cache, prefix caching.
 
-One concept per module: `config` (engine args, model config), `sequence` (sampling params,
-sequences, outputs), `block_manager` (paged KV cache and prefix caching), `scheduler` (token-budget
-continuous batching), `model` (Llama family over the paged cache), `sampler`, `tokenizer`
-(chat template, incremental detokenization), `engine` (the step loop), `llm` (offline API),
-`async_engine` (streaming API), `checkpoints` (make-tiny, GGUF import, name resolution).
+One concept per module, nano-vllm style: `config` (engine args, model config), `sequence` (sampling
+params, sequences, outputs), `block_manager` (paged KV cache bookkeeping and prefix caching),
+`scheduler` (token-budget continuous batching), `layers` (RMSNorm, RoPE, paged attention),
+`models/llama` (the Llama family), `loader` (safetensors), `model_runner` (KV cache tensors, batch
+layout, forward, sampling), `sampler`, `tokenizer` (chat template, incremental detokenization),
+`engine` (the step loop), `llm` (offline API), `async_engine` (streaming API) and `checkpoints`
+(make-tiny, GGUF import, name resolution).
 """
 
 from ballast.engine.async_engine import AsyncEngine

@@ -43,6 +43,8 @@ class AsyncEngine:
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
+        for rid, q in list(self._queues.items()):  # nobody waits forever on a stopped engine
+            q.put_nowait(RequestOutput(rid, [], [], finished=True, error="the engine shut down"))
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,9 +12,8 @@ import torch
 
 from ballast.engine.block_manager import BlockManager
 from ballast.engine.config import EngineArgs, EngineError, ModelConfig
-from ballast.engine.model import AttentionBatch, LlamaModel, PrefillChunk
-from ballast.engine.sampler import sample
-from ballast.engine.scheduler import ScheduledSeq, Scheduler
+from ballast.engine.model_runner import ModelRunner
+from ballast.engine.scheduler import Scheduler
 from ballast.engine.sequence import (
     CompletionOutput,
     Logprob,
@@ -36,6 +34,7 @@ class Request:
     params: SamplingParams
     seqs: list[Sequence] = field(default_factory=list)
     error: str | None = None
+    forks: list[Sequence] = field(default_factory=list)  # n > 1: siblings waiting for the shared prompt
 
     @property
     def finished(self) -> bool:
@@ -48,36 +47,23 @@ class LLMEngine:
         path = Path(args.checkpoint)
         self.model_config = ModelConfig.load(path)
         self.tokenizer = Tokenizer(path)
-        self.device = args.torch_device()
-        self.dtype = args.torch_dtype(self.device)
-        if self.device.type == "cpu":
-            torch.set_num_threads(max(1, os.cpu_count() or 1))
+        self.runner = ModelRunner(args, self.model_config, path)
+        self.device, self.dtype = self.runner.device, self.runner.dtype
         mc = self.model_config
-        with torch.device(self.device):
-            self.model = LlamaModel(mc).to(self.dtype)
-        self.model.load_checkpoint(path)
-        self.model.eval()
         self.model_name = args.served_model_name or path.name
         eos = set(mc.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_ids = eos
-        bs = args.block_size
-        per_block = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * bs * torch.finfo(self.dtype).bits // 8
-        num_blocks = max(1, args.kv_cache_bytes // per_block)
+        bs, num_blocks = args.block_size, self.runner.num_blocks
         want = args.max_model_len or min(mc.max_position_embeddings, 32768)
         self.max_model_len = min(want, num_blocks * bs)
         if args.max_model_len and self.max_model_len < args.max_model_len:
             log.warning("kv cache holds %d tokens; max_model_len lowered from %d", num_blocks * bs, args.max_model_len)
-        slots = num_blocks * bs
-        self.kv_caches = [
-            (torch.zeros(slots, mc.num_kv_heads, mc.head_dim, dtype=self.dtype, device=self.device),
-             torch.zeros(slots, mc.num_kv_heads, mc.head_dim, dtype=self.dtype, device=self.device))
-            for _ in range(mc.num_layers)
-        ]
         self.blocks = BlockManager(num_blocks, bs, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, args.max_num_seqs, max(args.max_num_batched_tokens, 1))
         self.requests: dict[str, Request] = {}
+        self._forking: dict[str, Request] = {}
         self._arrival = 0
         log.info("engine: %s, %d layers, %d KV blocks of %d tokens, max_model_len %d, %s on %s",
                  mc.model_type, mc.num_layers, num_blocks, bs, self.max_model_len, self.dtype, self.device)
@@ -113,8 +99,13 @@ class LLMEngine:
             seq = Sequence(request_id, i, ids, params, self._arrival, self.max_model_len)
             seq.detok = IncrementalDetokenizer(self.tokenizer, ids)
             req.seqs.append(seq)
-            self.scheduler.add(seq)
+            if i == 0 or not self.blocks.prefix_caching:
+                self.scheduler.add(seq)
+            else:  # admitted once the first sequence has computed (and cached) the prompt
+                req.forks.append(seq)
         self.requests[request_id] = req
+        if req.forks:
+            self._forking[request_id] = req
         return req
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -147,60 +138,6 @@ class LLMEngine:
         }
 
     # ---- one step --------------------------------------------------------------------------
-    def _prepare(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch,
-                                                                 list[int], list[Sequence]]:
-        bs = self.blocks.block_size
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        dec_rows: list[int] = []
-        dec_tables: list[list[int]] = []
-        dec_lens: list[int] = []
-        prefills: list[PrefillChunk] = []
-        rows: list[int] = []
-        seqs: list[Sequence] = []
-        dev = self.device
-        for sch in scheduled:
-            seq, n = sch.seq, sch.num_tokens
-            s0 = seq.num_computed
-            start = len(ids)
-            ids.extend(seq.token_ids[s0 : s0 + n])
-            pos.extend(range(s0, s0 + n))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(s0, s0 + n))
-            if n == 1 and s0 > 0:
-                dec_rows.append(start)
-                dec_tables.append(table)
-                dec_lens.append(s0 + 1)
-            else:
-                ctx = None
-                if s0 > 0:
-                    blocks = torch.tensor(table[: -(-(s0 + n) // bs)], dtype=torch.long)
-                    ctx = (blocks[:, None] * bs + torch.arange(bs)).flatten()[: s0 + n].to(dev)
-                prefills.append(PrefillChunk(start, start + n, ctx, s0))
-            if sch.samples:
-                rows.append(start + n - 1)
-                seqs.append(seq)
-        decode_rows = decode_slots = decode_mask = None
-        if dec_rows:
-            max_len = max(dec_lens)
-            nblk = -(-max_len // bs)
-            table_t = torch.zeros(len(dec_rows), nblk, dtype=torch.long)
-            for i, t in enumerate(dec_tables):
-                k = min(len(t), nblk)
-                table_t[i, :k] = torch.tensor(t[:k], dtype=torch.long)
-            slot_t = (table_t[:, :, None] * bs + torch.arange(bs)).reshape(len(dec_rows), -1)[:, :max_len]
-            lens = torch.tensor(dec_lens)
-            mask = torch.arange(max_len)[None, :] < lens[:, None]
-            slot_t = torch.where(mask, slot_t, 0)
-            decode_rows = torch.tensor(dec_rows, dtype=torch.long, device=dev)
-            decode_slots = slot_t.to(dev)
-            decode_mask = mask[:, None, None, :].to(dev)
-        batch = AttentionBatch(torch.tensor(slots, dtype=torch.long, device=dev), decode_rows, decode_slots,
-                               decode_mask, prefills)
-        return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
-                batch, rows, seqs)
-
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
@@ -212,16 +149,15 @@ class LLMEngine:
                                   "kv_cache_memory or lower max_model_len")
             return []
         try:
-            ids, pos, batch, rows, seqs = self._prepare(scheduled)
-            logits = self.model(ids, pos, self.kv_caches, batch, torch.tensor(rows, dtype=torch.long,
-                                                                              device=self.device))
-            tokens, logprobs = sample(logits, seqs) if seqs else ([], None)
+            seqs, tokens, logprobs = self.runner.run(scheduled)
         except Exception as e:  # a bug or OOM must fail these requests, not kill the engine
             log.exception("engine step failed")
             return self._fail({s.seq.request_id for s in scheduled}, f"engine error: {type(e).__name__}: {e}")
         for sch in scheduled:
             sch.seq.num_computed += sch.num_tokens
             self.blocks.register_full_blocks(sch.seq)
+        if self._forking:
+            self._admit_forks()
         touched: dict[str, Request] = {}
         for i, (seq, tok) in enumerate(zip(seqs, tokens, strict=True)):
             self._append(seq, tok, logprobs[i] if logprobs is not None and seq.params.logprobs is not None else None)
@@ -229,6 +165,18 @@ class LLMEngine:
             if req is not None:
                 touched[req.request_id] = req
         return [self._output(req) for req in touched.values()]
+
+    def _admit_forks(self) -> None:
+        """n > 1: once the first sequence's prompt is in the cache, its siblings start from its full blocks."""
+        for rid, req in list(self._forking.items()):
+            first = req.seqs[0]
+            if req.request_id not in self.requests or (first.finished and first.finish_reason == "abort"):
+                del self._forking[rid]
+            elif first.finished or first.num_computed >= first.num_prompt_tokens:
+                for seq in reversed(req.forks):
+                    self.scheduler.waiting.appendleft(seq)
+                req.forks = []
+                del self._forking[rid]
 
     def _fail(self, request_ids: Iterable[str], message: str) -> list[RequestOutput]:
         outs = []

@@ -25,46 +25,65 @@ def _apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
     return logits
 
 
-def _filter(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
+def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """top-k, min-p and top-p over a [R, V] batch of temperature-scaled logits, each row its own values."""
+    dev = logits.device
+    vocab = logits.shape[-1]
+    top_k = [s.params.top_k if 0 < s.params.top_k < vocab else vocab for s in seqs]
+    if min(top_k) < vocab:
+        k = torch.tensor(top_k, device=dev)
+        vals = torch.topk(logits, max(top_k), dim=-1).values
+        kth = vals.gather(1, (k.clamp(max=vals.shape[1]) - 1)[:, None])
+        kth = torch.where(k[:, None] >= vocab, torch.full_like(kth, float("-inf")), kth)
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if min_p > 0:
+    min_p = [s.params.min_p for s in seqs]
+    if max(min_p) > 0:
         probs = torch.softmax(logits, dim=-1)
-        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, idx = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_logits, dim=-1) > top_p  # keep the token that crosses top_p
+        mp = torch.tensor(min_p, device=dev, dtype=probs.dtype)[:, None]
+        logits = logits.masked_fill(probs < mp * probs.amax(-1, keepdim=True), float("-inf"))
+    top_p = [s.params.top_p if s.params.top_p < 1.0 else 2.0 for s in seqs]
+    if min(top_p) < 1.0:
+        sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        tp = torch.tensor(top_p, device=dev, dtype=probs.dtype)[:, None]
+        drop = probs.cumsum(-1) - probs > tp  # keep the token that crosses top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(0, idx, sorted_logits)
+        logits = torch.full_like(logits, float("-inf")).scatter(1, idx, sorted_logits)
     return logits
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor | None]:
-    """One token per row; also returns log-softmax of the raw logits when any row wants logprobs."""
+    """One token per row; also returns log-softmax of the raw logits when any row wants logprobs.
+
+    Rows are processed as batches (greedy: one argmax; sampled: one filter pass); only the draw of a
+    seeded row uses its own generator, so its result does not depend on the rest of the batch.
+    """
     raw_logprobs = None
     if any(s.params.logprobs is not None for s in seqs):
         raw_logprobs = torch.log_softmax(logits, dim=-1)
+    if any(s.params.penalized for s in seqs):
+        logits = logits.clone()
+        for i, seq in enumerate(seqs):
+            if seq.params.penalized:
+                logits[i] = _apply_penalties(logits[i], seq)
     tokens = [0] * len(seqs)
-    greedy_rows = []
-    for i, seq in enumerate(seqs):
-        p = seq.params
-        row = logits[i]
-        if p.penalized:
-            row = _apply_penalties(row.clone(), seq)
-        if p.greedy:
-            if p.penalized:
-                tokens[i] = int(torch.argmax(row))
-            else:
-                greedy_rows.append(i)
-            continue
-        row = row / p.temperature
-        row = _filter(row, p.top_k, p.top_p, p.min_p)
-        probs = torch.softmax(row, dim=-1)
-        tokens[i] = int(torch.multinomial(probs, 1, generator=seq.generator))
-    if greedy_rows:
-        picked = torch.argmax(logits[greedy_rows], dim=-1).tolist()
-        for i, t in zip(greedy_rows, picked, strict=True):
+    greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
+    if greedy:
+        picked = torch.argmax(logits[greedy] if len(greedy) < len(seqs) else logits, dim=-1).tolist()
+        for i, t in zip(greedy, picked, strict=True):
             tokens[i] = t
+    sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
+    if sampled:
+        rows = [seqs[i] for i in sampled]
+        temps = torch.tensor([s.params.temperature for s in rows], device=logits.device, dtype=logits.dtype)
+        x = _filter(logits[sampled] / temps[:, None], rows)
+        probs = torch.softmax(x, dim=-1)
+        free = [j for j, s in enumerate(rows) if s.generator is None]
+        if free:
+            drawn = torch.multinomial(probs[free], 1).view(-1).tolist()
+            for j, t in zip(free, drawn, strict=True):
+                tokens[sampled[j]] = t
+        for j, s in enumerate(rows):
+            if s.generator is not None:
+                tokens[sampled[j]] = int(torch.multinomial(probs[j], 1, generator=s.generator))
     return tokens, raw_logprobs

@@ -89,7 +89,8 @@ def test_seeded_sampling_is_reproducible_across_batches(tiny):
     ps = prompts(llm, 5, seed=9)
     seeded = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=1234)
     alone = ids_of(llm.generate([ps[0]], seeded))[0]
-    others = [SamplingParams(max_tokens=8, temperature=0.7, seed=i) for i in range(4)]
+    others = [SamplingParams(max_tokens=8, temperature=0.7, seed=i, top_p=0.8, min_p=0.02 * i, top_k=20 * i)
+              for i in range(4)]
     mixed = llm.generate(ps, [seeded, *others])
     assert mixed[0].outputs[0].token_ids == alone
     reversed_batch = llm.generate([*ps[1:], ps[0]], [*others, seeded])
@@ -235,3 +236,57 @@ def test_smollm2_greedy_equals_hf():
     for o in outs:
         assert o.outputs[0].token_ids == hf_greedy(hf, o.prompt_token_ids, 24, ignore_eos=False)
     assert_no_leaks(llm)
+
+
+def test_n_siblings_share_the_cached_prompt(tiny):
+    llm = LLM(str(tiny), kv_cache_bytes=32 << 20, block_size=8)
+    p = prompts(llm, 1, seed=17)[0] * 2 + [5]
+    before = llm.engine.blocks.hit_tokens
+    out = llm.generate([p], SamplingParams(n=4, max_tokens=10, temperature=1.0, seed=7, ignore_eos=True))[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2, 3]
+    assert all(len(c.token_ids) == 10 and c.finish_reason == "length" for c in out.outputs)
+    assert llm.engine.blocks.hit_tokens - before >= 3 * 8 * ((len(p) - 1) // 8)  # siblings reuse the prompt
+    greedy = llm.generate([p], SamplingParams(n=2, max_tokens=10, temperature=0, ignore_eos=True))[0]
+    assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids
+    assert_no_leaks(llm)
+
+
+def test_async_engine_concurrent_streams_and_errors(tiny):
+    llm = LLM(str(tiny), kv_cache_bytes=16 << 20)
+    ps = prompts(llm, 5, seed=19)
+    expected = ids_of(llm.generate(ps, GREEDY))
+
+    async def run():
+        eng = AsyncEngine(EngineArgs(str(tiny), kv_cache_bytes=16 << 20, max_model_len=128))
+        await eng.start()
+
+        async def collect(rid, p, params):
+            ids, chunks, finish = [], 0, None
+            async for out in eng.add_request(rid, p, params):
+                for c in out.outputs:
+                    ids += c.token_ids
+                    finish = c.finish_reason or finish
+                chunks += 1
+            return ids, chunks, finish
+
+        async def bad(p, params):
+            with pytest.raises(EngineError) as e:
+                async for _ in eng.add_request(f"bad-{len(p)}", p, params):
+                    pass
+            return e.value.code
+
+        results = await asyncio.gather(*(collect(f"r{i}", p, GREEDY) for i, p in enumerate(ps)),
+                                       bad(list(range(3, 300)), GREEDY), bad([5, 6], SamplingParams(max_tokens=500)))
+        stats = eng.stats()
+        await eng.shutdown()
+        return results, stats, eng
+
+    results, stats, eng = asyncio.run(run())
+    streams, codes = results[:5], results[5:]
+    assert [ids for ids, _, _ in streams] == expected
+    assert all(chunks > 1 and finish == "length" for _, chunks, finish in streams)  # streamed incrementally
+    assert codes == ["context_length_exceeded", "context_length_exceeded"]
+    assert stats["running"] == 0 and stats["num_free_blocks"] == stats["num_total_blocks"]
+    assert set(stats) >= {"running", "waiting", "kv_cache_usage", "prefix_cache_hits", "prefix_cache_queries",
+                          "num_free_blocks", "num_total_blocks"}
+    assert eng.model_name == "tiny" and eng.max_model_len == 128

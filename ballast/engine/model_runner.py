@@ -1,0 +1,118 @@
+"""The model runner: owns the model, the paged KV cache tensors and the device; turns one scheduled step
+into a flat batch, runs the forward pass and samples.
+
+A step's tokens are laid out decode tokens first (rows 0..nd-1, so attention reads them as a view),
+then each prefill chunk. Logits are computed only for the rows that sample.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ballast.engine.config import EngineArgs, ModelConfig
+from ballast.engine.layers import AttentionBatch, PrefillChunk
+from ballast.engine.loader import load_weights
+from ballast.engine.models import LlamaModel
+from ballast.engine.sampler import sample
+from ballast.engine.scheduler import ScheduledSeq
+from ballast.engine.sequence import Sequence
+
+log = logging.getLogger("ballast.engine")
+
+
+class ModelRunner:
+    def __init__(self, args: EngineArgs, model_config: ModelConfig, path: Path):
+        self.device = args.torch_device()
+        self.dtype = args.torch_dtype(self.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, os.cpu_count() or 1))
+        mc = self.model_config = model_config
+        with torch.device(self.device):
+            self.model = LlamaModel(mc).to(self.dtype)
+        load_weights(self.model, path)
+        self.model.eval()
+        bs = self.block_size = args.block_size
+        per_block = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * bs * torch.finfo(self.dtype).bits // 8
+        self.num_blocks = max(1, args.kv_cache_bytes // per_block)
+        # Per layer: [num_blocks, block_size, 2 (k, v), kv_heads, head_dim]. Whole blocks, K and V together,
+        # are gathered with one index_select per layer into a reused workspace (see layers.py).
+        shape = (self.num_blocks, bs, 2, mc.num_kv_heads, mc.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)]
+        self._workspace = torch.empty((0, *shape[1:]), dtype=self.dtype, device=self.device)
+
+    def _workspace_for(self, num_blocks: int) -> torch.Tensor:
+        if self._workspace.shape[0] < num_blocks:
+            self._workspace = torch.empty((max(num_blocks, 2 * self._workspace.shape[0]), *self._workspace.shape[1:]),
+                                          dtype=self.dtype, device=self.device)
+        return self._workspace
+
+    def _prepare(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch,
+                                                                 list[int], list[Sequence]]:
+        """Flatten one step: decode tokens first (rows 0..nd-1), then each prefill chunk."""
+        bs = self.block_size
+        decodes = [s for s in scheduled if s.num_tokens == 1 and s.seq.num_computed > 0]
+        others = [s for s in scheduled if not (s.num_tokens == 1 and s.seq.num_computed > 0)]
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        rows: list[int] = []
+        seqs: list[Sequence] = []
+        dev = self.device
+        nd = len(decodes)
+        ws_blocks = 0
+        decode_blocks = decode_mask = None
+        if nd:
+            lens = []
+            tables = []
+            for i, sch in enumerate(decodes):
+                seq = sch.seq
+                p = seq.num_computed
+                ids.append(seq.token_ids[p])
+                pos.append(p)
+                table = seq.block_table
+                slots.append(table[p // bs] * bs + p % bs)
+                lens.append(p + 1)
+                tables.append(table)
+                if sch.samples:
+                    rows.append(i)
+                    seqs.append(seq)
+            nblk = -(-max(lens) // bs)
+            padded = [t[:nblk] + [0] * (nblk - min(len(t), nblk)) for t in tables]
+            decode_blocks = torch.tensor(padded, dtype=torch.long).view(-1).to(dev)
+            lens_t = torch.tensor(lens)
+            decode_mask = (torch.arange(nblk * bs)[None, :] < lens_t[:, None])[:, None, None, :].to(dev)
+            ws_blocks = nd * nblk
+        prefills: list[PrefillChunk] = []
+        for sch in others:
+            seq, n = sch.seq, sch.num_tokens
+            s0 = seq.num_computed
+            start = len(ids)
+            ids.extend(seq.token_ids[s0 : s0 + n])
+            pos.extend(range(s0, s0 + n))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(s0, s0 + n))
+            ctx = None
+            if s0 > 0:
+                nblk = -(-(s0 + n) // bs)
+                ctx = torch.tensor(table[:nblk], dtype=torch.long, device=dev)
+                ws_blocks = max(ws_blocks, nblk)
+            prefills.append(PrefillChunk(start, start + n, ctx, s0 + n, s0))
+            if sch.samples:
+                rows.append(start + n - 1)
+                seqs.append(seq)
+        batch = AttentionBatch(torch.tensor(slots, dtype=torch.long, device=dev), nd, decode_blocks, decode_mask,
+                               prefills, self._workspace_for(ws_blocks) if ws_blocks else None)
+        return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
+                batch, rows, seqs)
+
+    @torch.inference_mode()
+    def run(self, scheduled: list[ScheduledSeq]) -> tuple[list[Sequence], list[int], torch.Tensor | None]:
+        """One forward pass over the step; returns the sequences that sampled, their tokens and logprobs."""
+        ids, pos, batch, rows, seqs = self._prepare(scheduled)
+        logits = self.model(ids, pos, self.kv_caches, batch, torch.tensor(rows, dtype=torch.long, device=self.device))
+        tokens, logprobs = sample(logits, seqs) if seqs else ([], None)
+        return seqs, tokens, logprobs
