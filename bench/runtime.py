@@ -64,14 +64,15 @@ def start_servers(tmp: Path, with_bentoml: bool, procs: list[Proc]) -> dict[str,
     procs.append(Proc([ballast_cli(), "serve", str(ROOT / "examples" / "echo"), "--port", str(port), "--host",
                        "127.0.0.1"], cpus=SERVER_CPUS, log=tmp / "ballast.log", cwd=ROOT))
     procs[-1].wait_line(r"^ready: http://", timeout=120)
-    systems["ballast"] = {"url": f"http://127.0.0.1:{port}/predict", "body": PAYLOAD}
+    systems["ballast"] = {"url": f"http://127.0.0.1:{port}/predict", "body": PAYLOAD, "proc": procs[-1]}
     for variant in ("threadpool", "inline"):
         port = free_port()
         procs.append(Proc([sys.executable, "-m", "uvicorn", *UVICORN_OPTS, "--app-dir", str(PEERS), "--host",
                            "127.0.0.1", "--port", str(port), f"bare_echo:{variant}"], cpus=SERVER_CPUS,
                           log=tmp / f"bare-{variant}.log"))
         procs[-1].wait_http(f"http://127.0.0.1:{port}/ready", timeout=60)
-        systems[f"bare-{variant}"] = {"url": f"http://127.0.0.1:{port}/predict", "body": PAYLOAD}
+        systems[f"bare-{variant}"] = {"url": f"http://127.0.0.1:{port}/predict", "body": PAYLOAD,
+                                      "proc": procs[-1]}
     if with_bentoml:
         py = venv_python("bentoml", "bentoml")
         port = free_port()
@@ -80,7 +81,8 @@ def start_servers(tmp: Path, with_bentoml: bool, procs: list[Proc]) -> dict[str,
                           env={"BENTOML_DO_NOT_TRACK": "true"}))
         procs[-1].wait_http(f"http://127.0.0.1:{port}/readyz", timeout=300)
         # BentoML maps JSON fields to the API's parameters: the method's `inputs` is the same payload.
-        systems["bentoml"] = {"url": f"http://127.0.0.1:{port}/predict", "body": {"inputs": PAYLOAD}}
+        systems["bentoml"] = {"url": f"http://127.0.0.1:{port}/predict", "body": {"inputs": PAYLOAD},
+                              "proc": procs[-1]}
     for name, s in systems.items():  # same answer from everyone, or the comparison means nothing
         r = httpx.post(s["url"], json=s["body"], timeout=30)
         if r.status_code != 200 or r.json() != {"echo": PAYLOAD}:
@@ -121,16 +123,19 @@ def main() -> None:
         for r in range(rounds):
             for c in conc:
                 for name, s in systems.items():
+                    cpu0 = s["proc"].cpu_seconds()
                     res = wrk(s["url"], s["body"], connections=c, seconds=seconds, cpus=LOAD_CPUS)
+                    res["cpu_us_per_req"] = (s["proc"].cpu_seconds() - cpu0) / max(res["requests"], 1) * 1e6
                     samples.setdefault((name, c), []).append(res)
                     print(f"round {r + 1}/{rounds} c={c:<3} {name:<16} {res['rps']:8.0f} req/s  "
-                          f"p50 {res['p50_ms']:7.2f} ms  p99 {res['p99_ms']:7.2f} ms  errors {res['errors']:.0f}",
-                          flush=True)
+                          f"p50 {res['p50_ms']:7.2f} ms  p99 {res['p99_ms']:7.2f} ms  "
+                          f"cpu {res['cpu_us_per_req']:5.0f} us/req  errors {res['errors']:.0f}", flush=True)
     load_after = os.getloadavg()
 
     rows = []
     for (name, c), rs in samples.items():
-        for metric, unit in (("rps", "req/s"), ("p50_ms", "ms"), ("p99_ms", "ms"), ("errors", "count")):
+        for metric, unit in (("rps", "req/s"), ("p50_ms", "ms"), ("p99_ms", "ms"), ("cpu_us_per_req", "us"),
+                             ("errors", "count")):
             rows.append({"system": name, "metric": f"{metric}@c{c}", **summarize([x[metric] for x in rs]),
                          "unit": unit})
     ratios: dict[str, Any] = {}
@@ -138,7 +143,7 @@ def main() -> None:
         for peer in ("bare-threadpool", "bare-inline", "bentoml"):
             if (peer, c) not in samples:
                 continue
-            for metric in ("rps", "p50_ms", "p99_ms"):
+            for metric in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req"):
                 num = [x[metric] for x in samples[("ballast", c)]]
                 den = [x[metric] for x in samples[(peer, c)]]
                 ratios[f"ballast/{peer} {metric}@c{c}"] = ratio_stats(num, den)
@@ -167,6 +172,8 @@ def main() -> None:
                                            python=bentoml_py) if "bentoml" in systems else None),
         "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in load_after],
         "wall_s": round(time.monotonic() - started, 1),
+        "cpu_us_per_req": "server CPU time (user+system, all its threads and processes, from /proc) per request "
+                          "served during the round: the cost of a request, steadier than req/s on a shared machine",
         "ratios": "per-round ratios Ballast ÷ peer (median, min, max over rounds) and the ratio of medians",
     }
     out = write_results("runtime", params, rows, ratios)

@@ -1,14 +1,20 @@
 """Replicas as local processes: `ballast serve` on free loopback ports, output captured per replica.
 
-Replica processes run in their own session, so a platform that is killed hard (kill -9) leaves them
-running and the next platform process re-adopts them by pid and port; a platform that stops cleanly
-stops them.
+Replica processes run in their own session (so a Ctrl-C meant for `ballast up` is not delivered to
+them twice), and carry `BALLAST_INSTANCE` in their environment: a platform that is killed hard
+leaves them running, and the next platform process re-adopts them by pid, checking the environment
+so that a reused pid is never mistaken for a replica. A platform that stops cleanly stops them.
+
+Logs go to `<logs_dir>/<deployment>/v<version>-<replica>.log`, opened in append mode so that
+`rotate()` can copy-and-truncate them while the replica keeps writing (also after a re-adoption).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,94 +23,179 @@ import time
 from collections import deque
 from pathlib import Path
 
-from ballast.backends.base import ReplicaHandle, ReplicaSpec
+from ballast.backends.base import ReplicaHandle, ReplicaSpec, ReplicaStatus
 from ballast.home import ballast_home
 
-LOG_ROTATE_BYTES = 20 * 2**20
+LOG_MAX_BYTES = int(os.environ.get("BALLAST_LOG_MAX_BYTES") or 10 * 2**20)
+LOG_BACKUPS = 2
 
 
-def _free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
-def _rotate(path: Path) -> None:
-    if path.exists() and path.stat().st_size > LOG_ROTATE_BYTES:
-        old = path.with_suffix(path.suffix + ".1")
-        with contextlib.suppress(OSError):
-            old.unlink()
-        path.rename(old)
+def default_command() -> list[str]:
+    """How a replica is launched; `BALLAST_REPLICA_COMMAND` overrides it (shell words)."""
+    if cmd := os.environ.get("BALLAST_REPLICA_COMMAND"):
+        return shlex.split(cmd)
+    return [sys.executable, "-m", "ballast.cli.main", "serve"]
+
+
+def _environ(pid: int) -> dict[str, str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    out: dict[str, str] = {}
+    for item in raw.split(b"\0"):
+        k, sep, v = item.partition(b"=")
+        if sep and k.startswith(b"BALLAST_"):
+            out[k.decode(errors="replace")] = v.decode(errors="replace")
+    return out
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(") ", 1)[1].startswith(("Z", "X"))
 
 
 class LocalBackend:
-    name = "local"
+    """Replicas as subprocesses of this machine, listening on free loopback ports."""
 
-    def __init__(self, python: str | None = None, logs_dir: Path | None = None):
-        self.python = python or sys.executable
+    def __init__(
+        self,
+        instance_id: str,
+        *,
+        logs_dir: Path | None = None,
+        command: list[str] | None = None,
+        extra_args: list[str] | None = None,
+        host: str = "127.0.0.1",
+        name: str = "local",
+    ):
+        self.name = name
+        self.instance_id = instance_id
         self.logs_dir = logs_dir or ballast_home() / "logs"
         self.logs_dir.mkdir(parents=True, exist_ok=True)
-        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.command = command or default_command()
+        self.extra_args = list(extra_args or [])
+        self.host = host
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}  # by pid: a replaced replica keeps its id
 
+    # ---- protocol ------------------------------------------------------------------------------
     def start(self, spec: ReplicaSpec) -> ReplicaHandle:
-        port = _free_port()
-        log_path = self.logs_dir / f"{spec.deployment}-v{spec.version}-{spec.replica_id}.log"
-        _rotate(log_path)
-        cmd = [self.python, "-m", "ballast.cli.main", "serve", str(spec.package_path), "--host", "127.0.0.1",
-               "--port", str(port)]
-        if not spec.isolation:
-            cmd.append("--no-isolation")
-        env = {**os.environ, **spec.env, "BALLAST_REPLICA_ID": spec.replica_id,
-               "BALLAST_DEPLOYMENT": spec.deployment, "BALLAST_VERSION": str(spec.version)}
+        port = free_port(self.host)
+        log_dir = self.logs_dir / spec.deployment
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / f"v{spec.version}-{spec.replica_id}.log"
+        cmd = [*self.command, str(spec.package_path), "--host", self.host, "--port", str(port), *self.extra_args]
+        env = {
+            **os.environ,
+            **spec.env,
+            "BALLAST_INSTANCE": self.instance_id,
+            "BALLAST_REPLICA_ID": spec.replica_id,
+            "BALLAST_DEPLOYMENT": spec.deployment,
+            "BALLAST_VERSION": str(spec.version),
+            "BALLAST_PORT": str(port),
+            "PYTHONUNBUFFERED": "1",
+        }
         with open(log_path, "ab") as log:
+            log.write(f"--- starting replica {spec.replica_id} of {spec.deployment} v{spec.version} "
+                      f"on port {port}\n".encode())
+            log.flush()
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                    start_new_session=True)
-        self._procs[spec.replica_id] = proc
-        return ReplicaHandle(spec.replica_id, f"http://127.0.0.1:{port}", proc.pid, port, str(log_path))
-
-    def _signal(self, handle: ReplicaHandle, sig: int) -> None:
-        if handle.pid:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(handle.pid, sig)
+                                    start_new_session=True, close_fds=True)
+        self._procs[proc.pid] = proc
+        return ReplicaHandle(spec.replica_id, f"http://{self.host}:{port}", proc.pid, port, str(log_path), self.name)
 
     def stop(self, handle: ReplicaHandle, grace_s: float) -> None:
+        if handle.pid is None:
+            return
         self._signal(handle, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and self.alive(handle):
+        deadline = time.monotonic() + max(grace_s, 0.0)
+        while time.monotonic() < deadline and self.inspect(handle).alive:
             time.sleep(0.05)
-        if self.alive(handle):
+        if self.inspect(handle).alive:
             self._signal(handle, signal.SIGKILL)
-        proc = self._procs.pop(handle.replica_id, None)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and self.inspect(handle).alive:
+                time.sleep(0.02)
+        proc = self._procs.pop(handle.pid, None)
         if proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5)
 
-    def alive(self, handle: ReplicaHandle) -> bool:
-        proc = self._procs.get(handle.replica_id)
-        if proc is not None:
-            return proc.poll() is None
-        if not handle.pid:
-            return False
-        try:
-            os.kill(handle.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        # A zombie or a reused pid is not our replica.
-        with contextlib.suppress(OSError):
-            stat = Path(f"/proc/{handle.pid}/stat").read_text()
-            if stat.split(") ", 1)[1].startswith("Z"):
-                return False
-            cmdline = Path(f"/proc/{handle.pid}/cmdline").read_bytes()
-            return b"ballast" in cmdline
-        return True
+    def list(self) -> list[ReplicaHandle]:
+        out = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            pid = int(entry.name)
+            env = _environ(pid)
+            if not env or env.get("BALLAST_INSTANCE") != self.instance_id or "BALLAST_REPLICA_ID" not in env:
+                continue
+            if _is_zombie(pid):
+                continue
+            # Only the replica's own process (the session leader), not children it started.
+            with contextlib.suppress(OSError):
+                if os.getsid(pid) != pid:
+                    continue
+            port = int(env["BALLAST_PORT"]) if env.get("BALLAST_PORT", "").isdigit() else None
+            url = f"http://{self.host}:{port}" if port else None
+            out.append(ReplicaHandle(env["BALLAST_REPLICA_ID"], url, pid, port, None, self.name))
+        return out
 
-    def adopt(self, handle: ReplicaHandle) -> bool:
-        return self.alive(handle)
+    def inspect(self, handle: ReplicaHandle) -> ReplicaStatus:
+        proc = self._procs.get(handle.pid) if handle.pid else None
+        if proc is not None:
+            code = proc.poll()
+            return ReplicaStatus(code is None, code, "" if code is None else f"exited with code {code}")
+        if not handle.pid:
+            return ReplicaStatus(False, None, "no process")
+        env = _environ(handle.pid)
+        if env is None or _is_zombie(handle.pid):
+            return ReplicaStatus(False, None, "process is gone")
+        if env.get("BALLAST_REPLICA_ID") != handle.replica_id:
+            return ReplicaStatus(False, None, "process is gone (its pid now belongs to another process)")
+        return ReplicaStatus(True)
 
     def logs(self, handle: ReplicaHandle, tail: int) -> list[str]:
         if not handle.log_path or not Path(handle.log_path).exists():
             return []
         with open(handle.log_path, errors="replace") as f:
             return [line.rstrip("\n") for line in deque(f, maxlen=tail)]
+
+    # ---- local extras --------------------------------------------------------------------------
+    def rotate(self, handle: ReplicaHandle, max_bytes: int = LOG_MAX_BYTES) -> None:
+        """Copy-and-truncate a replica's log once it is over `max_bytes` (keeps LOG_BACKUPS old files)."""
+        if not handle.log_path:
+            return
+        path = Path(handle.log_path)
+        try:
+            if path.stat().st_size <= max_bytes:
+                return
+        except OSError:
+            return
+        for i in range(LOG_BACKUPS - 1, 0, -1):
+            older = path.with_name(f"{path.name}.{i}")
+            if older.exists():
+                older.replace(path.with_name(f"{path.name}.{i + 1}"))
+        shutil.copyfile(path, path.with_name(f"{path.name}.1"))
+        with open(path, "r+b") as f:
+            f.truncate(0)
+
+    def _signal(self, handle: ReplicaHandle, sig: int) -> None:
+        if not handle.pid:
+            return
+        status = self.inspect(handle)
+        if not status.alive:
+            return
+        try:
+            os.killpg(handle.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(handle.pid, sig)

@@ -88,6 +88,19 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     device: str = "auto"
     served_model_name: str | None = None
+    kv_cache_memory: str | int | None = None  # "1Gi", "512Mi" or bytes; overrides kv_cache_bytes
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_memory is not None:
+            from ballast.config.models import parse_memory
+
+            try:
+                self.kv_cache_bytes = parse_memory(self.kv_cache_memory)
+            except ValueError as e:
+                raise EngineError(str(e), "invalid_engine_args") from e
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_bytes"):
+            if getattr(self, name) < 1:
+                raise EngineError(f"{name} must be positive, got {getattr(self, name)}", "invalid_engine_args")
 
     @classmethod
     def from_config(cls, cfg: Any, base_dir: str | Path | None = None) -> EngineArgs:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from ballast.engine.block_manager import BlockManager
+from ballast.engine.checkpoints import resolve_checkpoint
 from ballast.engine.config import EngineArgs, EngineError, ModelConfig
 from ballast.engine.model_runner import ModelRunner
 from ballast.engine.scheduler import Scheduler
@@ -44,7 +44,7 @@ class Request:
 class LLMEngine:
     def __init__(self, args: EngineArgs):
         self.args = args
-        path = Path(args.checkpoint)
+        path = resolve_checkpoint(args.checkpoint)  # a directory, or a known name such as smollm2-135m-instruct
         self.model_config = ModelConfig.load(path)
         self.tokenizer = Tokenizer(path)
         self.runner = ModelRunner(args, self.model_config, path)

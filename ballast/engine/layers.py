@@ -27,6 +27,7 @@ class PrefillChunk:
     context_blocks: torch.Tensor | None  # [nblk] blocks of the whole context so far (None: no cached prefix)
     context_len: int  # tokens of context including this chunk
     first_pos: int  # position of the chunk's first token
+    count: int = 1  # > 1: that many whole prompts of equal length and no cached context, attended as one batch
 
 
 @dataclass
@@ -122,6 +123,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
             return o
         out[:nd] = o
     for p in batch.prefills:
+        if p.count > 1:
+            g = p.count
+            qs, ks, vs = (x[p.start : p.end].view(g, -1, x.shape[1], d).transpose(1, 2) for x in (q, k, v))
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+            out[p.start : p.end] = o.transpose(1, 2).reshape(-1, h, d)
+            continue
         qs = q[p.start : p.end].transpose(0, 1).unsqueeze(0)  # [1, h, n, d]
         if p.context_blocks is None:
             ks = k[p.start : p.end].transpose(0, 1).unsqueeze(0)

@@ -15,6 +15,12 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
         self._next = 0
 
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> LLM:
+        """From `EngineArgs` (e.g. `EngineArgs.from_config(native_engine_config, package_dir)`)."""
+        fields = {k: v for k, v in args.__dict__.items() if k not in ("checkpoint", "kv_cache_memory")}
+        return cls(args.checkpoint, **fields)
+
     def generate(
         self, prompts: list[str] | list[list[int]] | str, params: SamplingParams | list[SamplingParams] | None = None
     ) -> list[RequestOutput]:

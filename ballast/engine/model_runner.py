@@ -28,8 +28,9 @@ class ModelRunner:
     def __init__(self, args: EngineArgs, model_config: ModelConfig, path: Path):
         self.device = args.torch_device()
         self.dtype = args.torch_dtype(self.device)
-        if self.device.type == "cpu":
-            torch.set_num_threads(max(1, os.cpu_count() or 1))
+        if self.device.type == "cpu":  # one intra-op thread per core this process may run on
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            torch.set_num_threads(max(1, cores or 1))
         mc = self.model_config = model_config
         with torch.device(self.device):
             self.model = LlamaModel(mc).to(self.dtype)
@@ -87,6 +88,8 @@ class ModelRunner:
             decode_mask = (torch.arange(nblk * bs)[None, :] < lens_t[:, None])[:, None, None, :].to(dev)
             ws_blocks = nd * nblk
         prefills: list[PrefillChunk] = []
+        # Whole prompts of equal length with nothing cached are adjacent, so attention takes them as one batch.
+        others.sort(key=lambda s: (s.seq.num_computed > 0, s.num_tokens))
         for sch in others:
             seq, n = sch.seq, sch.num_tokens
             s0 = seq.num_computed
@@ -100,7 +103,13 @@ class ModelRunner:
                 nblk = -(-(s0 + n) // bs)
                 ctx = torch.tensor(table[:nblk], dtype=torch.long, device=dev)
                 ws_blocks = max(ws_blocks, nblk)
-            prefills.append(PrefillChunk(start, start + n, ctx, s0 + n, s0))
+            last = prefills[-1] if prefills else None
+            if (ctx is None and last is not None and last.context_blocks is None
+                    and last.end - last.start == last.count * n):
+                last.end += n
+                last.count += 1
+            else:
+                prefills.append(PrefillChunk(start, start + n, ctx, s0 + n, s0))
             if sch.samples:
                 rows.append(start + n - 1)
                 seqs.append(seq)

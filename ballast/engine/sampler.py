@@ -85,5 +85,6 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], torch
                 tokens[sampled[j]] = t
         for j, s in enumerate(rows):
             if s.generator is not None:
-                tokens[sampled[j]] = int(torch.multinomial(probs[j], 1, generator=s.generator))
+                # Seeded generators live on the CPU, so a seed gives the same tokens on any device.
+                tokens[sampled[j]] = int(torch.multinomial(probs[j].float().cpu(), 1, generator=s.generator))
     return tokens, raw_logprobs

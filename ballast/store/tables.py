@@ -59,7 +59,7 @@ class Environment(Base):
     previous_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     canary_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     canary_percent: Mapped[int] = mapped_column(Integer, default=0)
-    canary_target: Mapped[int] = mapped_column(Integer, default=0)
+    canary_step_percent: Mapped[int] = mapped_column(Integer, default=0)  # the stepwise ramp adds this much
     canary_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     canary_ramp_s: Mapped[float] = mapped_column(default=0.0)
     min_replicas: Mapped[int | None] = mapped_column(Integer, nullable=True)

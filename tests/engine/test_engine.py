@@ -28,6 +28,7 @@ def ids_of(outs) -> list[list[int]]:
 def test_greedy_equals_hf_and_batching_is_invariant(tiny, hf_model):
     llm = LLM(str(tiny), kv_cache_bytes=32 << 20)
     ps = prompts(llm)
+    ps += [ps[0][::-1], [max(3, t - 1) for t in ps[1]], ps[1][::-1]]  # equal lengths: batched prefill attention
     batched = ids_of(llm.generate(ps, GREEDY))
     for p, got in zip(ps, batched, strict=True):
         assert got == hf_greedy(hf_model, p, 24)
@@ -290,3 +291,18 @@ def test_async_engine_concurrent_streams_and_errors(tiny):
     assert set(stats) >= {"running", "waiting", "kv_cache_usage", "prefix_cache_hits", "prefix_cache_queries",
                           "num_free_blocks", "num_total_blocks"}
     assert eng.model_name == "tiny" and eng.max_model_len == 128
+
+
+def test_abort_mid_prefill_with_pending_siblings(tiny):
+    llm = LLM(str(tiny), kv_cache_bytes=16 << 20, block_size=4, max_num_batched_tokens=8)
+    eng = llm.engine
+    eng.add_request("a", list(range(3, 60)), SamplingParams(n=3, max_tokens=5, temperature=1.0, ignore_eos=True))
+    eng.add_request("b", list(range(5, 20)), GREEDY)
+    eng.step()  # a chunk of "a" only: its siblings wait for the whole prompt
+    assert eng.stats()["kv_cache_usage"] > 0
+    out = eng.abort("a")
+    assert out is not None and out.finished and all(c.finish_reason == "abort" for c in out.outputs)
+    while eng.has_work():
+        eng.step()
+    assert not eng._forking
+    assert_no_leaks(llm)

@@ -1,0 +1,295 @@
+"""The platform's REST API (`/api/v1`, described by FastAPI's OpenAPI document at /api/v1/openapi.json).
+
+Every call needs an API key (`Authorization: Bearer KEY`); errors are OpenAI-style bodies
+(`{"error": {"message", "type", "param", "code"}}`), every response carries `x-request-id`, and no
+response ever contains a stack trace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ballast.control import ControlError, ControlPlane, Reconciler
+from ballast.control.logs import follow, tail_lines
+from ballast.observe import REQUEST_ID_HEADER, new_request_id, request_id_var
+from ballast.openai import APIError, error_body
+from ballast.platform.auth import lookup
+
+log = logging.getLogger("ballast.platform")
+MAX_UPLOAD_BYTES = int(os.environ.get("BALLAST_MAX_UPLOAD_BYTES") or 4 * 2**30)
+
+
+class DeployRequest(BaseModel):
+    path: str = Field(description="Package directory on the platform's machine.")
+    name: str | None = Field(None, description="Deployment name; the package's name by default.")
+    env: str | None = Field(None, description="Promote the new version to this environment.")
+
+
+class PromoteRequest(BaseModel):
+    version: int
+    env: str = "production"
+    canary: int | None = Field(None, description="Percent of traffic for the new version first (1-99).")
+    ramp_s: float = Field(0.0, description="Shift the rest stepwise over this many seconds (0: stay at canary).")
+
+
+class RollbackRequest(BaseModel):
+    env: str = "production"
+    version: int | None = None
+
+
+class ScaleRequest(BaseModel):
+    env: str = "production"
+    min: int | None = None
+    max: int | None = None
+
+
+class DevRequest(BaseModel):
+    path: str
+    name: str | None = None
+
+
+class RequestIdMiddleware:
+    """Sets the request id (the client's `x-request-id`, or a new one) and echoes it on every response."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = ""
+        for k, v in scope.get("headers", []):
+            if k == b"x-request-id":
+                rid = v.decode("latin-1")[:128]
+        rid = rid or new_request_id()
+        token = request_id_var.set(rid)
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers.append((REQUEST_ID_HEADER.encode(), rid.encode("latin-1")))
+                message["headers"] = headers
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            request_id_var.reset(token)
+
+
+def _err(status: int, message: str, code: str | None = None, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, status=status, code=code, param=param), status_code=status)
+
+
+def actor(request: Request) -> str:
+    """The caller, from its API key (`Authorization: Bearer KEY`, `api-key` or `x-api-key`); admin only for now."""
+    h = request.headers
+    secret = ""
+    auth = h.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        secret = auth[7:].strip()
+    secret = secret or h.get("api-key", "").strip() or h.get("x-api-key", "").strip()
+    if not secret:
+        raise APIError(401, "missing API key: send `Authorization: Bearer KEY` (see `ballast up`)",
+                       code="missing_api_key")
+    control: ControlPlane = request.app.state.control
+    key = lookup(control.sessions, secret)
+    if key is None:
+        raise APIError(401, "invalid API key", code="invalid_api_key")
+    if "admin" not in (key.scopes or []):
+        raise APIError(403, "this key may not manage deployments (needs the admin scope)", code="insufficient_scope")
+    return f"{key.name or 'key'}:{key.prefix}"
+
+
+Actor = Annotated[str, Depends(actor)]
+
+
+def create_app(control: ControlPlane, reconciler: Reconciler | None = None) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if reconciler is not None:
+            await reconciler.start()
+        try:
+            yield
+        finally:
+            if reconciler is not None:
+                await reconciler.shutdown()
+
+    app = FastAPI(title="Ballast platform", version="1", lifespan=lifespan, openapi_url="/api/v1/openapi.json",
+                  docs_url="/api/v1/docs", redoc_url=None)
+    app.state.control = control
+
+    @app.exception_handler(APIError)
+    async def _api_error(_r: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(ControlError)
+    async def _control_error(_r: Request, e: ControlError) -> JSONResponse:
+        return _err(e.status, e.message, e.code, e.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_r: Request, e: RequestValidationError) -> JSONResponse:
+        errs = e.errors()
+        first = errs[0] if errs else {}
+        loc = [str(x) for x in first.get("loc", []) if x not in ("body", "query", "path")]
+        param = ".".join(loc) or None
+        msg = f"{param}: {first.get('msg')}" if param else str(first.get("msg", "invalid request"))
+        return _err(400, msg, "invalid_request", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(r: Request, e: StarletteHTTPException) -> JSONResponse:
+        if e.status_code == 404:
+            return _err(404, f"no route {r.method} {r.url.path}", "not_found")
+        if e.status_code == 405:
+            return _err(405, f"method {r.method} is not allowed on {r.url.path}", "method_not_allowed")
+        return _err(e.status_code, str(e.detail))
+
+    @app.exception_handler(Exception)
+    async def _internal(_r: Request, e: Exception) -> JSONResponse:
+        log.error("unhandled error", exc_info=e)
+        return _err(500, f"internal error (request id {request_id_var.get()}); see the platform log",
+                    "internal_error")
+
+
+    def changed(result: Any) -> Any:
+        if reconciler is not None:
+            reconciler.wake()
+        return result
+
+    api = "/api/v1"
+
+    @app.get(api + "/health", tags=["platform"])
+    def health() -> dict[str, Any]:
+        """Whether the platform is up (no key needed)."""
+        return {"status": "ok", "reconciler_ticks": reconciler.ticks if reconciler else None}
+
+    @app.get(api + "/deployments", tags=["deployments"])
+    def list_deployments(_who: Actor) -> dict[str, Any]:
+        return {"data": control.list_deployments()}
+
+    @app.post(api + "/deployments", tags=["deployments"], status_code=201)
+    def deploy(body: DeployRequest, who: Actor) -> dict[str, Any]:
+        """Deploy a package directory that is on the platform's machine."""
+        return changed(control.deploy(body.path, body.name, env=body.env, actor=who))
+
+    @app.post(api + "/deployments/{name}/versions", tags=["deployments"], status_code=201)
+    async def upload(name: str, request: Request, who: Actor,
+                     env: Annotated[str | None, Query()] = None) -> dict[str, Any]:
+        """Deploy a package uploaded as a gzipped tar archive (the request body)."""
+        declared = int(request.headers.get("content-length") or 0)
+        if declared > MAX_UPLOAD_BYTES:
+            raise APIError(413, f"package archive is larger than {MAX_UPLOAD_BYTES} bytes", code="too_large")
+        tmp = Path(tempfile.mkdtemp(prefix="upload-", dir=control.home))
+        try:
+            archive = tmp / "package.tar.gz"
+            size = 0
+            with open(archive, "wb") as f:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > MAX_UPLOAD_BYTES:
+                        raise APIError(413, f"package archive is larger than {MAX_UPLOAD_BYTES} bytes",
+                                       code="too_large")
+                    f.write(chunk)
+
+            def unpack_and_deploy() -> dict[str, Any]:
+                root = tmp / "package"
+                root.mkdir()
+                try:
+                    with tarfile.open(archive, "r:*") as tar:
+                        tar.extractall(root, filter="data")
+                except (tarfile.TarError, OSError) as e:
+                    raise APIError(400, f"not a readable tar archive: {e}", code="invalid_archive") from None
+                entries = list(root.iterdir())
+                pkg = entries[0] if len(entries) == 1 and entries[0].is_dir() else root
+                return control.deploy(pkg, name, env=env, actor=who)
+
+            return changed(await run_in_threadpool(unpack_and_deploy))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @app.get(api + "/deployments/{name}", tags=["deployments"])
+    def show(name: str, _who: Actor) -> dict[str, Any]:
+        """Versions, environments, and replicas with state, pool, url, uptime, restarts and last error."""
+        return control.describe(name)
+
+    @app.delete(api + "/deployments/{name}", tags=["deployments"])
+    def delete(name: str, who: Actor) -> dict[str, Any]:
+        return changed(control.delete(name, actor=who))
+
+    @app.post(api + "/deployments/{name}/promote", tags=["environments"])
+    def promote(name: str, body: PromoteRequest, who: Actor) -> dict[str, Any]:
+        """Point an environment at a version once it has ready replicas (`state`: promoted, canary or pending)."""
+        return changed(control.promote(name, body.version, body.env, canary=body.canary, ramp_s=body.ramp_s,
+                                       actor=who))
+
+    @app.post(api + "/deployments/{name}/rollback", tags=["environments"])
+    def rollback(name: str, body: RollbackRequest, who: Actor) -> dict[str, Any]:
+        return changed(control.rollback(name, body.env, version=body.version, actor=who))
+
+    @app.post(api + "/deployments/{name}/scale", tags=["environments"])
+    def scale(name: str, body: ScaleRequest, who: Actor) -> dict[str, Any]:
+        return changed(control.scale(name, body.env, min_replicas=body.min, max_replicas=body.max, actor=who))
+
+    @app.get(api + "/deployments/{name}/environments/{env}/endpoints", tags=["environments"])
+    def endpoints(name: str, env: str, _who: Actor) -> dict[str, Any]:
+        """Where the environment's traffic goes now: versions, weights and ready replica URLs."""
+        return control.endpoints(name, env)
+
+    @app.get(api + "/routes", tags=["environments"])
+    def routes(_who: Actor) -> dict[str, Any]:
+        """Every deployment's environments and ready replicas (what the gateway routes by)."""
+        return {"data": control.routing_table()}
+
+    @app.get(api + "/deployments/{name}/events", tags=["events"])
+    def deployment_events(name: str, _who: Actor, limit: Annotated[int, Query(ge=1, le=10000)] = 100,
+                          after: int | None = None) -> dict[str, Any]:
+        return {"data": control.events(name, limit, after)}
+
+    @app.get(api + "/events", tags=["events"])
+    def events(_who: Actor, deployment: str | None = None, limit: Annotated[int, Query(ge=1, le=10000)] = 100,
+               after: int | None = None) -> dict[str, Any]:
+        """The audit log: who deployed, promoted, rolled back, scaled or deleted what, and when."""
+        return {"data": control.events(deployment, limit, after)}
+
+    @app.get(api + "/deployments/{name}/logs", tags=["deployments"])
+    def logs(name: str, _who: Actor, version: int | None = None, tail: Annotated[int, Query(ge=0, le=100000)] = 100,
+             follow_: Annotated[bool, Query(alias="follow")] = False) -> StreamingResponse:
+        """Replica stdout/stderr, each line prefixed with `[vN replica]`; `follow=true` streams new lines."""
+        control.describe(name)  # 404 for an unknown deployment
+        if follow_:
+            async def lines() -> AsyncIterator[bytes]:
+                async for line in follow(control.logs_dir, name, version, tail):
+                    yield line.encode()
+
+            return StreamingResponse(lines(), media_type="text/plain; charset=utf-8")
+        text = "".join(line + "\n" for line in tail_lines(control.logs_dir, name, version, tail))
+        return StreamingResponse(iter([text.encode()]), media_type="text/plain; charset=utf-8")
+
+    @app.post(api + "/dev", tags=["dev"], status_code=201)
+    def dev(body: DevRequest, who: Actor) -> dict[str, Any]:
+        """A development replica that runs from the source directory and reloads when its files change."""
+        return changed(control.dev(body.path, body.name, actor=who))
+
+    @app.delete(api + "/dev/{name}", tags=["dev"])
+    def dev_stop(name: str, who: Actor) -> dict[str, Any]:
+        return changed(control.dev_stop(name, actor=who))
+
+    app.add_middleware(RequestIdMiddleware)
+    return app

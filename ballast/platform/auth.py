@@ -1,0 +1,63 @@
+"""API keys of the platform: random secrets shown once, stored as sha256 hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from ballast.store import ApiKey, Setting, utcnow
+
+KEY_PREFIX = "bk_"
+
+
+def hash_key(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_secret() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def bootstrap_admin(sessions: sessionmaker[Session]) -> str | None:
+    """Create the first admin key if there is none; returns its secret (the only time it exists in clear)."""
+    with sessions() as s:
+        keys = s.scalars(select(ApiKey).where(ApiKey.revoked_at.is_(None))).all()
+        if any("admin" in (k.scopes or []) for k in keys):
+            return None
+        secret = new_secret()
+        try:
+            s.add(ApiKey(id="key-" + os.urandom(6).hex(), name="admin", key_hash=hash_key(secret),
+                         prefix=secret[:10], scopes=["admin"], created_at=utcnow(), budget_per="month"))
+            s.commit()
+        except IntegrityError:
+            s.rollback()
+            return None
+        return secret
+
+
+def setting(sessions: sessionmaker[Session], key: str, default: str) -> str:
+    """Read a platform setting, storing `default` the first time (first writer wins)."""
+    with sessions() as s:
+        row = s.get(Setting, key)
+        if row is not None:
+            return row.value
+        try:
+            s.add(Setting(key=key, value=default))
+            s.commit()
+            return default
+        except IntegrityError:
+            s.rollback()
+    with sessions() as s:
+        row = s.get(Setting, key)
+        assert row is not None
+        return row.value
+
+
+def lookup(sessions: sessionmaker[Session], secret: str) -> ApiKey | None:
+    with sessions() as s:
+        return s.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(secret), ApiKey.revoked_at.is_(None)))

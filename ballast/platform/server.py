@@ -1,0 +1,146 @@
+"""`ballast up`: the platform process (REST API + reconciler) in one asyncio server.
+
+Exits cleanly on Ctrl-C or SIGTERM: uvicorn stops accepting, the lifespan stops the reconciler and
+every replica (drain, SIGTERM, SIGKILL after the grace period), and a last sweep stops any process
+of this platform instance that is still running, so no orphan is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from ballast.backends import LocalBackend
+from ballast.control import ControlPlane, Reconciler, Settings
+from ballast.home import ballast_home
+from ballast.observe import configure_logging
+from ballast.platform.app import create_app
+from ballast.platform.auth import bootstrap_admin, setting
+from ballast.store import default_url, open_store, safe_url
+
+log = logging.getLogger("ballast.platform")
+CREDENTIALS_FILE = "credentials.json"
+
+
+@dataclass
+class PlatformOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    database_url: str | None = None
+    no_isolation: bool = False
+    retire_grace_s: float = 300.0
+    replica_command: list[str] | None = None
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ[name])
+    except (KeyError, ValueError):
+        return default
+
+
+def credentials_path(home: Path | None = None) -> Path:
+    return (home or ballast_home()) / CREDENTIALS_FILE
+
+
+def save_credentials(url: str, api_key: str | None, home: Path | None = None) -> Path:
+    """Write `{url, api_key}` to `$BALLAST_HOME/credentials.json` with mode 0600 (keeps a saved key)."""
+    path = credentials_path(home)
+    data: dict[str, str] = {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    data["url"] = url
+    if api_key:
+        data["api_key"] = api_key
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return path
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
+class _Server(uvicorn.Server):
+    """uvicorn re-raises the stop signal after shutdown (killing the process before `finally` runs);
+    a platform stopped by Ctrl-C or SIGTERM exits normally instead, after its last sweep."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def run_platform(opts: PlatformOptions, announce: Callable[[str], None] = print) -> None:
+    """Run until Ctrl-C/SIGTERM. Prints the URL, and the admin key on the very first start."""
+    configure_logging()
+    for noisy in ("alembic", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    home = ballast_home()
+    url = opts.database_url or os.environ.get("BALLAST_DATABASE_URL") or default_url()
+    try:
+        _engine, sessions = open_store(url)
+    except Exception as e:
+        raise RuntimeError(f"cannot open the store at {safe_url(url)}: {type(e).__name__}: {e}") from None
+    instance_id = setting(sessions, "instance_id", os.urandom(8).hex())
+    secret = bootstrap_admin(sessions)
+    settings = Settings(
+        retire_grace_s=opts.retire_grace_s,
+        drain_s=_env_float("BALLAST_DRAIN_S", 1.0),
+        backoff_base_s=_env_float("BALLAST_BACKOFF_BASE_S", 1.0),
+        backoff_max_s=_env_float("BALLAST_BACKOFF_MAX_S", 60.0),
+        interval_s=_env_float("BALLAST_RECONCILE_INTERVAL_S", 0.5),
+    )
+    backend = LocalBackend(instance_id, logs_dir=home / "logs", command=opts.replica_command,
+                           extra_args=["--no-isolation"] if opts.no_isolation else [])
+    control = ControlPlane(sessions, home, settings)
+    reconciler = Reconciler(control, backend)
+    app = create_app(control, reconciler)
+    sock = _bind(opts.host, opts.port)
+    port = sock.getsockname()[1]
+    shown = f"[{opts.host}]" if ":" in opts.host else opts.host
+    base = f"http://{shown}:{port}"
+    cred = save_credentials(base, secret, home)
+    announce(f"ballast platform: {base}/api/v1 (store: {safe_url(url)}, home: {home})")
+    if secret:
+        announce(f"admin API key (shown once; saved to {cred}):\n  {secret}")
+    config = uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=5,
+                            server_header=False, lifespan="on")
+    server = _Server(config)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        # Belt and braces: nothing of this instance survives a clean exit.
+        for h in backend.list():
+            log.warning("stopping leftover replica process %s (pid %s)", h.replica_id, h.pid)
+            backend.stop(h, 5.0)
+    announce("ballast platform stopped")
