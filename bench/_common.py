@@ -142,10 +142,13 @@ class Proc:
         raise RuntimeError(f"{url} not ready within {timeout}s; see {self.log_path}")
 
     def cpu_seconds(self) -> float:
-        """CPU seconds used so far by this server and every process it started (Linux)."""
-        return group_cpu_seconds(self.proc.pid)
+        """CPU seconds used so far by this server and its live descendants, all threads (Linux /proc).
+
+        CPU per request is a steadier cost measure than requests/s on a shared, noisy machine."""
+        return sum(cpu for _, _, cpu in process_tree(self.proc.pid).values())
 
     def stop(self) -> None:
+        tree = process_tree(self.proc.pid) if self.proc.poll() is None else {}
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
@@ -155,22 +158,38 @@ class Proc:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
-        with contextlib.suppress(ProcessLookupError):  # stragglers left in the group
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        alive = _proc_stats()
+        for pid, (_, started, _) in tree.items():  # stragglers, also outside the group; same start time = same process
+            if pid in alive and alive[pid][1] == started:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         self._log.close()
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """User+system CPU seconds used so far by the live processes of process group `pgid` (all threads).
-
-    CPU per request is a steadier cost measure than requests/s on a shared, noisy machine."""
-    total = 0
+def _proc_stats() -> dict[int, tuple[int, int, float]]:
+    """pid -> (ppid, start time, user+system CPU seconds) for every live process (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid:  # fields after the command: state ppid pgrp ... utime(11) stime(12)
-                total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+            f = stat.read_text().rsplit(")", 1)[1].split()  # after the command: state ppid pgrp ... utime stime
+            stats[int(stat.parent.name)] = (int(f[1]), int(f[19]), (int(f[11]) + int(f[12])) / tick)
+    return stats
+
+
+def process_tree(pid: int) -> dict[int, tuple[int, int, float]]:
+    """`pid` and all its descendants (even those that left its process group, as BentoML's workers do)."""
+    stats = _proc_stats()
+    children: dict[int, list[int]] = {}
+    for p, (ppid, _, _) in stats.items():
+        children.setdefault(ppid, []).append(p)
+    tree, todo = {}, [pid]
+    while todo:
+        p = todo.pop()
+        if p in stats and p not in tree:
+            tree[p] = stats[p]
+            todo.extend(children.get(p, []))
+    return tree
 
 
 @contextlib.contextmanager

@@ -139,6 +139,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+    load_start = os.getloadavg()
     path = resolve_checkpoint("smollm2-135m-instruct")
     print(f"loading {path} on {device} ({args.threads} threads) ...", flush=True)
     llm = LLM(str(path), kv_cache_bytes=KV_BYTES, max_num_seqs=64, max_num_batched_tokens=MAX_BATCHED)
@@ -229,6 +230,7 @@ def main() -> None:
                       "decode step with its DynamicCache at context prompt_len + output_len/2)",
         "ttft": {"system_prompt_tokens": system_len, "user_tokens": 24, "rounds": ttft_rounds,
                  "prefix_cache_hit_tokens": hits["prefix_cache_hits"]},
+        "load_avg_1m_start_end": [round(load_start[0], 2), round(os.getloadavg()[0], 2)],
         "notes": "all systems in one process, same torch threads, same prompts per round (fresh each round); "
                  "HF one-at-a-time runs seq_requests requests per round (its tokens/s does not depend on "
                  "the concurrency); ignore_eos is min_new_tokens for HF generate and eos_token_id=None for "

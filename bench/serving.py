@@ -112,6 +112,10 @@ def chat_once(url: str, model: str, extra: dict[str, Any], timeout: float = 600)
     return chunks
 
 
+def per_point(c: int) -> int:
+    return max(3, c)
+
+
 class System:
     def __init__(self, name: str, url: str, model: str, extras: dict[str, Any]):
         self.name, self.url, self.model, self.extras = name, url, model, extras
@@ -129,8 +133,8 @@ def run_guidellm(gl: Path, system: System, tokenizer: Path, args: argparse.Names
                   "output_tokens": args.output_tokens}],
         "tokenizer": {"kind": "huggingface_auto", "model": str(tokenizer)},
         "seed": {"kind": "static", "value": seed},
-        # Per concurrency point: two waves of requests, cut at max_seconds (whatever comes first).
-        "constraints": [{"kind": "max_requests", "count": [max(4, 2 * c) for c in args.concurrency]},
+        # Per concurrency point: max(3, c) requests (one wave from c streams), cut at max_seconds.
+        "constraints": [{"kind": "max_requests", "count": [per_point(c) for c in args.concurrency]},
                         {"kind": "max_duration", "seconds": args.max_seconds}],
         "outputs": [{"kind": "json", "path": str(out)}],
     }}
@@ -173,6 +177,36 @@ def run_guidellm(gl: Path, system: System, tokenizer: Path, args: argparse.Names
     return points
 
 
+def plot(rows: list[dict[str, Any]], concurrency: list[int]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, (metric, label) in zip(axes, [("ttft_p50", "TTFT p50 (ms)"), ("itl_p50", "ITL p50 (ms)"),
+                                          ("output_tok_s", "output tokens/s")], strict=True):
+        for system, style in (("ballast", "o-"), ("hf", "s--")):
+            pts = [(c, r) for c in concurrency for r in rows
+                   if r["system"] == system and r["metric"] == f"{metric}@c{c}"]
+            if not pts:
+                continue
+            xs = [c for c, _ in pts]
+            ax.plot(xs, [r["median"] for _, r in pts], style, label=system)
+            ax.fill_between(xs, [r["min"] for _, r in pts], [r["max"] for _, r in pts], alpha=0.2)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(concurrency, [str(c) for c in concurrency])
+        ax.set_xlabel("concurrent streams")
+        ax.set_title(label)
+        ax.legend()
+    fig.suptitle("SmolLM2-135M-Instruct online serving on CPU: Ballast vs transformers serve --continuous-batching")
+    fig.tight_layout()
+    fig.savefig(ROOT / "bench" / "results" / "serving.png", dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="about a few minutes: short prompts, 2 points, 1 round")
@@ -184,10 +218,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--hf-attn", default=None, help="HF --attn-implementation (default: HF's own default)")
     args = ap.parse_args()
-    defaults = ({"rounds": 1, "concurrency": [1, 8], "prompt_tokens": 128, "output_tokens": 32, "max_seconds": 45.0}
+    # HF's server is slow on CPU (about 0.5-1.5 s per decode step here): sizes are chosen so that its requests
+    # complete within the per-point cap on a 2-core machine.
+    defaults = ({"rounds": 1, "concurrency": [1, 8], "prompt_tokens": 128, "output_tokens": 32, "max_seconds": 120.0}
                 if args.quick else
-                {"rounds": 3, "concurrency": [1, 4, 16], "prompt_tokens": 256, "output_tokens": 64,
-                 "max_seconds": 60.0})
+                {"rounds": 3, "concurrency": [1, 4, 16], "prompt_tokens": 128, "output_tokens": 32,
+                 "max_seconds": 180.0})
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -258,7 +294,7 @@ def main() -> None:
     params = {
         "quick": args.quick, "rounds": args.rounds, "concurrency": args.concurrency,
         "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
-        "requests_per_point": {c: max(4, 2 * c) for c in args.concurrency}, "max_seconds_per_point": args.max_seconds,
+        "requests_per_point": {c: per_point(c) for c in args.concurrency}, "max_seconds_per_point": args.max_seconds,
         "seed": args.seed, "endpoint": "/v1/chat/completions (stream, temperature 0)",
         "load_generator": f"guidellm {GUIDELLM_VERSION} (concurrent, synthetic_text, tokenizer: checkpoint dir)",
         "ballast": {"command": "ballast serve examples/chat", "extra_body": systems[0].extras,
@@ -272,6 +308,7 @@ def main() -> None:
         "request_counts": counts, "elapsed_s": round(elapsed, 1),
     }
     path = write_results("serving", params, rows, ratios)
+    plot(rows, args.concurrency)
     print()
     print(f"Online serving, SmolLM2-135M-Instruct, prompt {args.prompt_tokens} + chat template, output "
           f"{args.output_tokens} tokens, {args.rounds} round(s), median (min–max); ratio = Ballast / HF")
