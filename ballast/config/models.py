@@ -117,6 +117,19 @@ class AutoscalingConfig(_Strict):
         return self
 
 
+class RoutingConfig(_Strict):
+    """How the gateway picks a replica for each request."""
+
+    policy: Literal["auto", "prefix", "least_outstanding"] = Field(
+        "auto",
+        description="auto: prefix-aware for LLM engines, least outstanding requests otherwise; prefix: requests "
+        "sharing a prompt prefix (or an x-ballast-session) go to the replica that has it cached, with bounded "
+        "load; least_outstanding: power of two choices.",
+    )
+    max_queue: int = Field(256, ge=0, description="Requests held while no replica is ready (scale from zero).")
+    max_wait_s: float = Field(120.0, gt=0, description="Longest a held request waits for a replica before a 503.")
+
+
 class NativeEngineConfig(_Strict):
     """Ballast's own LLM engine serving a Llama-family checkpoint."""
 
@@ -179,6 +192,7 @@ class BallastConfig(_Strict):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
     engine: EngineConfig | None = Field(None, description="Serve an LLM with an engine instead of model.py.")
 
     @field_validator("model", mode="before")

@@ -30,7 +30,7 @@ class ModelRunner:
         self.dtype = args.torch_dtype(self.device)
         if self.device.type == "cpu":  # one intra-op thread per core this process may run on
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-            torch.set_num_threads(max(1, cores or 1))
+            torch.set_num_threads(args.num_threads or max(1, cores or 1))
         mc = self.model_config = model_config
         with torch.device(self.device):
             self.model = LlamaModel(mc).to(self.dtype)

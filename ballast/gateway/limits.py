@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from ballast.openai import APIError
+from ballast.store import period_start
 
 
 @dataclass
@@ -44,13 +45,6 @@ class TokenBucket:
     def charge(self, amount: float) -> None:
         self._refill(time.monotonic())
         self.level -= amount
-
-
-def period_start(per: str, now: datetime | None = None) -> datetime:
-    now = now or datetime.now(UTC)
-    if per == "day":
-        return now.replace(hour=0, minute=0, second=0, microsecond=0)
-    return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
 
 
 def period_end(per: str, now: datetime | None = None) -> datetime:

@@ -37,7 +37,9 @@ class Outcome:
     status: int = 0
     attempts: int = 0
     usage: dict[str, Any] | None = None
-    first_byte_s: float | None = None
+    first_byte_s: float | None = None  # response headers from the replica
+    first_chunk_s: float | None = None  # first body chunk of a stream (time to first token)
+    stream_s: float | None = None  # from the first chunk to the end of the stream
     error: bool = False
 
 
@@ -79,6 +81,7 @@ class Proxy:
         outcome: Outcome,
         on_done: Callable[[Outcome], None],
         extract_usage: bool,
+        strip_usage: bool = False,
         timeout_s: float | None = None,
     ) -> Response:
         """Send to a chosen replica; `on_done` runs once the response has been fully relayed."""
@@ -122,7 +125,8 @@ class Proxy:
             out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP}
             if resp.headers.get("content-type", "").startswith("text/event-stream"):
                 return StreamingResponse(
-                    self._relay(resp, ep, outcome, on_done, extract_usage), status_code=resp.status_code,
+                    self._relay(resp, ep, outcome, on_done, extract_usage, started, strip_usage),
+                    status_code=resp.status_code,
                     headers=out_headers,
                 )
             try:
@@ -153,14 +157,39 @@ class Proxy:
 
     async def _relay(
         self, resp: httpx.Response, ep: Endpoint, outcome: Outcome, on_done: Callable[[Outcome], None],
-        extract_usage: bool,
+        extract_usage: bool, started: float, strip_usage: bool = False,
     ) -> AsyncIterator[bytes]:
+        """Relay chunks as they come. With `strip_usage` (the gateway asked for the usage chunk, the client
+        did not) the usage-only event is taken out of the stream, so clients see exactly what they asked for."""
         tail = b""
+        pending = b""
+        first = 0.0
         try:
             async for chunk in resp.aiter_raw():
-                if extract_usage:
+                if not first:
+                    first = time.monotonic()
+                    outcome.first_chunk_s = first - started
+                if strip_usage:
+                    pending += chunk
+                    cut = pending.rfind(b"\n\n")
+                    if cut < 0:
+                        continue
+                    chunk, pending = pending[: cut + 2], pending[cut + 2:]
+                    if b'"choices":[]' in chunk:
+                        kept = []
+                        for event in chunk.split(b"\n\n"):
+                            if event.startswith(b"data: {") and b'"choices":[]' in event:
+                                outcome.usage = _usage_from_sse(event) or outcome.usage
+                            elif event:
+                                kept.append(event + b"\n\n")
+                        chunk = b"".join(kept)
+                        if not chunk:
+                            continue
+                elif extract_usage:
                     tail = (tail + chunk)[-4096:]
                 yield chunk
+            if pending:
+                yield pending
         except _RETRYABLE as e:
             outcome.error = True
             self._failed(ep, hard=True)
@@ -171,6 +200,8 @@ class Proxy:
         finally:
             ep.outstanding -= 1
             await resp.aclose()
+            if first:
+                outcome.stream_s = time.monotonic() - first
             if extract_usage and tail:
                 outcome.usage = _usage_from_sse(tail)
             on_done(outcome)

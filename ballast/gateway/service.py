@@ -8,7 +8,6 @@ refreshes (`GatewaySource`), usage is written in batches by the `Meter`.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import time
@@ -26,16 +25,13 @@ from ballast.gateway.proxy import Outcome, Proxy
 from ballast.gateway.routing import Endpoint, Router, WeightedSplit, prefix_key
 from ballast.observe import REQUEST_ID_HEADER, current_request_id
 from ballast.openai import APIError
+from ballast.store import hash_key
 
 log = logging.getLogger("ballast.gateway")
 
 MAX_BODY = 32 * 2**20
 INFERENCE_PATHS = {"chat_completions": "/v1/chat/completions", "completions": "/v1/completions",
                    "embeddings": "/v1/embeddings", "predict": "/predict"}
-
-
-def hash_key(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -58,6 +54,7 @@ class KeyInfo:
 class VersionRoute:
     version: int
     endpoints: list[Endpoint] = field(default_factory=list)
+    model_name: str | None = None  # the name its replicas answer to; `model` is rewritten to it on the way
     starting: int = 0  # replicas being started (cold start in progress)
 
 
@@ -67,8 +64,8 @@ class DeploymentRoute:
     llm: bool
     versions: dict[int, VersionRoute]
     environments: dict[str, list[tuple[int, int]]]  # env -> [(version, weight percent)]
-    min_replicas: int = 1
-    max_queue: int = 256
+    prefix_routing: bool = False  # route by prompt prefix (KV-cache affinity) rather than least outstanding
+    max_queue: int = 256  # requests held while no replica is ready
     max_wait_s: float = 120.0
 
 
@@ -92,10 +89,13 @@ class GatewayMetrics:
                                  ["deployment"], registry=r,
                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
                                           60, 120))
-        self.ttfb = Histogram("ballast_gateway_time_to_first_byte_seconds", "Time to the replica's first byte "
-                              "(time to first token for streams).", ["deployment"], registry=r,
-                              buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-        self.tokens = Counter("ballast_gateway_tokens", "Tokens through the gateway by kind.",
+        self.ttft = Histogram("ballast_gateway_time_to_first_token_seconds", "Streams: time to the first chunk "
+                              "from the replica.", ["deployment"], registry=r,
+                              buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.itl = Histogram("ballast_gateway_inter_token_latency_seconds", "Streams: mean time between output tokens "
+                             "of each request.", ["deployment"], registry=r,
+                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
+        self.tokens = Counter("ballast_gateway_tokens", "Tokens through the gateway by kind (rate() gives tokens/s).",
                               ["deployment", "kind"], registry=r)
         self.queued = Gauge("ballast_gateway_queue_depth", "Requests held waiting for a replica.", ["deployment"],
                             registry=r)
@@ -138,16 +138,27 @@ class Gateway:
         await self.proxy.aclose()
 
     async def _refresh_loop(self) -> None:
+        failing = False
         while True:
             await asyncio.sleep(self.refresh_s)
             try:
-                self.refresh()
+                # The snapshot reads the store: off the event loop, so requests never wait on it.
+                self.apply(*await asyncio.to_thread(self.source.snapshot))
+                failing = False
             except Exception:
-                log.exception("refreshing the gateway's routes failed; keeping the last good snapshot")
+                if not failing:
+                    log.exception("refreshing the gateway's routes failed; keeping the last good snapshot")
+                failing = True
 
     def refresh(self) -> None:
+        self.apply(*self.source.snapshot())
+
+    async def refresh_now(self) -> None:
+        """Apply the latest snapshot now (after a key was created or revoked through this process)."""
+        self.apply(*await asyncio.to_thread(self.source.snapshot))
+
+    def apply(self, keys: list[KeyInfo], routes: dict[str, DeploymentRoute]) -> None:
         """Swap in the control plane's latest keys and routes, keeping live endpoint state."""
-        keys, routes = self.source.snapshot()
         self.keys = {k.key_hash: k for k in keys}
         for k in keys:
             lim = self.limiters.get(k.id)
@@ -281,6 +292,9 @@ class Gateway:
     async def handle(self, request: Request, kind: str, model: str | None = None) -> Response:
         started = time.monotonic()
         key = self.authenticate(request, "inference")
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > MAX_BODY:
+            raise APIError(413, f"request body exceeds {MAX_BODY} bytes", code="request_too_large")
         body = await request.body()
         if len(body) > MAX_BODY:
             raise APIError(413, f"request body exceeds {MAX_BODY} bytes", code="request_too_large")
@@ -299,16 +313,29 @@ class Gateway:
             limiter.admit()
         endpoints = await self._endpoints(dep, version)
         is_llm_call = kind != "predict"
-        prefix = prefix_key(parsed, request.headers.get("x-ballast-session")) if dep.llm and is_llm_call else None
-        if prefix is None and request.headers.get("x-ballast-session"):
-            prefix = b"s:" + request.headers["x-ballast-session"].encode()
+        session = request.headers.get("x-ballast-session")
+        if dep.prefix_routing and is_llm_call:
+            prefix = prefix_key(parsed, session)
+        else:
+            prefix = b"s:" + session.encode() if session else None
         headers = {"content-type": "application/json", REQUEST_ID_HEADER: current_request_id()}
-        if kind == "chat_completions" and parsed.get("stream") and dep.llm:
-            opts = parsed.get("stream_options") or {}
+        strip_usage = False
+        rewrite = False
+        served = dep.versions[version].model_name if is_llm_call else None
+        if served and parsed.get("model") != served:
+            # `chat@staging` or `chat:3` name the deployment; the replica knows its own model name.
+            parsed["model"] = served
+            rewrite = True
+        if kind in ("chat_completions", "completions") and parsed.get("stream"):
+            opts = parsed.get("stream_options")
+            opts = opts if isinstance(opts, dict) else {}
             if not opts.get("include_usage"):
-                # Metering needs the token counts; the usage chunk is extra output the SDKs ignore.
+                # Metering needs the token counts: ask for the usage chunk, and take it out of the stream
+                # on the way back (the client did not ask for it).
                 parsed["stream_options"] = {**opts, "include_usage": True}
-                body = json.dumps(parsed).encode()
+                rewrite = strip_usage = True
+        if rewrite:
+            body = json.dumps(parsed).encode()
         outcome = Outcome()
         m = self.metrics
 
@@ -316,9 +343,11 @@ class Gateway:
             status = str(o.status)
             m.requests.labels(dep.name, str(version), status).inc()
             m.latency.labels(dep.name).observe(time.monotonic() - started)
-            if o.first_byte_s is not None:
-                m.ttfb.labels(dep.name).observe(o.first_byte_s)
             counts = counts_from_usage(o.usage, o.error or o.status >= 400)
+            if o.first_chunk_s is not None:
+                m.ttft.labels(dep.name).observe(o.first_chunk_s)
+                if o.stream_s is not None and counts.completion_tokens > 1:
+                    m.itl.labels(dep.name).observe(o.stream_s / (counts.completion_tokens - 1))
             if counts.prompt_tokens or counts.completion_tokens:
                 m.tokens.labels(dep.name, "prompt").inc(counts.prompt_tokens)
                 m.tokens.labels(dep.name, "completion").inc(counts.completion_tokens)
@@ -328,7 +357,7 @@ class Gateway:
 
         return await self.proxy.forward(
             endpoints, INFERENCE_PATHS[kind], body, headers, key=prefix, outcome=outcome, on_done=done,
-            extract_usage=is_llm_call,
+            extract_usage=is_llm_call, strip_usage=strip_usage,
         )
 
     def models_for(self, request: Request) -> Response:

@@ -14,19 +14,25 @@ import shutil
 import tarfile
 import tempfile
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
+import anyio.from_thread
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ballast.control import ControlError, ControlPlane, Reconciler
+from ballast.control.keys import KeyStore
 from ballast.control.logs import follow, tail_lines
+from ballast.gateway.service import Gateway
 from ballast.observe import REQUEST_ID_HEADER, new_request_id, request_id_var
 from ballast.openai import APIError, error_body
 from ballast.platform.auth import lookup
@@ -57,6 +63,16 @@ class ScaleRequest(BaseModel):
     env: str = "production"
     min: int | None = None
     max: int | None = None
+
+
+class KeyRequest(BaseModel):
+    name: str = Field("", max_length=128, description="A label for people (who or what uses the key).")
+    scopes: list[str] = Field(["inference"], description="inference, metrics and/or admin.")
+    deployments: list[str] | None = Field(None, description="Deployments the key may use (default: all).")
+    rpm: int | None = Field(None, description="Requests per minute (token bucket).")
+    tpm: int | None = Field(None, description="Prompt + completion tokens per minute (token bucket).")
+    token_budget: int | None = Field(None, description="Tokens per period; over it, 429 until the next period.")
+    per: str = Field("month", description="Budget period: day or month (UTC).")
 
 
 class DevRequest(BaseModel):
@@ -121,14 +137,22 @@ def actor(request: Request) -> str:
 Actor = Annotated[str, Depends(actor)]
 
 
-def create_app(control: ControlPlane, reconciler: Reconciler | None = None) -> FastAPI:
+def create_app(control: ControlPlane, reconciler: Reconciler | None = None, *, gateway: Gateway | None = None,
+               registry: CollectorRegistry | None = None) -> FastAPI:
+    """The REST API, plus (with `gateway`) the inference endpoints and `/metrics`."""
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if reconciler is not None:
             await reconciler.start()
+        if gateway is not None:
+            await gateway.start()
         try:
             yield
         finally:
+            # In-flight requests have finished (uvicorn drains them first): flush usage, then stop replicas.
+            if gateway is not None:
+                await gateway.stop()
             if reconciler is not None:
                 await reconciler.shutdown()
 
@@ -169,8 +193,11 @@ def create_app(control: ControlPlane, reconciler: Reconciler | None = None) -> F
 
 
     def changed(result: Any) -> Any:
+        """Desired state changed (called from a worker thread): reconcile now, and route by it at once."""
         if reconciler is not None:
             reconciler.wake()
+        if gateway is not None:
+            anyio.from_thread.run(gateway.refresh_now)
         return result
 
     api = "/api/v1"
@@ -220,7 +247,7 @@ def create_app(control: ControlPlane, reconciler: Reconciler | None = None) -> F
                 pkg = entries[0] if len(entries) == 1 and entries[0].is_dir() else root
                 return control.deploy(pkg, name, env=env, actor=who)
 
-            return changed(await run_in_threadpool(unpack_and_deploy))
+            return await run_in_threadpool(changed, await run_in_threadpool(unpack_and_deploy))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -282,6 +309,39 @@ def create_app(control: ControlPlane, reconciler: Reconciler | None = None) -> F
         text = "".join(line + "\n" for line in tail_lines(control.logs_dir, name, version, tail))
         return StreamingResponse(iter([text.encode()]), media_type="text/plain; charset=utf-8")
 
+    keys = KeyStore(control.sessions)
+
+    async def keys_changed(result: dict[str, Any]) -> dict[str, Any]:
+        if gateway is not None:  # effective in this process before the call returns
+            await gateway.refresh_now()
+        return result
+
+    @app.post(api + "/keys", tags=["keys"], status_code=201)
+    async def create_key(body: KeyRequest, _who: Actor) -> dict[str, Any]:
+        """A new API key. The response's `key` is the secret, shown this once; only its hash is stored."""
+        return await keys_changed(await run_in_threadpool(
+            lambda: keys.create(name=body.name, scopes=body.scopes, deployments=body.deployments, rpm=body.rpm,
+                                tpm=body.tpm, token_budget=body.token_budget, budget_per=body.per)))
+
+    @app.get(api + "/keys", tags=["keys"])
+    def list_keys(_who: Actor, include_revoked: bool = False) -> dict[str, Any]:
+        return {"data": keys.list(include_revoked)}
+
+    @app.delete(api + "/keys/{key_id}", tags=["keys"])
+    async def revoke_key(key_id: str, _who: Actor) -> dict[str, Any]:
+        """Revoke by id or shown prefix; the gateway refuses the key within a second (at once in this process)."""
+        return await keys_changed(await run_in_threadpool(keys.revoke, key_id))
+
+    @app.get(api + "/usage", tags=["keys"])
+    def usage(_who: Actor, key: str | None = None, deployment: str | None = None, since: datetime | None = None,
+              group: str = "hour") -> dict[str, Any]:
+        """Requests, prompt/completion/cached tokens and errors per key, deployment, version and hour
+        (`group=key` or `group=deployment` sums them). Usage the gateway has not flushed yet (at most a
+        second's worth) is not included."""
+        if since is not None and since.tzinfo is None:
+            since = since.replace(tzinfo=UTC)
+        return {"data": keys.usage(key=key, deployment=deployment, since=since, group=group)}
+
     @app.post(api + "/dev", tags=["dev"], status_code=201)
     def dev(body: DevRequest, who: Actor) -> dict[str, Any]:
         """A development replica that runs from the source directory and reloads when its files change."""
@@ -290,6 +350,18 @@ def create_app(control: ControlPlane, reconciler: Reconciler | None = None) -> F
     @app.delete(api + "/dev/{name}", tags=["dev"])
     def dev_stop(name: str, who: Actor) -> dict[str, Any]:
         return changed(control.dev_stop(name, actor=who))
+
+    if gateway is not None:
+        for path, handler, methods in gateway.routes_for_app():
+            app.add_route(path, handler, methods=methods, include_in_schema=False)
+        metrics_registry = registry
+
+        async def metrics(request: Request) -> Response:
+            gateway.authenticate(request, "metrics")
+            body = generate_latest(metrics_registry) if metrics_registry is not None else b""
+            return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+        app.add_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
 
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
-import secrets
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from ballast.store import ApiKey, Setting, utcnow
-
-KEY_PREFIX = "bk_"
-
-
-def hash_key(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def new_secret() -> str:
-    return KEY_PREFIX + secrets.token_urlsafe(32)
+from ballast.control.keys import new_secret
+from ballast.store import ApiKey, Setting, hash_key, utcnow
 
 
 def bootstrap_admin(sessions: sessionmaker[Session]) -> str | None:

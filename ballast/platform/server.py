@@ -18,13 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
+from prometheus_client import CollectorRegistry
 
 from ballast.backends import LocalBackend
 from ballast.control import ControlPlane, Reconciler, Settings
+from ballast.control.autoscaler import Autoscaler
+from ballast.gateway.service import Gateway
 from ballast.home import ballast_home
 from ballast.observe import configure_logging
 from ballast.platform.app import create_app
 from ballast.platform.auth import bootstrap_admin, setting
+from ballast.platform.source import StoreSource
 from ballast.store import default_url, open_store, safe_url
 
 log = logging.getLogger("ballast.platform")
@@ -123,8 +127,12 @@ def run_platform(opts: PlatformOptions, announce: Callable[[str], None] = print)
     backend = LocalBackend(instance_id, logs_dir=home / "logs", command=opts.replica_command,
                            extra_args=["--no-isolation"] if opts.no_isolation else [])
     control = ControlPlane(sessions, home, settings)
-    reconciler = Reconciler(control, backend)
-    app = create_app(control, reconciler)
+    registry = CollectorRegistry()
+    gateway: Gateway | None = None
+    autoscaler = Autoscaler(load=lambda: gateway.load() if gateway is not None else {})
+    reconciler = Reconciler(control, backend, autoscaler=autoscaler, registry=registry)
+    gateway = Gateway(StoreSource(control, reconciler), registry)
+    app = create_app(control, reconciler, gateway=gateway, registry=registry)
     sock = _bind(opts.host, opts.port)
     port = sock.getsockname()[1]
     shown = f"[{opts.host}]" if ":" in opts.host else opts.host

@@ -1,7 +1,20 @@
 """Platform state in SQL: SQLite by default, PostgreSQL by URL, migrated with Alembic."""
 
 from ballast.store.db import default_url, make_engine, open_store, safe_url, session_factory, upgrade
-from ballast.store.tables import ApiKey, Base, Deployment, Environment, Event, Replica, Setting, Usage, Version, utcnow
+from ballast.store.tables import (
+    ApiKey,
+    Base,
+    Deployment,
+    Environment,
+    Event,
+    Replica,
+    Setting,
+    Usage,
+    Version,
+    hash_key,
+    period_start,
+    utcnow,
+)
 
 __all__ = [
     "ApiKey",
@@ -14,8 +27,10 @@ __all__ = [
     "Usage",
     "Version",
     "default_url",
+    "hash_key",
     "make_engine",
     "open_store",
+    "period_start",
     "safe_url",
     "session_factory",
     "upgrade",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 from typing import Any
 
@@ -11,6 +12,19 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def hash_key(secret: str) -> str:
+    """API keys are stored as this hash only; the secret is shown once when the key is created."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def period_start(per: str, now: datetime | None = None) -> datetime:
+    """Start of the budget period (`day` or `month`, UTC) that `now` falls in."""
+    now = now or datetime.now(UTC)
+    if per == "day":
+        return now.replace(hour=0, minute=0, second=0, microsecond=0)
+    return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
 
 
 class Base(DeclarativeBase):

@@ -23,8 +23,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ballast.gateway.routing import Endpoint
-from ballast.gateway.service import DeploymentRoute, Gateway, KeyInfo, VersionRoute, hash_key
+from ballast.gateway.service import DeploymentRoute, Gateway, KeyInfo, VersionRoute
 from ballast.openai import APIError
+from ballast.store import hash_key
 from tests.conftest import EXAMPLES, free_port
 
 
