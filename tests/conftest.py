@@ -110,3 +110,13 @@ def tmp_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monke
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("BALLAST_HOME", str(home))
     return home
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama checkpoint with a locally trained tokenizer, made by `ballast models make-tiny`."""
+    out = tmp_path_factory.mktemp("tiny-llm") / "ckpt"
+    r = subprocess.run([sys.executable, "-m", "ballast.cli.main", "models", "make-tiny", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return out

@@ -11,8 +11,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -48,15 +46,6 @@ class Model:
         n = sum(len(t.split()) for t in texts)
         return {"object": "list", "data": data, "model": "work", "usage": {"prompt_tokens": n, "total_tokens": n}}
 """
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tiny-llm") / "ckpt"
-    r = subprocess.run([sys.executable, "-m", "ballast.cli.main", "models", "make-tiny", str(out)],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    return out
 
 
 @pytest.fixture(scope="module")

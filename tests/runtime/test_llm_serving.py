@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,15 +15,6 @@ import pytest
 from tests.conftest import write_package
 
 pytest.importorskip("ballast.engine", reason="the native engine is not built")
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tiny-llm") / "ckpt"
-    r = subprocess.run([sys.executable, "-m", "ballast.cli.main", "models", "make-tiny", str(out)],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    return out
 
 
 def llm_package(root: Path, checkpoint: Path, extra: str = "") -> Path:
