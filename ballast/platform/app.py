@@ -13,7 +13,7 @@ import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Route, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ballast.control import ControlError, ControlPlane, Reconciler
@@ -138,7 +139,7 @@ Actor = Annotated[str, Depends(actor)]
 
 
 def create_app(control: ControlPlane, reconciler: Reconciler | None = None, *, gateway: Gateway | None = None,
-               registry: CollectorRegistry | None = None) -> FastAPI:
+               registry: CollectorRegistry | None = None) -> ASGIApp:
     """The REST API, plus (with `gateway`) the inference endpoints and `/metrics`."""
 
     @contextlib.asynccontextmanager
@@ -351,17 +352,64 @@ def create_app(control: ControlPlane, reconciler: Reconciler | None = None, *, g
     def dev_stop(name: str, who: Actor) -> dict[str, Any]:
         return changed(control.dev_stop(name, actor=who))
 
-    if gateway is not None:
-        for path, handler, methods in gateway.routes_for_app():
-            app.add_route(path, handler, methods=methods, include_in_schema=False)
-        metrics_registry = registry
-
-        async def metrics(request: Request) -> Response:
-            gateway.authenticate(request, "metrics")
-            body = generate_latest(metrics_registry) if metrics_registry is not None else b""
-            return Response(body, media_type=CONTENT_TYPE_LATEST)
-
-        app.add_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
-
     app.add_middleware(RequestIdMiddleware)
-    return app
+    if gateway is None:
+        return app
+    metrics_registry = registry
+
+    async def metrics(request: Request) -> Response:
+        gateway.authenticate(request, "metrics")
+        body = generate_latest(metrics_registry) if metrics_registry is not None else b""
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    inference = [Route(path, _Guard(handler, methods)) for path, handler, methods in gateway.routes_for_app()]
+    inference.append(Route("/metrics", _Guard(metrics, ["GET"])))
+    return Front(app, RequestIdMiddleware(Router(inference, default=_not_found)))
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class _Guard:
+    """One inference route as a bare ASGI app (no FastAPI layers per request), with OpenAI-style errors."""
+
+    def __init__(self, handler: Handler, methods: list[str]):
+        self.handler = handler
+        self.allowed = set(methods)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive, send)
+        if request.method not in self.allowed:
+            response: Response = _err(405, f"method {request.method} is not allowed on {request.url.path}",
+                                      "method_not_allowed")
+        else:
+            try:
+                response = await self.handler(request)
+            except APIError as e:
+                response = JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+            except Exception as e:
+                log.error("unhandled error in the gateway", exc_info=e)
+                response = _err(500, f"internal error (request id {request_id_var.get()}); see the platform log",
+                                "internal_error")
+        await response(scope, receive, send)
+
+
+async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
+    await _err(404, f"no route {scope.get('method')} {scope.get('path')}", "not_found")(scope, receive, send)
+
+
+class Front:
+    """The platform's ASGI app: inference paths go straight to the gateway's routes, everything else (and the
+    lifespan) to the REST API."""
+
+    PREFIXES = ("/v1/", "/deployments/", "/metrics")
+
+    def __init__(self, api: FastAPI, gateway_app: ASGIApp):
+        self.api = api
+        self.gateway_app = gateway_app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(self.PREFIXES):
+            await self.gateway_app(scope, receive, send)
+        else:
+            await self.api(scope, receive, send)
