@@ -207,6 +207,7 @@ _WRK_LUA = """
 wrk.method = "{method}"
 wrk.body = [==[{body}]==]
 wrk.headers["Content-Type"] = "application/json"
+{headers}
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format("JSON {{\\"requests\\": %d, \\"duration_us\\": %d, \\"p50_us\\": %d, \\"p99_us\\": %d, "
@@ -224,13 +225,14 @@ def require_wrk() -> str:
 
 
 def wrk(url: str, body: Any, *, connections: int, seconds: float, threads: int = 1, cpus: str | None = None,
-        method: str = "POST", timeout_s: float = 10) -> dict[str, float]:
+        method: str = "POST", timeout_s: float = 10, headers: dict[str, str] | None = None) -> dict[str, float]:
     """Closed-loop load with wrk: `connections` keep-alive connections each sending `body` (JSON) back to back
     for `seconds` (whole seconds).
 
     Returns rps, p50_ms, p99_ms, mean_ms, requests and errors (connect/read/write/timeout/non-2xx)."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(_WRK_LUA.format(method=method, body=json.dumps(body)))
+        extra = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in (headers or {}).items())
+        f.write(_WRK_LUA.format(method=method, body=json.dumps(body), headers=extra))
     try:
         cmd = pinned([require_wrk(), f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
                       f"--timeout={max(1, round(timeout_s))}s", "-s", f.name, url], cpus)
