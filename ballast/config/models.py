@@ -147,6 +147,10 @@ class NativeEngineConfig(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     enable_prefix_caching: bool = True
     device: str = Field("auto", description="auto, cpu, or cuda[:N].")
+    num_threads: int | None = Field(
+        None, ge=1, description="CPU: torch threads (default one per core). Several replicas on one machine "
+        "run better with fewer threads each than cores."
+    )
 
     @field_validator("kv_cache_memory")
     @classmethod

@@ -123,6 +123,7 @@ class EngineArgs:
             enable_prefix_caching=cfg.enable_prefix_caching,
             device=cfg.device,
             served_model_name=cfg.served_model_name,
+            num_threads=cfg.num_threads,
         )
 
     def torch_device(self) -> torch.device:

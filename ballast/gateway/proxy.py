@@ -138,6 +138,7 @@ class Proxy:
             outcome.status = status
             outcome.first_byte_s = time.monotonic() - started
             out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP}
+            out_headers["x-ballast-replica"] = ep.replica_id  # which replica served: for debugging and tests
             if resp.content_type == "text/event-stream":
                 return StreamingResponse(
                     self._relay(resp, ep, outcome, on_done, extract_usage, started, strip_usage),

@@ -4,7 +4,8 @@
 - Prefix-aware: requests that share a prompt prefix (a system prompt plus a conversation's first
   message, or an explicit `x-ballast-session`) go to the replica that already holds that prefix in
   its KV cache. Rendezvous hashing ranks replicas per key; bounded load skips a replica whose
-  outstanding requests exceed (1 + epsilon) times the mean, so one hot prefix never swamps a replica.
+  outstanding requests exceed both (1 + epsilon) times the mean and the mean plus a small slack, so one
+  hot prefix never swamps a replica, and light load never breaks affinity.
 """
 
 from __future__ import annotations
@@ -42,8 +43,11 @@ def _score(key: bytes, replica_id: str) -> int:
 class Router:
     """Picks endpoints; `key` (a prefix or session key) switches on prefix-aware routing."""
 
-    def __init__(self, load_epsilon: float = 0.5, rng: random.Random | None = None):
+    def __init__(self, load_epsilon: float = 0.5, load_slack: int = 4, rng: random.Random | None = None):
         self.load_epsilon = load_epsilon
+        # An LLM replica batches many sequences, and a cache miss costs a whole prefill: at low load the
+        # preferred replica may take `load_slack` requests above the mean before work spills over.
+        self.load_slack = load_slack
         self.rng = rng or random.Random()
 
     def choose(
@@ -65,8 +69,8 @@ class Router:
         return a if a.outstanding <= b.outstanding else b
 
     def _prefix(self, candidates: list[Endpoint], key: bytes) -> Endpoint:
-        total = sum(e.outstanding for e in candidates) + 1
-        bound = math.ceil(total / len(candidates) * (1 + self.load_epsilon))
+        mean = (sum(e.outstanding for e in candidates) + 1) / len(candidates)
+        bound = max(math.ceil(mean * (1 + self.load_epsilon)), math.floor(mean) + self.load_slack)
         ranked = sorted(candidates, key=lambda e: _score(key, e.replica_id), reverse=True)
         for e in ranked:
             if e.outstanding < bound:
