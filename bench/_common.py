@@ -82,6 +82,12 @@ def venv_python(name: str, *requirements: str) -> Path:
 
 
 # ---- processes -----------------------------------------------------------------------------------
+def ballast_cli() -> str:
+    """The `ballast` command of this interpreter's environment."""
+    script = Path(sys.executable).parent / "ballast"
+    return str(script) if script.exists() else "ballast"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

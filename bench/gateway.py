@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import (
     ROOT,
     Proc,
+    ballast_cli,
     free_port,
     print_table,
     require_wrk,
@@ -53,11 +54,6 @@ PROXY_CPUS, BACKEND_CPUS = "0", "1"
 PACKAGE = ROOT / "bench" / "peers" / "echo_chat"
 BODY = {"model": "echo", "messages": [{"role": "user", "content": "hello gateway"}]}
 SYSTEMS = ("direct", "ballast", "litellm", "nginx")
-
-
-def ballast_cli() -> str:
-    script = Path(sys.executable).parent / "ballast"
-    return str(script) if script.exists() else "ballast"
 
 
 def pin_tree(pid: int, cpus: str) -> None:

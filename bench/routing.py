@@ -37,18 +37,23 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import Proc, free_port, print_table, running, stop_on_sigterm, summarize, versions, write_results
+from bench._common import (
+    Proc,
+    ballast_cli,
+    free_port,
+    print_table,
+    running,
+    stop_on_sigterm,
+    summarize,
+    versions,
+    write_results,
+)
 
 POLICIES = ("prefix", "least_outstanding")
 VOCABULARY = ("parcel refund label courier warehouse invoice customs address weight tracking window delivery return "
               "policy carrier express pallet signature depot route driver schedule insurance claim damage receipt "
               "order account region tariff holiday weekend morning evening priority standard fragile liquid battery")
 WORDS = VOCABULARY.split()
-
-
-def ballast_cli() -> str:
-    script = Path(sys.executable).parent / "ballast"
-    return str(script) if script.exists() else "ballast"
 
 
 def package(root: Path, policy: str, kv: str) -> Path:

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import (
     ROOT,
     Proc,
+    ballast_cli,
     free_port,
     print_table,
     require_wrk,
@@ -50,11 +51,6 @@ PEERS = ROOT / "bench" / "peers"
 # uvloop, httptools, no access log, keep-alive 30 s, no server header, one process.
 UVICORN_OPTS = ["--loop", "uvloop", "--http", "httptools", "--no-access-log", "--timeout-keep-alive", "30",
                 "--no-server-header", "--workers", "1", "--log-level", "warning"]
-
-
-def ballast_cli() -> str:
-    script = Path(sys.executable).parent / "ballast"
-    return str(script) if script.exists() else "ballast"
 
 
 def start_servers(tmp: Path, with_bentoml: bool, procs: list[Proc]) -> dict[str, dict[str, Any]]:

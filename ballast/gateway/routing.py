@@ -3,9 +3,11 @@
 - Least outstanding requests with power-of-two choices: the default; cheap and near-optimal.
 - Prefix-aware: requests that share a prompt prefix (a system prompt plus a conversation's first
   message, or an explicit `x-ballast-session`) go to the replica that already holds that prefix in
-  its KV cache. Rendezvous hashing ranks replicas per key; bounded load skips a replica whose
-  outstanding requests exceed both (1 + epsilon) times the mean and the mean plus a small slack, so one
-  hot prefix never swamps a replica, and light load never breaks affinity.
+  its KV cache: the router remembers where each prefix went (an LRU map of key digests). A prefix seen
+  for the first time is cached nowhere, so it goes to the least loaded replica (ties broken by
+  rendezvous hashing). Bounded load moves a prefix off a replica whose outstanding requests exceed both
+  (1 + epsilon) times the mean and the mean plus a small slack, so one hot prefix never swamps a
+  replica, and light load never breaks affinity.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import hashlib
 import math
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,12 +46,16 @@ def _score(key: bytes, replica_id: str) -> int:
 class Router:
     """Picks endpoints; `key` (a prefix or session key) switches on prefix-aware routing."""
 
-    def __init__(self, load_epsilon: float = 0.5, load_slack: int = 4, rng: random.Random | None = None):
+    def __init__(self, load_epsilon: float = 0.5, load_slack: int = 4, rng: random.Random | None = None,
+                 max_affinity: int = 100_000):
         self.load_epsilon = load_epsilon
         # An LLM replica batches many sequences, and a cache miss costs a whole prefill: at low load the
         # preferred replica may take `load_slack` requests above the mean before work spills over.
         self.load_slack = load_slack
         self.rng = rng or random.Random()
+        # Where each prefix went last (a digest of the key -> replica id), least recently used first.
+        self._affinity: OrderedDict[bytes, str] = OrderedDict()
+        self.max_affinity = max_affinity
 
     def choose(
         self, endpoints: Sequence[Endpoint], *, key: bytes | None = None,
@@ -69,13 +76,23 @@ class Router:
         return a if a.outstanding <= b.outstanding else b
 
     def _prefix(self, candidates: list[Endpoint], key: bytes) -> Endpoint:
+        """The replica this prefix went to last, unless it is overloaded; a new prefix (cached nowhere yet)
+        goes to the least loaded replica, ties broken by rendezvous hashing, and is remembered there."""
         mean = (sum(e.outstanding for e in candidates) + 1) / len(candidates)
         bound = max(math.ceil(mean * (1 + self.load_epsilon)), math.floor(mean) + self.load_slack)
-        ranked = sorted(candidates, key=lambda e: _score(key, e.replica_id), reverse=True)
-        for e in ranked:
-            if e.outstanding < bound:
-                return e
-        return min(ranked, key=lambda e: e.outstanding)
+        digest = hashlib.blake2b(key, digest_size=16).digest()
+        owner = self._affinity.get(digest)
+        if owner is not None:
+            for e in candidates:
+                if e.replica_id == owner and e.outstanding < bound:
+                    self._affinity.move_to_end(digest)
+                    return e
+        chosen = min(candidates, key=lambda e: (e.outstanding, -_score(key, e.replica_id)))
+        self._affinity[digest] = chosen.replica_id
+        self._affinity.move_to_end(digest)
+        if len(self._affinity) > self.max_affinity:
+            self._affinity.popitem(last=False)
+        return chosen
 
 
 PREFIX_CHARS = 4096

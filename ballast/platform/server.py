@@ -139,6 +139,7 @@ def run_platform(opts: PlatformOptions, announce: Callable[[str], None] = print)
     base = f"http://{shown}:{port}"
     cred = save_credentials(base, secret, home)
     announce(f"ballast platform: {base}/api/v1 (store: {safe_url(url)}, home: {home})")
+    announce(f"OpenAI-compatible gateway: {base}/v1 (keys: `ballast keys create --scope inference`)")
     if secret:
         announce(f"admin API key (shown once; saved to {cred}):\n  {secret}")
     config = uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=5,

@@ -57,6 +57,13 @@ def test_prefix_affinity_is_stable_and_bounded():
     # ... but a hot prefix spills over when its replica is far above the mean.
     first.outstanding = 10
     assert router.choose(eps, key=key) is not first
+    # A prefix cached nowhere yet goes to the least loaded replica, and stays there once it has been sent.
+    for i, e in enumerate(eps):
+        e.outstanding = 0 if i == 2 else 3
+    fresh = prefix_key({"messages": [{"role": "user", "content": "a brand new conversation"}]}, None)
+    assert router.choose(eps, key=fresh) is eps[2]
+    eps[2].outstanding = 5
+    assert router.choose(eps, key=fresh) is eps[2]
     # A session header overrides the prompt.
     assert prefix_key(conv, "sess-1") == b"s:sess-1"
 
