@@ -1,7 +1,8 @@
 """Forwarding one request to a replica, with retries, ejection and unbuffered streaming.
 
 A replica that refuses the connection, resets it, or answers 503 before sending a byte is retried on
-another replica (bounded attempts); replicas that keep failing are ejected for a while. Once bytes
+another replica (bounded attempts); replicas that keep failing are ejected for a while. A replica whose
+queue is full (429) sends the request to another one too; if all are full, the client gets the 429. Once bytes
 have reached the client a request is never retried: a replica dying mid-stream ends the stream with
 an SSE error event, never a silent truncation.
 """
@@ -104,6 +105,7 @@ class Proxy:
         tried: set[str] = set()
         started = time.monotonic()
         last_error = "no ready replica"
+        busy: Response | None = None  # the last 429 (queue full) from a replica, if every replica is busy
         for _ in range(self.max_attempts):
             ep = self.router.choose(endpoints(), key=key, exclude=tried)
             if ep is None:
@@ -126,6 +128,14 @@ class Proxy:
                 ep.outstanding -= 1
                 raise
             status = resp.status
+            if status == 429 and len(tried) < self.max_attempts:
+                # That replica's queue is full (a hot prefix, say): another may have room. Not a failure.
+                busy = Response(await resp.read(), status_code=429,
+                                headers={k: v for k, v in resp.headers.items() if k.lower() not in _HOP})
+                resp.release()
+                ep.outstanding -= 1
+                last_error = f"replica {ep.replica_id} is at capacity"
+                continue
             if status == 503:
                 resp.close()
                 ep.outstanding -= 1
@@ -164,6 +174,11 @@ class Proxy:
             outcome.error = status >= 500
             on_done(outcome)
             return Response(content, status_code=status, headers=out_headers)
+        if busy is not None:  # every replica tried is at capacity: the client should slow down
+            outcome.status = 429
+            outcome.error = True
+            on_done(outcome)
+            return busy
         outcome.status = 503
         outcome.error = True
         on_done(outcome)

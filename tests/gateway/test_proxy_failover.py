@@ -26,7 +26,7 @@ from ballast.gateway.routing import Endpoint
 from ballast.gateway.service import DeploymentRoute, Gateway, KeyInfo, VersionRoute
 from ballast.openai import APIError
 from ballast.store import hash_key
-from tests.conftest import EXAMPLES, free_port
+from tests.conftest import EXAMPLES, free_port, write_package
 
 
 class StaticSource:
@@ -175,3 +175,35 @@ def test_replica_dying_mid_stream_ends_with_an_error_event(replica_factory):
     assert 3 <= len(data) < 100
     assert "event: error" in lines
     assert '"code":"stream_interrupted"' in data[-1]
+
+
+def test_a_full_replica_spills_to_another_and_all_full_gives_429(replica_factory, tmp_path):
+    pkg = write_package(tmp_path / "slow", """
+        name: slow
+        runtime: {predict_concurrency: 1, max_queue: 0}
+        """, "import time\n\nclass Model:\n    def predict(self, x):\n        time.sleep(1.0)\n        return x\n")
+    reps = [replica_factory(pkg) for _ in range(2)]
+    eps = [Endpoint(replica_id=f"r{i}", url=r.url, version=1) for i, r in enumerate(reps)]
+    src = StaticSource(
+        [KeyInfo(id="k1", key_hash=hash_key(KEY), scopes=frozenset({"inference"}))],
+        {"slow": DeploymentRoute(name="slow", llm=False, versions={1: VersionRoute(1, eps)},
+                                 environments={"production": [(1, 100)]})},
+    )
+
+    async def burst(gw_url: str, n: int) -> list[httpx.Response]:
+        # One session: every request prefers the same replica, which takes one at a time.
+        headers = {"Api-Key": KEY, "x-ballast-session": "one-user"}
+        async with httpx.AsyncClient(timeout=30, headers=headers) as client:
+            async def one(i: int) -> httpx.Response:
+                await asyncio.sleep(0.1 * i)  # in order, while the earlier ones still run
+                return await client.post(gw_url + "/deployments/slow/predict", json=i)
+
+            return await asyncio.gather(*(one(i) for i in range(n)))
+
+    with GatewayServer(Gateway(src, CollectorRegistry())) as gw:
+        two = asyncio.run(burst(gw.url, 2))
+        assert [r.status_code for r in two] == [200, 200]
+        assert {r.headers["x-ballast-replica"] for r in two} == {"r0", "r1"}  # the second spilled over
+        three = asyncio.run(burst(gw.url, 3))
+    assert [r.status_code for r in three] == [200, 200, 429]
+    assert int(three[2].headers["retry-after"]) >= 1 and three[2].json()["error"]["message"]
