@@ -340,24 +340,28 @@ class Reconciler:
                 out[(dep.name, v.number)] = VersionPlan(dep.name, v.number, desired, v.revision, v.package_path,
                                                         dict(v.config or {}), v.dev)
 
-            # `ballast dev`: reload when the source changes (checked about once a second).
-            if time.monotonic() - self._last_dev_check >= 1.0:
+            # `ballast dev`: reload when the source changes (checked about once a second). A new dev version's
+            # first signature is taken at once, before its replica starts, so no edit can slip in unseen.
+            due = time.monotonic() - self._last_dev_check >= 1.0
+            if due:
                 self._last_dev_check = time.monotonic()
-                for v in versions:
-                    dep = deps.get(v.deployment_id)
-                    if not v.dev or dep is None:
-                        continue
-                    key = (dep.name, v.number)
-                    try:
-                        sig = source_signature(Path(v.package_path), IGNORED_NAMES)
-                    except OSError:
-                        continue
-                    old = self._dev_signatures.get(key)
-                    self._dev_signatures[key] = sig
-                    if old is not None and old != sig:
-                        self.control.reload_dev(s, v, dep.name)
-                        out[key].revision = v.revision
-                        out[key].config = dict(v.config or {})
+            for v in versions:
+                dep = deps.get(v.deployment_id)
+                if not v.dev or dep is None:
+                    continue
+                key = (dep.name, v.number)
+                if not due and key in self._dev_signatures:
+                    continue
+                try:
+                    sig = source_signature(Path(v.package_path), IGNORED_NAMES)
+                except OSError:
+                    continue
+                old = self._dev_signatures.get(key)
+                self._dev_signatures[key] = sig
+                if old is not None and old != sig:
+                    self.control.reload_dev(s, v, dep.name)
+                    out[key].revision = v.revision
+                    out[key].config = dict(v.config or {})
             rows = [_row(r) for r in replicas]
         return Plan(out, rows)
 
