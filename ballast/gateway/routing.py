@@ -101,9 +101,10 @@ PREFIX_CHARS = 4096
 def prefix_key(body: dict[str, Any] | None, session: str | None) -> bytes | None:
     """The cache-affinity key of a request: its session, or the prompt's identifying prefix.
 
-    For chat: the system/developer messages plus the first user message, which stay the same as a
-    conversation grows, so every turn of a conversation lands where its history is cached.
-    For completions: the first PREFIX_CHARS characters of the prompt.
+    For chat: a digest of the system/developer messages plus the first user message, whole (a long
+    shared system prompt must not hide the first user message), which stay the same as a conversation
+    grows, so every turn of a conversation lands where its history is cached.
+    For completions (no turns to tell conversations apart): the first PREFIX_CHARS characters of the prompt.
     """
     if session:
         return b"s:" + session.encode()
@@ -111,16 +112,16 @@ def prefix_key(body: dict[str, Any] | None, session: str | None) -> bytes | None
         return None
     messages = body.get("messages")
     if isinstance(messages, list) and messages:
-        parts: list[str] = []
+        digest = hashlib.blake2b(digest_size=16)
         for m in messages:
             if not isinstance(m, dict):
                 continue
             content = m.get("content")
             text = content if isinstance(content, str) else repr(content)
-            parts.append(f"{m.get('role')}:{text}")
+            digest.update(f"{m.get('role')}:{text}\x1e".encode())
             if m.get("role") == "user":
                 break
-        return b"c:" + "\x1e".join(parts)[:PREFIX_CHARS].encode()
+        return b"c:" + digest.digest()
     prompt = body.get("prompt")
     if isinstance(prompt, str) and prompt:
         return b"p:" + prompt[:PREFIX_CHARS].encode()

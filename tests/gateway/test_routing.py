@@ -64,6 +64,10 @@ def test_prefix_affinity_is_stable_and_bounded():
     assert router.choose(eps, key=fresh) is eps[2]
     eps[2].outstanding = 5
     assert router.choose(eps, key=fresh) is eps[2]
+    # A long shared system prompt does not hide the first user message.
+    long_system = {"role": "system", "content": "tools: " + "x" * 10_000}
+    keys = {prefix_key({"messages": [long_system, {"role": "user", "content": f"user {i}"}]}, None) for i in range(3)}
+    assert len(keys) == 3
     # A session header overrides the prompt.
     assert prefix_key(conv, "sess-1") == b"s:sess-1"
 
