@@ -259,6 +259,23 @@ def summarize(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def ratio_stats(num: list[float], den: list[float]) -> dict[str, float]:
+    """Per-round ratios (rounds are interleaved): median, min, max; and the ratio of the medians."""
+    return {**summarize([a / b for a, b in zip(num, den, strict=True)]),
+            "of_medians": summarize(num)["median"] / summarize(den)["median"]}
+
+
+def print_ratios(ratios: dict[str, Any], aim: dict[str, bool]) -> None:
+    """The ratios (all but "aim") as a markdown table, then whether each aim was met."""
+    print("\n| ratio | median | min | max | of medians |\n|---|---:|---:|---:|---:|")
+    for k, v in ratios.items():
+        if k != "aim":
+            print(f"| {k} | {v['median']:.3f} | {v['min']:.3f} | {v['max']:.3f} | {v['of_medians']:.3f} |")
+    print()
+    for k, ok in aim.items():
+        print(f"aim {k}: {'yes' if ok else 'NO'}")
+
+
 def write_results(name: str, params: dict[str, Any], rows: list[dict[str, Any]], ratios: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{name}.json"

@@ -42,8 +42,10 @@ from bench._common import (
     Proc,
     ballast_cli,
     free_port,
+    print_ratios,
     print_table,
     process_tree,
+    ratio_stats,
     running,
     stop_on_sigterm,
     summarize,
@@ -180,12 +182,6 @@ def version_line(cmd: list[str]) -> str | None:
     return lines[0].strip() if lines else None
 
 
-def ratio(num: list[float], den: list[float]) -> dict[str, float]:
-    """Per-round ratios (rounds are interleaved): median, min, max; and the ratio of the medians."""
-    return {**summarize([a / b for a, b in zip(num, den, strict=True)]),
-            "of_medians": summarize(num)["median"] / summarize(den)["median"]}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2 rounds of 3 s (about 2 minutes after installs)")
@@ -266,12 +262,12 @@ def main() -> None:
             rows.append({"system": name, "metric": f"added_{pct}@c1", **summarize(added(name, pct)), "unit": "ms"})
     ratios: dict[str, Any] = {}
     for name in SYSTEMS[1:]:
-        ratios[f"{name}/direct rps@c{hi}"] = ratio(col(name, hi, "rps"), col("direct", hi, "rps"))
+        ratios[f"{name}/direct rps@c{hi}"] = ratio_stats(col(name, hi, "rps"), col("direct", hi, "rps"))
     for peer in ("litellm", "nginx"):
-        ratios[f"ballast/{peer} rps@c{hi}"] = ratio(col("ballast", hi, "rps"), col(peer, hi, "rps"))
-        ratios[f"ballast/{peer} added_p50@c1"] = ratio(added("ballast", "p50_ms"), added(peer, "p50_ms"))
-        ratios[f"ballast/{peer} added_p99@c1"] = ratio(added("ballast", "p99_ms"), added(peer, "p99_ms"))
-        ratios[f"ballast/{peer} proxy_cpu_us_per_req@c{hi}"] = ratio(col("ballast", hi, "proxy_cpu_us_per_req"),
+        ratios[f"ballast/{peer} rps@c{hi}"] = ratio_stats(col("ballast", hi, "rps"), col(peer, hi, "rps"))
+        ratios[f"ballast/{peer} added_p50@c1"] = ratio_stats(added("ballast", "p50_ms"), added(peer, "p50_ms"))
+        ratios[f"ballast/{peer} added_p99@c1"] = ratio_stats(added("ballast", "p99_ms"), added(peer, "p99_ms"))
+        ratios[f"ballast/{peer} proxy_cpu_us_per_req@c{hi}"] = ratio_stats(col("ballast", hi, "proxy_cpu_us_per_req"),
                                                                     col(peer, hi, "proxy_cpu_us_per_req"))
     added_p50 = summarize(added("ballast", "p50_ms"))
     ratios["aim"] = {"ballast adds < 1 ms at p50": added_p50["median"] < 1.0,
@@ -312,13 +308,7 @@ def main() -> None:
     out = write_results("gateway", params, rows, ratios)
     print()
     print_table(rows)
-    print("\n| ratio | median | min | max | of medians |\n|---|---:|---:|---:|---:|")
-    for k, v in ratios.items():
-        if k != "aim":
-            print(f"| {k} | {v['median']:.3f} | {v['min']:.3f} | {v['max']:.3f} | {v['of_medians']:.3f} |")
-    print()
-    for k, ok in ratios["aim"].items():
-        print(f"aim {k}: {'yes' if ok else 'NO'}")
+    print_ratios(ratios, ratios["aim"])
     print(f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f} ({os.cpu_count()} CPUs); wrote {out}")
 
 

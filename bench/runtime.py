@@ -33,7 +33,9 @@ from bench._common import (
     Proc,
     ballast_cli,
     free_port,
+    print_ratios,
     print_table,
+    ratio_stats,
     require_wrk,
     running,
     stop_on_sigterm,
@@ -84,13 +86,6 @@ def start_servers(tmp: Path, with_bentoml: bool, procs: list[Proc]) -> dict[str,
         if r.status_code != 200 or r.json() != {"echo": PAYLOAD}:
             raise RuntimeError(f"{name} answered {r.status_code} {r.text[:200]}")
     return systems
-
-
-def ratio_stats(num: list[float], den: list[float]) -> dict[str, float]:
-    """Ratio of medians, and the median and range of per-round ratios (rounds are interleaved)."""
-    per_round = [a / b for a, b in zip(num, den, strict=True)]
-    s = summarize(per_round)
-    return {"of_medians": summarize(num)["median"] / summarize(den)["median"], **s}
 
 
 def main() -> None:
@@ -175,13 +170,7 @@ def main() -> None:
     out = write_results("runtime", params, rows, ratios)
     print()
     print_table(rows)
-    print("\n| ratio | median | min | max | of medians |\n|---|---:|---:|---:|---:|")
-    for k, v in ratios.items():
-        if k != "aim":
-            print(f"| {k} | {v['median']:.3f} | {v['min']:.3f} | {v['max']:.3f} | {v['of_medians']:.3f} |")
-    print()
-    for k, ok in aim.items():
-        print(f"aim {k}: {'yes' if ok else 'NO'}")
+    print_ratios(ratios, aim)
     print(f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f} (2 CPUs); wrote {out}")
 
 
