@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import signal
-import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from ballast.observe import configure_logging
 from ballast.platform.app import create_app
 from ballast.platform.auth import bootstrap_admin, setting
 from ballast.platform.source import StoreSource
+from ballast.runtime.serve import bind_socket
 from ballast.store import default_url, open_store, safe_url
 
 log = logging.getLogger("ballast.platform")
@@ -76,20 +76,6 @@ def save_credentials(url: str, api_key: str | None, home: Path | None = None) ->
     return path
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    sock.listen(1024)
-    sock.set_inheritable(True)
-    return sock
-
-
 class _Server(uvicorn.Server):
     """uvicorn re-raises the stop signal after shutdown (killing the process before `finally` runs);
     a platform stopped by Ctrl-C or SIGTERM exits normally instead, after its last sweep."""
@@ -133,7 +119,7 @@ def run_platform(opts: PlatformOptions, announce: Callable[[str], None] = print)
     reconciler = Reconciler(control, backend, autoscaler=autoscaler, registry=registry)
     gateway = Gateway(StoreSource(control, reconciler), registry)
     app = create_app(control, reconciler, gateway=gateway, registry=registry)
-    sock = _bind(opts.host, opts.port)
+    sock = bind_socket(opts.host, opts.port)
     port = sock.getsockname()[1]
     shown = f"[{opts.host}]" if ":" in opts.host else opts.host
     base = f"http://{shown}:{port}"
