@@ -3,29 +3,25 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Annotated, Any
 
 import httpx
 import typer
-from rich.console import Console
 
-console = Console(highlight=False)
+from ballast.cli.credentials import Credentials, endpoint_credentials
+from ballast.cli.options import KeyOpt, make_console
+from ballast.cli.serve_cmds import error_message
+
+console = make_console()
 
 
-def _stream_reply(client: httpx.Client, url: str, body: dict[str, Any]) -> str:
+def _stream_reply(client: httpx.Client, url: str, body: dict[str, Any], creds: Credentials) -> str:
     text = []
     with client.stream("POST", url, json=body) as r:
         if r.status_code >= 400:
             r.read()
-            try:
-                err = r.json()["error"]
-                raise ValueError(f"HTTP {r.status_code}: {err['message']}")
-            except (ValueError, KeyError) as e:
-                if isinstance(e, ValueError) and str(e).startswith("HTTP"):
-                    raise
-                raise ValueError(f"HTTP {r.status_code}: {r.text[:300]}") from None
+            raise ValueError(error_message(r, creds))
         for line in r.iter_lines():
             if not line.startswith("data:"):
                 continue
@@ -50,16 +46,15 @@ def chat(
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
     max_tokens: Annotated[int, typer.Option(help="Tokens per reply.")] = 256,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
+    api_key: KeyOpt = None,
 ) -> None:
     """Chat with a model in the terminal (streaming); /reset clears the history, /exit or Ctrl-D quits."""
     base = url.rstrip("/")
     endpoint = base + ("/chat/completions" if base.endswith("/v1") else "/v1/chat/completions")
-    headers = {}
-    if key := os.environ.get("BALLAST_API_KEY"):
-        headers["Authorization"] = f"Bearer {key}"
+    creds = endpoint_credentials(endpoint, api_key)
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     interactive = sys.stdin.isatty()
-    with httpx.Client(timeout=httpx.Timeout(300, connect=10), headers=headers) as client:
+    with httpx.Client(timeout=httpx.Timeout(300, connect=10), headers=creds.headers()) as client:
         while True:
             try:
                 line = console.input("[bold cyan]you>[/] ") if interactive else sys.stdin.readline()
@@ -80,7 +75,7 @@ def chat(
             body = {"model": model, "messages": history, "stream": True, "max_tokens": max_tokens,
                     "temperature": temperature}
             try:
-                reply = _stream_reply(client, endpoint, body)
+                reply = _stream_reply(client, endpoint, body, creds)
             except httpx.HTTPError as e:
                 raise ValueError(f"cannot reach {endpoint}: {e}") from None
             history.append({"role": "assistant", "content": reply})

@@ -7,14 +7,13 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Column, Table
 
+from ballast.cli.options import JsonOpt, KeyOpt, UrlOpt, make_console
 from ballast.cli.platform_client import PlatformClient
-from ballast.cli.platform_cmds import JsonOpt, KeyOpt, UrlOpt
 
-console = Console()
-app = typer.Typer(no_args_is_help=True)
+console = make_console()
+app = typer.Typer(no_args_is_help=True, rich_markup_mode=None)
 
 
 class Scope(StrEnum):

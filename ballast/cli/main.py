@@ -4,20 +4,41 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from ballast import __version__
 from ballast.cli import chat_cmds, keys_cmds, package_cmds, platform_cmds, serve_cmds
 from ballast.cli import models as models_cmds
+from ballast.cli.options import make_console
 
+# Plain (click) help: rich's help panels label every flag `<bool>` and wrap at 80 columns when piped.
 app = typer.Typer(
     name="ballast",
-    help="Package, deploy, serve and scale models.",
+    help="Package, deploy, serve and scale models. Files (caches, state, credentials) live in $BALLAST_HOME, "
+    "default ~/.ballast; see `ballast cache list`.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"ballast {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print Ballast's version and exit.",
+                                          callback=_print_version, is_eager=True)] = False,
+) -> None:
+    """Package, deploy, serve and scale models."""
+
+
 package_cmds.register(app)
 serve_cmds.register(app)
 platform_cmds.register(app)
@@ -25,7 +46,7 @@ chat_cmds.register(app)
 keys_cmds.register(app)
 app.add_typer(models_cmds.app, name="models", help="Make and import LLM checkpoints (offline).")
 
-err_console = Console(stderr=True)
+err_console = make_console(stderr=True)
 
 
 def main() -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
-import os
 import tarfile
 import time
 from collections.abc import Iterator
@@ -13,34 +11,19 @@ from typing import Any
 
 import httpx
 
-DEFAULT_URL = "http://127.0.0.1:8000"
-LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
-
-
-def _home() -> Path:
-    return Path(os.environ.get("BALLAST_HOME") or Path.home() / ".ballast").expanduser()
-
-
-def saved_credentials() -> dict[str, str]:
-    try:
-        data = json.loads((_home() / "credentials.json").read_text())
-        return {k: str(v) for k, v in data.items()} if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
+from ballast.cli.credentials import LOOPBACK, Credentials, auth_hint, platform_credentials
 
 
 class PlatformClient:
-    """`url`: --url, BALLAST_URL, the saved one, or http://127.0.0.1:8000; `api_key`: --api-key,
-    BALLAST_API_KEY, or the one `ballast up` saved in $BALLAST_HOME/credentials.json (mode 0600)."""
+    """The REST API client; the URL and key come from `credentials.platform_credentials` (the one order)."""
 
-    def __init__(self, url: str | None = None, api_key: str | None = None, timeout: float = 60.0):
-        saved = saved_credentials()
-        self.url = (url or os.environ.get("BALLAST_URL") or saved.get("url") or DEFAULT_URL).rstrip("/")
-        if self.url.endswith("/api/v1"):
-            self.url = self.url[: -len("/api/v1")]
-        self.api_key = api_key or os.environ.get("BALLAST_API_KEY") or saved.get("api_key")
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        self.http = httpx.Client(base_url=self.url + "/api/v1", headers=headers, timeout=timeout, trust_env=False)
+    def __init__(self, url: str | None = None, api_key: str | None = None, timeout: float = 60.0,
+                 profile: str | None = None):
+        self.creds = platform_credentials(url, api_key, profile)
+        self.url = self.creds.url
+        self.api_key = self.creds.api_key
+        self.http = httpx.Client(base_url=self.url + "/api/v1", headers=self.creds.headers(), timeout=timeout,
+                                 trust_env=False)
 
     @property
     def is_local(self) -> bool:
@@ -53,7 +36,7 @@ class PlatformClient:
             raise ValueError(f"cannot reach the platform at {self.url} ({type(e).__name__}); is `ballast up` "
                              "running? (set --url or BALLAST_URL)") from None
         if r.status_code >= 400:
-            raise ValueError(error_line(r))
+            raise ValueError(error_line(r, self.creds))
         if r.headers.get("content-type", "").startswith("application/json"):
             return r.json()
         return r.text
@@ -69,7 +52,7 @@ class PlatformClient:
             with self.http.stream("GET", path, params=params, timeout=httpx.Timeout(10, read=None)) as r:
                 if r.status_code >= 400:
                     r.read()
-                    raise ValueError(error_line(r))
+                    raise ValueError(error_line(r, self.creds))
                 yield from r.iter_lines()
         except httpx.HTTPError as e:
             raise ValueError(f"lost the connection to {self.url}: {type(e).__name__}") from None
@@ -112,10 +95,12 @@ class PlatformClient:
             time.sleep(0.5)
 
 
-def error_line(r: httpx.Response) -> str:
+def error_line(r: httpx.Response, creds: Credentials | None = None) -> str:
+    """One line for a failed response: the server's message and code, plus a hint on auth failures."""
+    hint = auth_hint(r.status_code, creds) if creds else ""
     try:
         e = r.json()["error"]
         code = f" ({e['code']})" if e.get("code") else ""
-        return f"{e['message']}{code}"
+        return f"{e['message']}{code}{hint}"
     except (ValueError, KeyError, TypeError):
-        return f"HTTP {r.status_code}: {r.text[:300]}"
+        return f"HTTP {r.status_code}: {r.text[:300]}{hint}"

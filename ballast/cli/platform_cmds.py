@@ -8,17 +8,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from ballast.cli.options import JsonOpt, KeyOpt, UrlOpt, YesOpt, confirm, make_console
 from ballast.cli.platform_client import PlatformClient
 
-console = Console()
-err = Console(stderr=True)
-
-UrlOpt = Annotated[str | None, typer.Option("--url", help="Platform URL (default: BALLAST_URL or the saved one).")]
-KeyOpt = Annotated[str | None, typer.Option("--api-key", help="API key (default: BALLAST_API_KEY or the saved one).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+console = make_console()
+err = make_console(stderr=True)
 
 
 def _client(url: str | None, api_key: str | None) -> PlatformClient:
@@ -176,10 +172,23 @@ def scale(
     console.print(f"{name} {env}: replicas min={r['min_replicas']} max={r['max_replicas']}")
 
 
-def delete(name: Annotated[str, typer.Argument(help="Deployment name.")], url: UrlOpt = None,
-           api_key: KeyOpt = None) -> None:
-    """Delete a deployment: its versions and environments go, its replicas drain and stop."""
-    _client(url, api_key).request("DELETE", f"/deployments/{name}")
+def _env_label(e: dict[str, Any]) -> str:
+    serving = f"v{e['version']}" if e["version"] else ""
+    pending = f"v{e['pending']['version']} pending" if e["pending"] else ""
+    return f"{e['name']} ({', '.join(p for p in (serving, pending) if p)})" if serving or pending else e["name"]
+
+
+def delete(name: Annotated[str, typer.Argument(help="Deployment name.")], yes: YesOpt = False,
+           url: UrlOpt = None, api_key: KeyOpt = None) -> None:
+    """Delete a deployment: its versions and environments go, its replicas drain and stop (asks first)."""
+    c = _client(url, api_key)
+    d = c.get(f"/deployments/{name}")
+    envs = ", ".join(_env_label(e) for e in d["environments"])
+    versions = ", ".join(f"v{v['number']}" for v in d["versions"])
+    console.print(f"deleting {name} removes:\n  environments: {envs or '-'}\n  versions: {versions or '-'}\n"
+                  f"  replicas (drained, then stopped): {len(d['replicas'])}", markup=False)
+    confirm(f"delete {name}?", yes)
+    c.request("DELETE", f"/deployments/{name}")
     console.print(f"{name}: deleted")
 
 

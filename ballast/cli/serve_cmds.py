@@ -10,10 +10,12 @@ from typing import Annotated, Any
 
 import httpx
 import typer
-from rich.console import Console
 
-console = Console()
-err = Console(stderr=True)
+from ballast.cli.credentials import Credentials, auth_hint, endpoint_credentials
+from ballast.cli.options import KeyOpt, make_console
+
+console = make_console()
+err = make_console(stderr=True)
 
 
 def serve(
@@ -58,19 +60,19 @@ def predict(
     url: Annotated[str, typer.Argument(help="Replica URL (http://127.0.0.1:8080) or a full route URL.")],
     data: Annotated[str, typer.Option("--data", "-d", help="JSON inputs, or @file.json.")] = "{}",
     timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 600.0,
+    api_key: KeyOpt = None,
 ) -> None:
     """Send inputs to a model and print the result (streams when the model streams)."""
     payload = _parse_data(data)
     if httpx.URL(url).path in ("", "/"):
         url = url.rstrip("/") + "/predict"
-    headers = {}
-    if key := os.environ.get("BALLAST_API_KEY"):
-        headers["Authorization"] = f"Bearer {key}"
+    creds = endpoint_credentials(url, api_key)
     try:
-        with httpx.Client(timeout=timeout) as client, client.stream("POST", url, json=payload, headers=headers) as r:
+        with httpx.Client(timeout=timeout, headers=creds.headers()) as client, \
+                client.stream("POST", url, json=payload) as r:
             if r.status_code >= 400:
                 r.read()
-                raise ValueError(_error_message(r))
+                raise ValueError(error_message(r, creds))
             if r.headers.get("content-type", "").startswith("text/event-stream"):
                 event = None
                 for line in r.iter_lines():
@@ -108,8 +110,9 @@ def _error_text(body: str) -> str:
         return body[:500]
 
 
-def _error_message(r: httpx.Response) -> str:
-    return f"HTTP {r.status_code}: {_error_text(r.text)}"
+def error_message(r: httpx.Response, creds: Credentials) -> str:
+    """`HTTP 401: message (code)`, with a hint about the key when auth failed."""
+    return f"HTTP {r.status_code}: {_error_text(r.text)}{auth_hint(r.status_code, creds)}"
 
 
 def register(app: typer.Typer) -> None:

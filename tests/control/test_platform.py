@@ -177,7 +177,7 @@ def test_killed_replica_is_replaced_and_shows_the_restart(platform, tmp_path):
     logs = p.cli("logs", "kill", "--tail", "50").stdout
     assert f"[v1 {rep['id']}]" in logs and "ready" in logs
     assert "min=1 max=2" in p.cli("scale", "kill", "--env", "production", "--min", "1", "--max", "2").stdout
-    p.cli("delete", "kill")
+    p.cli("delete", "kill", "--yes")
     p.wait("replicas of a deleted deployment stop", lambda: not pid_alive(r["pid"]), timeout=30)
     assert p.api("GET", "/deployments/kill", expect=404)["error"]["code"] == "deployment_not_found"
 

@@ -1,0 +1,107 @@
+"""How every CLI command finds Ballast and the key to send it: one order, in one place.
+
+URL: `--url`, `BALLAST_URL`, the saved platform's, then http://127.0.0.1:8000.
+Key: `--api-key`, `BALLAST_API_KEY`, then the saved key, but only when the URL is the platform that
+key was saved for, so the admin key never travels to another host (a replica, a remote platform).
+
+Saved credentials are a *profile*: today the one `ballast up` writes to `$BALLAST_HOME/credentials.json`.
+Named profiles (`--profile NAME`) only change which record `load_profile` returns; nothing else moves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import httpx
+
+from ballast.home import home_path
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_PROFILE = "default"
+LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Saved credentials: the platform URL and the key `ballast up` saved for it."""
+
+    name: str
+    url: str | None = None
+    api_key: str | None = None
+
+
+def load_profile(name: str | None = None) -> Profile:
+    """The saved profile `name` (None: the default one); missing or unreadable files give an empty one."""
+    name = name or DEFAULT_PROFILE
+    if name != DEFAULT_PROFILE:
+        raise ValueError(f"unknown profile {name!r} (only {DEFAULT_PROFILE!r}, saved by `ballast up`, exists)")
+    try:
+        data = json.loads((home_path() / "credentials.json").read_text())
+    except (OSError, ValueError):
+        return Profile(name)
+    if not isinstance(data, dict):
+        return Profile(name)
+    url, key = data.get("url"), data.get("api_key")
+    return Profile(name, str(url) if url else None, str(key) if key else None)
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    u = httpx.URL(url if "://" in url else "http://" + url)
+    host = "loopback" if u.host in LOOPBACK else u.host
+    port = u.port or {"http": 80, "https": 443}.get(u.scheme)
+    return u.scheme, host, port
+
+
+def same_platform(url: str, platform_url: str) -> bool:
+    """True when `url` (any route) is served by the platform at `platform_url` (loopback names are one host)."""
+    try:
+        return _origin(url) == _origin(platform_url)
+    except (httpx.InvalidURL, ValueError):
+        return False
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Where to send requests and with which key; `key_source` says where the key came from (for errors)."""
+
+    url: str
+    api_key: str | None
+    key_source: str | None
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+
+def _key_for(url: str, api_key: str | None, saved: Profile) -> tuple[str | None, str | None]:
+    if api_key:
+        return api_key, "--api-key"
+    if env := os.environ.get("BALLAST_API_KEY"):
+        return env, "BALLAST_API_KEY"
+    if saved.api_key and saved.url and same_platform(url, saved.url):
+        return saved.api_key, f"the saved credentials ({home_path() / 'credentials.json'})"
+    return None, None
+
+
+def platform_credentials(url: str | None = None, api_key: str | None = None,
+                         profile: str | None = None) -> Credentials:
+    """For the REST API: the platform's base URL (without /api/v1) and its key."""
+    saved = load_profile(profile)
+    base = (url or os.environ.get("BALLAST_URL") or saved.url or DEFAULT_URL).rstrip("/")
+    base = base.removesuffix("/api/v1")
+    return Credentials(base, *_key_for(base, api_key, saved))
+
+
+def endpoint_credentials(url: str, api_key: str | None = None, profile: str | None = None) -> Credentials:
+    """For a URL given on the command line (a replica, or a gateway route of the platform)."""
+    return Credentials(url, *_key_for(url, api_key, load_profile(profile)))
+
+
+def auth_hint(status: int, creds: Credentials) -> str:
+    """What to try after a 401/403, given where the key came from."""
+    if status == 401 and creds.api_key is None:
+        return " (no API key sent: pass --api-key or set BALLAST_API_KEY)"
+    if status in (401, 403) and creds.key_source:
+        return f" (the key came from {creds.key_source})"
+    return ""
