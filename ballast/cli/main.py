@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ballast import __version__
-from ballast.cli import chat_cmds, keys_cmds, package_cmds, platform_cmds, serve_cmds
+from ballast.cli import chat_cmds, keys_cmds, package_cmds, platform_cmds, serve_cmds, up_cmds
 from ballast.cli import models as models_cmds
 from ballast.cli.options import make_console
 
@@ -41,6 +41,7 @@ def _root(
 
 package_cmds.register(app)
 serve_cmds.register(app)
+up_cmds.register(app)
 platform_cmds.register(app)
 chat_cmds.register(app)
 keys_cmds.register(app)

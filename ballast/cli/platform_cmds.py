@@ -21,24 +21,6 @@ def _client(url: str | None, api_key: str | None) -> PlatformClient:
     return PlatformClient(url, api_key)
 
 
-def up(
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on (0: a free one).")] = 8000,
-    database_url: Annotated[str | None, typer.Option(
-        "--database-url", help="SQLAlchemy URL (postgresql://...); default SQLite at $BALLAST_HOME/state.db.")] = None,
-    no_isolation: Annotated[bool, typer.Option(
-        "--no-isolation", help="Replicas use this Python environment instead of per-package ones.")] = False,
-    retire_grace_s: Annotated[float, typer.Option(
-        help="A version that leaves every environment keeps its replicas this long (instant rollback).")] = 300.0,
-) -> None:
-    """Start the platform: REST API, reconciler, replicas on this machine. Ctrl-C stops it all."""
-    from ballast.platform import PlatformOptions, run_platform
-
-    run_platform(PlatformOptions(host=host, port=port, database_url=database_url, no_isolation=no_isolation,
-                                 retire_grace_s=retire_grace_s),
-                 announce=lambda m: print(m, flush=True))
-
-
 def deploy(
     path: Annotated[Path, typer.Argument(help="Package directory (with ballast.yaml).")],
     name: Annotated[str | None, typer.Option("--name", "-n", help="Deployment name (default: the package's).")] = None,
@@ -142,13 +124,13 @@ def show(name: Annotated[str, typer.Argument(help="Deployment name.")], url: Url
         t.add_row(e["name"], f"v{e['version']}" if e["version"] else "-", traffic,
                   f"v{e['previous_version']}" if e["previous_version"] else "-", pending, scale)
     console.print(t)
-    t = Table("VERSION", "CREATED", "BY", "DESIRED", "READY", "SCALE", "COLD START", "PACKAGE", box=None)
+    t = Table("VERSION", "CREATED", "BY", "DESIRED", "READY", "SCALE", "COLD START", "PACKAGE", "NOTE", box=None)
     for v in d["versions"]:
-        note = " (dev)" if v["dev"] else f" retiring at {v['retire_at']}" if v["retire_at"] else ""
+        note = "dev" if v["dev"] else f"retiring at {v['retire_at'][:19]}" if v["retire_at"] else "-"
         cold = f"{v['last_cold_start_s']:.1f}s" if v["last_cold_start_s"] is not None else "-"
         t.add_row(f"v{v['number']}", v["created_at"][:19], v["created_by"], str(v["desired"]),
                   f"{v['replicas']['ready']}/{v['replicas']['total']}", f"{v['min_replicas']}..{v['max_replicas']}",
-                  cold, v["fingerprint"][:12] + note)
+                  cold, v["fingerprint"][:12], note)
     console.print(t)
     t = Table("REPLICA", "VERSION", "STATE", "POOL", "PORT", "UPTIME", "RESTARTS", "LAST ERROR", box=None)
     for r in d["replicas"]:
@@ -238,34 +220,7 @@ def events(
         time.sleep(1.0)
 
 
-def dev(
-    path: Annotated[Path, typer.Argument(help="Package directory (with ballast.yaml).")],
-    name: Annotated[str | None, typer.Option("--name", "-n", help="Deployment name (default: the package's).")] = None,
-    url: UrlOpt = None,
-    api_key: KeyOpt = None,
-) -> None:
-    """Run a development replica from PATH that reloads when its files change; Ctrl-C stops it."""
-    c = _client(url, api_key)
-    if not c.is_local:
-        raise ValueError("`ballast dev` needs a platform on this machine (it runs the replica from PATH)")
-    r = c.post("/dev", {"path": str(path.resolve()), "name": name})
-    dep = r["deployment"]
-    console.print(f"{dep}: development replica of {r['path']} (version {r['version']}, environment "
-                  f"{r['environment']}); reloads on change, Ctrl-C stops it")
-    try:
-        for line in c.stream_lines(f"/deployments/{dep}/logs", {"version": r["version"], "follow": True, "tail": 0}):
-            console.print(line, highlight=False, markup=False, soft_wrap=True)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        try:
-            c.request("DELETE", f"/dev/{dep}")
-            console.print(f"{dep}: development replica stopped")
-        except ValueError as e:
-            err.print(f"could not stop the development replica: {e}")
-
-
 def register(app: typer.Typer) -> None:
     """Add the platform commands to the root CLI."""
-    for fn in (up, deploy, promote, rollback, deployments, show, scale, delete, logs, dev, events):
+    for fn in (deploy, promote, rollback, deployments, show, scale, delete, logs, events):
         app.command()(fn)

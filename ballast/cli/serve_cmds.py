@@ -25,9 +25,13 @@ def serve(
     no_isolation: Annotated[
         bool, typer.Option("--no-isolation", help="Use the current Python environment for requirements.")
     ] = False,
-    access_log: Annotated[bool, typer.Option("--access-log", help="Log every request.")] = False,
+    access_log: Annotated[bool, typer.Option(
+        "--access-log", help="Log one line per request (client, method, path, status) to stderr; off by default, "
+        "when a replica logs only its lifecycle and errors.")] = False,
 ) -> None:
-    """Serve one replica of a package; prints the URL when the model is ready."""
+    """Serve one replica of a package in the foreground; prints `ready: URL` when the model has loaded.
+
+    Requirements go into a cached environment under $BALLAST_HOME/envs (default ~/.ballast)."""
     from ballast.package import ensure_environment, load_package
 
     package = load_package(path)

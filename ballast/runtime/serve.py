@@ -84,6 +84,7 @@ def serve_package(
 ) -> None:
     """Serve `package` until SIGTERM/SIGINT; prints `ready: URL` once the model has loaded."""
     configure_logging()
+    logging.getLogger("uvicorn.access").disabled = not access_log  # configure_logging turns it off
     model_host = build_host(package) if build_host else make_host(package)
     runtime = package.config.runtime
     if package.config.engine is not None:
