@@ -12,6 +12,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import pytest
@@ -38,12 +39,26 @@ def write_package(root: Path, yaml: str, model: str | None = None, **files: str)
 
 
 class Replica:
-    """A real `ballast serve` subprocess on a free loopback port; output captured to a log file."""
+    """A real `ballast serve` subprocess on a free loopback port; output captured to a log file.
 
-    def __init__(self, package: Path, *, extra_args: list[str] | None = None, env: dict[str, str] | None = None):
+    The log goes to `log_dir` (a test's tmp_path, kept by pytest for inspection) or else to a temporary
+    file that `stop()` removes, so a test run leaves nothing in the system temp directory."""
+
+    temp_logs: ClassVar[set[Path]] = set()  # temporary logs not yet removed (checked at session end)
+
+    def __init__(self, package: Path, *, extra_args: list[str] | None = None, env: dict[str, str] | None = None,
+                 log_dir: Path | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(tempfile.mkstemp(prefix="replica-", suffix=".log")[1])
+        if log_dir is not None:
+            self.log_path = log_dir / f"replica-{self.port}.log"
+            self._temp_log = False
+        else:
+            fd, name = tempfile.mkstemp(prefix="replica-", suffix=".log")
+            os.close(fd)
+            self.log_path = Path(name)
+            self._temp_log = True
+            Replica.temp_logs.add(self.log_path)
         self._log = self.log_path.open("wb")
         cmd = [sys.executable, "-m", "ballast.cli.main", "serve", str(package), "--port", str(self.port),
                *(["--no-isolation"] if extra_args is None else extra_args)]
@@ -86,14 +101,25 @@ class Replica:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
         self._log.close()
+        if self._temp_log:
+            self.log_path.unlink(missing_ok=True)
+            Replica.temp_logs.discard(self.log_path)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftover_replica_logs() -> Iterator[None]:
+    """Every temporary replica log is removed by the end of the session (a Replica someone forgot to stop)."""
+    yield
+    leftover = sorted(str(p) for p in Replica.temp_logs if p.exists())
+    assert not leftover, f"replica logs left in the temp directory (Replica.stop() not called): {leftover}"
 
 
 @pytest.fixture
-def replica_factory() -> Iterator:
+def replica_factory(tmp_path: Path) -> Iterator:
     started: list[Replica] = []
 
     def start(package: Path, ready: bool = True, **kw) -> Replica:
-        r = Replica(package, **kw)
+        r = Replica(package, log_dir=tmp_path, **kw)
         started.append(r)
         if ready:
             r.wait_ready()
