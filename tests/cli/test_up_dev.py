@@ -12,8 +12,7 @@ import httpx
 import pytest
 
 from ballast.cli.up_cmds import EVENTS_LOGGER, configure_up_console
-from tests.cli.conftest import Running
-from tests.conftest import free_port, write_package
+from tests.conftest import Running, free_port, write_package
 from tests.control.platform import FAST_ENV, Platform, pid_alive
 
 MODEL = "class Model:\n    def predict(self, x):\n        return {'dev': x}\n"
