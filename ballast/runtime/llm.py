@@ -103,6 +103,10 @@ class EngineHost:
     def has(self, name: str) -> bool:
         return name in ("chat_completions", "completions")
 
+    def cancellable(self, name: str) -> bool:
+        """A cancelled call aborts its engine request and frees its KV blocks."""
+        return True
+
     async def healthy(self) -> tuple[bool, str | None]:
         if self.state is not LoadState.READY:
             return False, self.state.value if self.error is None else f"load failed: {self.error}"
