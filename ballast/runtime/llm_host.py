@@ -135,6 +135,10 @@ class EngineHost:
     def has(self, name: str) -> bool:
         return name in ("chat_completions", "completions")
 
+    def cancellable(self, name: str) -> bool:
+        """A cancelled call aborts its engine request and frees its KV blocks."""
+        return True
+
     async def healthy(self) -> tuple[bool, str | None]:
         """Not ready while loading; failed (live and ready both fail, so the platform replaces the replica)
         once the engine thread died or stopped making progress with requests waiting."""
