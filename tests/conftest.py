@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,14 +18,12 @@ from typing import ClassVar
 import httpx
 import pytest
 
+from ballast.observe import free_port
+
+__all__ = ["free_port"]  # re-exported: the tests import it from here
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_package(root: Path, yaml: str, model: str | None = None, **files: str) -> Path:

@@ -16,7 +16,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,15 +24,10 @@ from pathlib import Path
 
 from ballast.backends.base import ReplicaHandle, ReplicaSpec, ReplicaStatus
 from ballast.home import ballast_home
+from ballast.observe import free_port
 
 LOG_MAX_BYTES = int(os.environ.get("BALLAST_LOG_MAX_BYTES") or 10 * 2**20)
 LOG_BACKUPS = 2
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def default_command() -> list[str]:

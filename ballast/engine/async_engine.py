@@ -1,7 +1,9 @@
 """The async API: the engine steps in a background thread; each request is an async iterator.
 
 The event loop never runs model code. Requests and aborts are handed to the engine thread through
-a queue and applied between steps; outputs come back with `call_soon_threadsafe`.
+a queue and applied between steps; outputs come back with `call_soon_threadsafe`. The thread never
+dies of one request (the core fails that request alone); if it dies anyway, or stops making progress
+while work waits, `health()` says so and every waiting caller gets an error instead of hanging.
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ballast.engine.config import EngineArgs, EngineError
+from ballast.engine.config import EngineArgs
 from ballast.engine.engine import LLMEngine
+from ballast.engine.errors import EngineError, EngineInternalError
 from ballast.engine.sequence import RequestOutput, SamplingParams
 
 log = logging.getLogger("ballast.engine")
@@ -26,15 +30,20 @@ class AsyncEngine:
         self.tokenizer = self.core.tokenizer
         self.max_model_len = self.core.max_model_len
         self.model_name = self.core.model_name
+        self.stall_timeout_s = args.stall_timeout_s
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self._beat = time.monotonic()  # last time the engine thread made progress
+        self._busy = False  # the engine thread has requests in flight
+        self.dead: str | None = None  # why the engine thread stopped, if it did
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._beat = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="ballast-engine", daemon=True)
         self._thread.start()
 
@@ -43,11 +52,25 @@ class AsyncEngine:
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
-        for rid, q in list(self._queues.items()):  # nobody waits forever on a stopped engine
-            q.put_nowait(RequestOutput(rid, [], [], finished=True, error="the engine shut down"))
+        self._fail_waiters("the engine shut down")
+
+    def health(self, now: float | None = None) -> tuple[bool, str | None]:
+        """(False, why) when the engine thread died, or made no progress for stall_timeout_s while work waited."""
+        if self.dead is not None:
+            return False, f"engine thread died: {self.dead}"
+        if self._thread is not None and not self._thread.is_alive() and not self._stop:
+            return False, "engine thread exited"
+        waiting = self._busy or not self._commands.empty()
+        idle = (time.monotonic() if now is None else now) - self._beat
+        if waiting and idle > self.stall_timeout_s:
+            return False, f"engine stuck: no step for {idle:.0f}s with {len(self._queues)} requests waiting"
+        return True, None
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+
+    def sampling_params(self, **given: Any) -> SamplingParams:
+        return self.core.sampling_params(**given)
 
     def stats(self) -> dict[str, float]:
         return self.core.stats()
@@ -56,25 +79,29 @@ class AsyncEngine:
         self._commands.put(("abort", request_id))
         self._wake.set()
 
-    async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams
-                          ) -> AsyncIterator[RequestOutput]:
-        """Yields incremental outputs until the request finishes; closing the iterator aborts it."""
-        ids = self.core.encode_prompt(prompt)  # validation errors surface here, in the caller
-        room = self.max_model_len - len(ids)
-        if params.max_tokens is not None and params.max_tokens > room:
-            raise EngineError(f"the prompt has {len(ids)} tokens and max_tokens asks for {params.max_tokens} more; "
-                              f"the context holds {self.max_model_len}", "context_length_exceeded")
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams
+                    ) -> AsyncIterator[RequestOutput]:
+        """Check and submit now (an EngineError is raised here); iterate for incremental outputs until the
+        request finishes. Closing the iterator early aborts the request."""
+        if self.dead is not None:
+            raise EngineInternalError(f"the engine is down ({self.dead})", request_id)
+        ids = self.core.check_request(prompt, params)
         q: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._queues[request_id] = q
         self._commands.put(("add", (request_id, ids, params)))
         self._wake.set()
+        return self._outputs(request_id, q)
+
+    async def _outputs(self, request_id: str, q: asyncio.Queue[RequestOutput]) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while True:
                 out = await q.get()
                 if out.error:
                     finished = True
-                    raise EngineError(out.error, "engine_error")
+                    if out.error_code:
+                        raise EngineError(out.error, out.error_code)
+                    raise EngineInternalError(out.error, request_id)
                 finished = out.finished
                 yield out
                 if finished:
@@ -90,6 +117,16 @@ class AsyncEngine:
         if q is not None:
             q.put_nowait(out)
 
+    def _send(self, outputs: list[RequestOutput]) -> None:
+        loop = self._loop
+        assert loop is not None
+        for out in outputs:
+            loop.call_soon_threadsafe(self._deliver, out)
+
+    def _fail_waiters(self, message: str) -> None:
+        for rid, q in list(self._queues.items()):  # nobody waits forever on a stopped engine
+            q.put_nowait(RequestOutput(rid, [], [], finished=True, error=message))
+
     def _apply_commands(self) -> None:
         while True:
             try:
@@ -101,24 +138,39 @@ class AsyncEngine:
                 try:
                     self.core.add_request(rid, ids, params)
                 except EngineError as e:
-                    out = RequestOutput(rid, ids, [], finished=True, error=str(e))
-                    self._loop.call_soon_threadsafe(self._deliver, out)  # type: ignore[union-attr]
+                    self._send([RequestOutput(rid, ids, [], finished=True, error=str(e), error_code=e.code)])
+                except Exception as e:  # the engine's fault, but this request's alone
+                    log.exception("request %s could not be added", rid)
+                    self._send([RequestOutput(rid, ids, [], finished=True,
+                                              error=f"the engine failed on request {rid} ({type(e).__name__})")])
             elif kind == "abort":
-                self.core.abort(arg)
+                try:
+                    self.core.abort(arg)
+                except Exception:
+                    log.exception("abort of %s failed", arg)
 
     def _run(self) -> None:
-        loop = self._loop
-        assert loop is not None
+        try:
+            self._loop_forever()
+        except BaseException as e:
+            self.dead = f"{type(e).__name__}: {e}"
+            log.critical("engine thread died", exc_info=True)
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(self._fail_waiters, f"the engine stopped ({self.dead})")
+
+    def _loop_forever(self) -> None:
         while not self._stop:
+            self._beat = time.monotonic()
             self._apply_commands()
-            if not self.core.has_work():
+            self._busy = self.core.has_work()
+            if not self._busy:
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
             try:
                 outputs = self.core.step()
-            except Exception:
-                log.exception("engine step crashed")
-                continue
-            for out in outputs:
-                loop.call_soon_threadsafe(self._deliver, out)
+            except Exception as e:  # not attributable: every request fails, the engine goes on clean
+                log.exception("engine step crashed; failing all %d requests", len(self.core.requests))
+                outputs = self.core.fail_all(e)
+            self._send(outputs)

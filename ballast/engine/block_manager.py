@@ -1,13 +1,17 @@
 """The paged KV cache's bookkeeping: a fixed pool of blocks, block tables and prefix caching.
 
-A full block is identified by a hash chained over its parent's hash and its own tokens, so equal
-prefixes map to equal blocks. Blocks are reference counted; a block whose count drops to zero keeps
-its contents and hash and joins the free queue (an LRU, O(1) via OrderedDict) until it is reused, so
-a later request with the same prefix finds it again.
+A full block is identified by a BLAKE2b digest chained over its parent's digest and its own token
+ids, so equal prefixes map to equal blocks and no one can craft two prefixes that share a block
+(Python's `hash` of a tuple can be collided on purpose, which would leak one tenant's KV cache to
+another). Blocks are reference counted; a block whose count drops to zero keeps its contents and
+digest and joins the free queue (an LRU, O(1) via OrderedDict) until it is reused, so a later
+request with the same prefix finds it again.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 
 from ballast.engine.sequence import Sequence
@@ -19,8 +23,8 @@ class BlockManager:
         self.block_size = block_size
         self.prefix_caching = enable_prefix_caching
         self.ref = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
-        self.hash_to_block: dict[int, int] = {}
+        self.block_hash: list[bytes | None] = [None] * num_blocks
+        self.hash_to_block: dict[bytes, int] = {}
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.hit_tokens = 0
         self.query_tokens = 0
@@ -47,8 +51,11 @@ class BlockManager:
         self.ref[block] = 1
         return block
 
-    def _chain(self, parent: int | None, tokens: list[int]) -> int:
-        return hash((parent, *tokens))
+    @staticmethod
+    def _chain(parent: bytes | None, tokens: list[int]) -> bytes:
+        h = hashlib.blake2b(parent or b"root", digest_size=32)
+        h.update(array("q", tokens).tobytes())  # fixed-width ids: no two token lists give the same bytes
+        return h.digest()
 
     def match_prefix(self, seq: Sequence) -> int:
         """On first admission: share cached full blocks of the prompt; returns tokens found cached.
@@ -59,7 +66,7 @@ class BlockManager:
             return 0
         bs = self.block_size
         limit = (seq.num_tokens - 1) // bs
-        parent: int | None = None
+        parent: bytes | None = None
         matched = 0
         for i in range(limit):
             h = self._chain(parent, seq.token_ids[i * bs : (i + 1) * bs])
@@ -78,9 +85,6 @@ class BlockManager:
             self.query_tokens += seq.num_tokens
             self.hit_tokens += matched * bs
         return matched * bs
-
-    def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
-        return self.blocks_needed(seq, num_tokens) <= len(self.free)
 
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Grow the block table to hold `num_tokens`; False (and nothing taken) if the pool is short."""
@@ -119,6 +123,3 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
         seq.num_hashed_blocks = 0
-
-    def slot(self, seq: Sequence, position: int) -> int:
-        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size

@@ -9,13 +9,41 @@ from typing import Any
 
 import torch
 
+from ballast.engine.errors import EngineError
 
-class EngineError(ValueError):
-    """A request the engine refuses; `code` is the OpenAI-style error code."""
+__all__ = ["EngineArgs", "EngineError", "ModelConfig", "generation_defaults", "parse_bytes"]
 
-    def __init__(self, message: str, code: str = "invalid_request"):
-        super().__init__(message)
-        self.code = code
+# generation_config.json keys a request inherits when it omits them (vLLM does the same).
+_GENERATION_KEYS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float,
+                    "repetition_penalty": float, "max_new_tokens": int}
+_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30,
+          "Ti": 2**40}
+
+
+def parse_bytes(value: str | int) -> int:
+    """`"512Mi"`, `"2G"` or a byte count → bytes (the engine's own, so it does not import `ballast.config`)."""
+    if isinstance(value, int):
+        return value
+    text = value.strip().removesuffix("B")
+    unit = text.lstrip("0123456789.")
+    try:
+        return int(float(text[: len(text) - len(unit)]) * _UNITS[unit.strip()])
+    except (KeyError, ValueError):
+        raise ValueError(f"{value!r} is not a memory size; use a number with a unit such as 512Mi or 2Gi") from None
+
+
+def generation_defaults(path: Path) -> dict[str, Any]:
+    """Sampling defaults from the checkpoint's generation_config.json (none when it has no such file)."""
+    gen = path / "generation_config.json"
+    if not gen.exists():
+        return {}
+    raw = json.loads(gen.read_text())
+    out: dict[str, Any] = {}
+    for key, kind in _GENERATION_KEYS.items():
+        value = raw.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out["max_tokens" if key == "max_new_tokens" else key] = kind(value)
+    return out
 
 
 @dataclass
@@ -93,38 +121,22 @@ class EngineArgs:
     # busy processes, fewer threads than cores avoids OpenMP barrier stalls (measured: 1 thread 5x faster
     # than 2 on a 2-core machine under load).
     num_threads: int | None = None
+    # Sampling defaults for requests that omit a parameter; they override generation_config.json.
+    default_sampling: dict[str, Any] = field(default_factory=dict)
+    # Bound of max_tokens when neither the request nor the defaults set it (and the context allows).
+    default_max_tokens: int = 1024
+    # No step for this long while work waits: the engine counts as stuck (unhealthy).
+    stall_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         if self.kv_cache_memory is not None:
-            from ballast.config.models import parse_memory
-
             try:
-                self.kv_cache_bytes = parse_memory(self.kv_cache_memory)
+                self.kv_cache_bytes = parse_bytes(self.kv_cache_memory)
             except ValueError as e:
                 raise EngineError(str(e), "invalid_engine_args") from e
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_bytes"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_bytes", "default_max_tokens"):
             if getattr(self, name) < 1:
                 raise EngineError(f"{name} must be positive, got {getattr(self, name)}", "invalid_engine_args")
-
-    @classmethod
-    def from_config(cls, cfg: Any, base_dir: str | Path | None = None) -> EngineArgs:
-        """From `ballast.config.NativeEngineConfig`; the checkpoint is resolved (and imported) here."""
-        from ballast.config.models import parse_memory
-        from ballast.engine.checkpoints import resolve_checkpoint
-
-        return cls(
-            checkpoint=str(resolve_checkpoint(cfg.checkpoint, base_dir)),
-            max_model_len=cfg.max_model_len,
-            max_num_seqs=cfg.max_num_seqs,
-            max_num_batched_tokens=cfg.max_num_batched_tokens,
-            kv_cache_bytes=parse_memory(cfg.kv_cache_memory),
-            block_size=cfg.block_size,
-            dtype=cfg.dtype,
-            enable_prefix_caching=cfg.enable_prefix_caching,
-            device=cfg.device,
-            served_model_name=cfg.served_model_name,
-            num_threads=cfg.num_threads,
-        )
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

@@ -1,19 +1,25 @@
 """The engine core: requests in, one scheduled step at a time, outputs out. Single-threaded by design;
-`AsyncEngine` drives it from a background thread."""
+`AsyncEngine` drives it from a background thread.
+
+One request must never take the engine down: a failure that can be traced to a request fails that
+request alone; a failed forward pass fails the batch it ran; the engine keeps stepping either way.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ballast.engine.block_manager import BlockManager
 from ballast.engine.checkpoints import resolve_checkpoint
-from ballast.engine.config import EngineArgs, EngineError, ModelConfig
+from ballast.engine.config import EngineArgs, ModelConfig, generation_defaults
+from ballast.engine.errors import EngineError
 from ballast.engine.model_runner import ModelRunner
-from ballast.engine.scheduler import Scheduler
+from ballast.engine.scheduler import ScheduledSeq, Scheduler
 from ballast.engine.sequence import (
     CompletionOutput,
     Logprob,
@@ -60,6 +66,11 @@ class LLMEngine:
         self.max_model_len = min(want, num_blocks * bs)
         if args.max_model_len and self.max_model_len < args.max_model_len:
             log.warning("kv cache holds %d tokens; max_model_len lowered from %d", num_blocks * bs, args.max_model_len)
+        # What a request that omits a sampling parameter gets: the checkpoint's generation_config.json,
+        # overridden by the package's engine.default_sampling. max_tokens is a bound, clipped to the context.
+        defaults = {**generation_defaults(path), **args.default_sampling}
+        self.default_max_tokens = int(defaults.pop("max_tokens", args.default_max_tokens))
+        self.default_sampling: dict[str, Any] = defaults
         self.blocks = BlockManager(num_blocks, bs, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, args.max_num_seqs, max(args.max_num_batched_tokens, 1))
         self.requests: dict[str, Request] = {}
@@ -69,36 +80,47 @@ class LLMEngine:
                  mc.model_type, mc.num_layers, num_blocks, bs, self.max_model_len, self.dtype, self.device)
 
     # ---- requests --------------------------------------------------------------------------
-    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+    def sampling_params(self, **given: Any) -> SamplingParams:
+        """SamplingParams from what a request set (None = omitted), the rest from the engine's defaults."""
+        kw = {**self.default_sampling, **{k: v for k, v in given.items() if v is not None}}
+        kw.setdefault("max_tokens", None)  # None: the engine's default bound (see _length_limit)
+        return SamplingParams(**kw)
+
+    def check_request(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """The one place a request is checked against the model: vocabulary and context length."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
-            raise EngineError("the prompt is empty", "invalid_prompt")
+            raise EngineError("the prompt is empty", "invalid_prompt", param="prompt")
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in ids):
-            raise EngineError(f"the prompt has token ids outside the vocabulary (0..{vocab - 1})", "invalid_prompt")
-        if len(ids) >= self.max_model_len:
-            raise EngineError(
-                f"the prompt has {len(ids)} tokens; this model's maximum context length is {self.max_model_len}",
-                "context_length_exceeded",
-            )
+            raise EngineError(f"the prompt has token ids outside the vocabulary (0..{vocab - 1})", "invalid_prompt",
+                              param="prompt")
+        if any(not 0 <= t < vocab for t in params.stop_token_ids):
+            raise EngineError(f"stop_token_ids must be token ids of this model (0..{vocab - 1})",
+                              "invalid_request", param="stop_token_ids")
+        limit = self.max_model_len
+        if len(ids) >= limit:
+            raise EngineError(f"this model's maximum context length is {limit} tokens; the prompt has {len(ids)} "
+                              "tokens", "context_length_exceeded", param="messages")
+        if params.max_tokens is not None and params.max_tokens > limit - len(ids):
+            raise EngineError(f"this model's maximum context length is {limit} tokens; the prompt has {len(ids)} "
+                              f"tokens and max_tokens asks for {params.max_tokens} more", "context_length_exceeded",
+                              param="max_tokens")
         return ids
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Request:
         if request_id in self.requests:
             raise EngineError(f"request id {request_id} is already in use", "duplicate_request_id")
-        ids = self.encode_prompt(prompt)
-        room = self.max_model_len - len(ids)
-        if params.max_tokens is not None and params.max_tokens > room:
-            raise EngineError(
-                f"the prompt has {len(ids)} tokens and max_tokens asks for {params.max_tokens} more; the context "
-                f"holds {self.max_model_len}", "context_length_exceeded",
-            )
+        ids = self.check_request(prompt, params)
+        want = params.max_tokens if params.max_tokens is not None else self.default_max_tokens
+        max_len = min(self.max_model_len, len(ids) + want)
         req = Request(request_id, ids, params)
         for i in range(params.n):
             self._arrival += 1
-            seq = Sequence(request_id, i, ids, params, self._arrival, self.max_model_len)
+            seq = Sequence(request_id, i, ids, params, self._arrival, max_len)
             seq.detok = IncrementalDetokenizer(self.tokenizer, ids)
             req.seqs.append(seq)
+        for i, seq in enumerate(req.seqs):  # all built first: a failure leaves nothing half-added
             if i == 0 or not self.blocks.prefix_caching:
                 self.scheduler.add(seq)
             else:  # admitted once the first sequence has computed (and cached) the prompt
@@ -110,6 +132,7 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)
+        self._forking.pop(request_id, None)
         if req is None:
             return None
         outs = []
@@ -140,31 +163,70 @@ class LLMEngine:
     # ---- one step --------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        scheduled = self.scheduler.schedule()
-        if not scheduled:
-            stuck = self.scheduler.unschedulable
-            if stuck is not None:
-                self.scheduler.unschedulable = None
-                return self._fail([stuck.request_id], "the request does not fit in the KV cache; raise "
-                                  "kv_cache_memory or lower max_model_len")
-            return []
+        """schedule → run → update → output."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return self._fail_unschedulable()
         try:
-            seqs, tokens, logprobs = self.runner.run(scheduled)
-        except Exception as e:  # a bug or OOM must fail these requests, not kill the engine
-            log.exception("engine step failed")
-            return self._fail({s.seq.request_id for s in scheduled}, f"engine error: {type(e).__name__}: {e}")
-        for sch in scheduled:
-            sch.seq.num_computed += sch.num_tokens
-            self.blocks.register_full_blocks(sch.seq)
+            seqs, tokens, logprobs = self.runner.run(batch)
+        except Exception as e:  # not attributable to one request: the batch fails, the engine goes on
+            log.exception("engine step failed; failing its %d sequences", len(batch))
+            return self._fail({s.seq.request_id for s in batch}, e)
+        touched, outs = self._update(batch, seqs, tokens, logprobs)
+        return outs + self._outputs(touched)
+
+    def fail_all(self, error: BaseException) -> list[RequestOutput]:
+        """Fail every request (the step failed where no request can be blamed); the engine starts clean."""
+        return self._fail(list(self.requests), error)
+
+    def _fail_unschedulable(self) -> list[RequestOutput]:
+        stuck = self.scheduler.unschedulable
+        if stuck is None:
+            return []
+        self.scheduler.unschedulable = None
+        err = EngineError("the request does not fit in the KV cache; raise kv_cache_memory or lower max_model_len",
+                          "kv_cache_exceeded")
+        return self._fail([stuck.request_id], err)
+
+    def _update(self, batch: list[ScheduledSeq], seqs: list[Sequence], tokens: list[int],
+                logprobs: torch.Tensor | None) -> tuple[dict[str, Request], list[RequestOutput]]:
+        """Advance the scheduled sequences and append the sampled tokens; a failure fails its request alone."""
+        failed: dict[str, BaseException] = {}
+        for sch in batch:
+            try:
+                sch.seq.num_computed += sch.num_tokens
+                self.blocks.register_full_blocks(sch.seq)
+            except Exception as e:
+                failed.setdefault(sch.seq.request_id, e)
         if self._forking:
             self._admit_forks()
         touched: dict[str, Request] = {}
         for i, (seq, tok) in enumerate(zip(seqs, tokens, strict=True)):
-            self._append(seq, tok, logprobs[i] if logprobs is not None and seq.params.logprobs is not None else None)
+            if seq.request_id in failed:
+                continue
+            try:
+                self._append(seq, tok, logprobs[i] if logprobs is not None and seq.params.logprobs is not None
+                             else None)
+            except Exception as e:
+                failed.setdefault(seq.request_id, e)
+                continue
             req = self.requests.get(seq.request_id)
             if req is not None:
                 touched[req.request_id] = req
-        return [self._output(req) for req in touched.values()]
+        for rid in failed:
+            touched.pop(rid, None)
+            log.error("request %s failed in the engine", rid, exc_info=failed[rid])
+        return touched, [o for rid, e in failed.items() for o in self._fail([rid], e)]
+
+    def _outputs(self, touched: dict[str, Request]) -> list[RequestOutput]:
+        outs = []
+        for req in touched.values():
+            try:
+                outs.append(self._output(req))
+            except Exception as e:
+                log.exception("request %s failed building its output", req.request_id)
+                outs.extend(self._fail([req.request_id], e))
+        return outs
 
     def _admit_forks(self) -> None:
         """n > 1: once the first sequence's prompt is in the cache, its siblings start from its full blocks."""
@@ -178,14 +240,25 @@ class LLMEngine:
                 req.forks = []
                 del self._forking[rid]
 
-    def _fail(self, request_ids: Iterable[str], message: str) -> list[RequestOutput]:
+    def _fail(self, request_ids: Iterable[str], error: BaseException) -> list[RequestOutput]:
+        """End these requests with an error: the client's (EngineError, a 400) or the engine's (a 500)."""
         outs = []
         for rid in request_ids:
             req = self.requests.get(rid)
             if req is None:
                 continue
-            self.abort(rid)
-            outs.append(RequestOutput(rid, req.prompt_ids, [], finished=True, error=message))
+            try:
+                self.abort(rid)
+            except Exception:  # its bookkeeping is broken too; drop it, its blocks are lost to the pool
+                log.exception("abort of failed request %s failed", rid)
+                self.requests.pop(rid, None)
+                self._forking.pop(rid, None)
+            if isinstance(error, EngineError):
+                outs.append(RequestOutput(rid, req.prompt_ids, [], finished=True, error=str(error),
+                                          error_code=error.code))
+            else:
+                outs.append(RequestOutput(rid, req.prompt_ids, [], finished=True,
+                                          error=f"the engine failed on request {rid} ({type(error).__name__})"))
         return outs
 
     def _append(self, seq: Sequence, token: int, logprobs: torch.Tensor | None) -> None:
@@ -204,7 +277,7 @@ class LLMEngine:
             seq.text += seq.detok.add(token)
         if stop_token or (p.stop and self._check_stop_strings(seq)):
             self._finish(seq, "stop")
-        elif (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or seq.num_tokens >= seq.max_len:
+        elif seq.num_tokens >= seq.max_len:  # max_tokens (or its default) and the context
             self._finish(seq, "length")
 
     def _check_stop_strings(self, seq: Sequence) -> bool:

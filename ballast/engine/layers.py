@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ballast.engine.config import EngineError, ModelConfig
+from ballast.engine.config import ModelConfig
+from ballast.engine.errors import EngineError
 
 
 @dataclass

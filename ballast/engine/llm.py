@@ -17,7 +17,7 @@ class LLM:
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLM:
-        """From `EngineArgs` (e.g. `EngineArgs.from_config(native_engine_config, package_dir)`)."""
+        """From `EngineArgs` (e.g. `ballast.runtime.engine_args.engine_args(native_engine_config, package_dir)`)."""
         fields = {k: v for k, v in args.__dict__.items() if k not in ("checkpoint", "kv_cache_memory")}
         return cls(args.checkpoint, **fields)
 

@@ -1,13 +1,14 @@
-"""Loading Hugging Face safetensors into the engine's model, fusing q/k/v and gate/up as they are read."""
+"""Loading Hugging Face safetensors into the engine's model tensor by tensor, fusing q/k/v and gate/up."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
-from ballast.engine.config import EngineError
+from ballast.engine.errors import EngineError
 from ballast.engine.models.llama import LlamaModel
 
 
@@ -16,11 +17,20 @@ def load_weights(model: LlamaModel, path: Path) -> None:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise EngineError(f"{path}: no *.safetensors weights")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            for name in sf.keys():  # noqa: SIM118 - safe_open is not a mapping
-                tensors[name.removeprefix("model.")] = sf.get_tensor(name)
+    # Index names → file, then read each tensor only when it is copied in: peak memory is the model plus
+    # one (fused) tensor, not the model plus every weight at once.
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    where: dict[str, tuple[Any, str]] = {}
+    for sf in handles:
+        for name in sf.keys():  # noqa: SIM118 - safe_open is not a mapping
+            where[name.removeprefix("model.")] = (sf, name)
+
+    def get(name: str) -> torch.Tensor:
+        if name not in where:
+            raise EngineError(f"{path}: weight {name} is missing")
+        sf, full = where[name]
+        return sf.get_tensor(full)
+
     params = dict(model.named_parameters())
     loaded: set[str] = set()
 
@@ -32,26 +42,25 @@ def load_weights(model: LlamaModel, path: Path) -> None:
             p.copy_(value.to(p.dtype))
         loaded.add(name)
 
-    put("embed_tokens.weight", tensors["embed_tokens.weight"])
-    put("norm.weight", tensors["norm.weight"])
-    lm = tensors.get("lm_head.weight")
-    put("lm_head.weight", lm if lm is not None and not model.cfg.tie_word_embeddings
-        else tensors["embed_tokens.weight"])
+    put("embed_tokens.weight", get("embed_tokens.weight"))
+    put("norm.weight", get("norm.weight"))
+    own_head = "lm_head.weight" in where and not model.cfg.tie_word_embeddings
+    put("lm_head.weight", get("lm_head.weight" if own_head else "embed_tokens.weight"))
     for i in range(model.cfg.num_layers):
         pre = f"layers.{i}."
         a = pre + "self_attn."
-        put(a + "qkv.weight", torch.cat([tensors[a + f"{x}_proj.weight"] for x in "qkv"]))
+        put(a + "qkv.weight", torch.cat([get(a + f"{x}_proj.weight") for x in "qkv"]))
         if model.cfg.attention_bias:
-            put(a + "qkv.bias", torch.cat([tensors[a + f"{x}_proj.bias"] for x in "qkv"]))
-        put(a + "o_proj.weight", tensors[a + "o_proj.weight"])
+            put(a + "qkv.bias", torch.cat([get(a + f"{x}_proj.bias") for x in "qkv"]))
+        put(a + "o_proj.weight", get(a + "o_proj.weight"))
         if model.cfg.qk_norm:
-            put(a + "q_norm.weight", tensors[a + "q_norm.weight"])
-            put(a + "k_norm.weight", tensors[a + "k_norm.weight"])
+            put(a + "q_norm.weight", get(a + "q_norm.weight"))
+            put(a + "k_norm.weight", get(a + "k_norm.weight"))
         m = pre + "mlp."
-        put(m + "gate_up.weight", torch.cat([tensors[m + "gate_proj.weight"], tensors[m + "up_proj.weight"]]))
-        put(m + "down_proj.weight", tensors[m + "down_proj.weight"])
-        put(pre + "input_layernorm.weight", tensors[pre + "input_layernorm.weight"])
-        put(pre + "post_attention_layernorm.weight", tensors[pre + "post_attention_layernorm.weight"])
+        put(m + "gate_up.weight", torch.cat([get(m + "gate_proj.weight"), get(m + "up_proj.weight")]))
+        put(m + "down_proj.weight", get(m + "down_proj.weight"))
+        put(pre + "input_layernorm.weight", get(pre + "input_layernorm.weight"))
+        put(pre + "post_attention_layernorm.weight", get(pre + "post_attention_layernorm.weight"))
     missing = set(params) - loaded
     if missing:
         raise EngineError(f"{path}: weights missing for {sorted(missing)[:5]}")

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ballast.engine.config import EngineError
+from ballast.engine.errors import EngineError
 
 
 @dataclass
@@ -98,6 +98,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     finished: bool = False
     error: str | None = None
+    error_code: str | None = None  # set when the error is the client's fault (a 400), else the engine's (a 500)
 
 
 class Sequence:
@@ -115,7 +116,7 @@ class Sequence:
         self.num_computed = 0  # tokens whose K/V are in the cache
         self.block_table: list[int] = []
         self.num_hashed_blocks = 0  # leading full blocks registered in the prefix cache
-        self.block_hashes: list[int] = []
+        self.block_hashes: list[bytes] = []
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache on first admission
         self.admitted = False
         self.finish_reason: str | None = None
@@ -123,7 +124,8 @@ class Sequence:
         self.max_len = max_len
         self.generator: torch.Generator | None = None
         if params.seed is not None:
-            self.generator = torch.Generator().manual_seed(params.seed + index)
+            # Any int seeds: folded into the unsigned 64-bit range torch accepts (the API edge bounds it too).
+            self.generator = torch.Generator().manual_seed((params.seed + index) % (1 << 64))
         # Output bookkeeping (owned by the engine).
         self.detok: Any = None
         self.text = ""  # decoded output so far

@@ -11,7 +11,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
-from ballast.engine.config import EngineError
+from ballast.engine.errors import EngineError
 
 
 def _token_text(value: Any) -> str | None:
@@ -47,9 +47,6 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
-
-    def id_to_token(self, i: int) -> str:
-        return self.hf.id_to_token(i) or ""
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:

@@ -7,21 +7,21 @@ through unbuffered) and stops it on shutdown; limits, request ids and metrics st
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import httpx
+import aiohttp
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from ballast.config.models import CommandEngineConfig
-from ballast.observe import REQUEST_ID_HEADER, current_request_id
+from ballast.observe import HOP_BY_HOP, REQUEST_ID_HEADER, current_request_id, free_port
 from ballast.openai import APIError
 from ballast.package import Package
 from ballast.runtime.model import OPENAI_METHODS, LoadState
@@ -33,14 +33,6 @@ PRESETS: dict[str, dict[str, str]] = {
                "readiness_path": "/health", "liveness_path": "/health"},
 }
 
-_HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "server",
-                "date", "x-request-id"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class CommandHost:
@@ -61,9 +53,26 @@ class CommandHost:
         self.error: str | None = None
         self.load_seconds: float | None = None
         self.proc: subprocess.Popen[bytes] | None = None
-        self.port = cfg.port or _free_port()
+        self.port = cfg.port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.client = httpx.AsyncClient(base_url=self.base, timeout=httpx.Timeout(None, connect=5.0))
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """One pooled session (as the gateway uses), made inside the running loop on first use."""
+        if self._session is None or self._session.closed:
+            # No total timeout: a stream lasts as long as the engine generates; the replica's own
+            # request_timeout_s bounds the request.
+            self._session = aiohttp.ClientSession(
+                base_url=self.base, timeout=aiohttp.ClientTimeout(total=None, sock_connect=5.0),
+                auto_decompress=False,
+            )
+        return self._session
+
+    async def _probe(self, path: str, timeout: float) -> int:
+        async with self.session.get(path, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+            await r.read()
+            return r.status
 
     def command(self) -> list[str]:
         model = self.cfg.model or str(self.package.path)
@@ -84,10 +93,9 @@ class CommandHost:
                 self.error = f"the engine command exited with status {self.proc.returncode} before it was ready"
                 return
             try:
-                r = await self.client.get(self.readiness_path, timeout=2)
-                if r.status_code == 200:
+                if await self._probe(self.readiness_path, 2) == 200:
                     break
-            except httpx.HTTPError:
+            except (aiohttp.ClientError, TimeoutError):
                 pass
             await asyncio.sleep(0.2)
         self.load_seconds = time.monotonic() - started
@@ -104,10 +112,18 @@ class CommandHost:
             else:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-        await self.client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     def has(self, name: str) -> bool:
         return name in OPENAI_METHODS or name == "predict"
+
+    def cancellable(self, name: str) -> bool:
+        """Cancelling closes the upstream connection, which vLLM and SGLang take as an abort."""
+        return True
+
+    def bind_metrics(self, registry: Any) -> None:
+        """The engine serves its own metrics; the replica's are Ballast's."""
 
     async def healthy(self) -> tuple[bool, str | None]:
         if self.state is not LoadState.READY:
@@ -115,10 +131,10 @@ class CommandHost:
         if self.proc is None or self.proc.poll() is not None:
             return False, "the engine process exited"
         try:
-            r = await self.client.get(self.liveness_path, timeout=5)
-        except httpx.HTTPError as e:
-            return False, f"the engine does not answer: {e}"
-        return (True, None) if r.status_code == 200 else (False, f"the engine's health is {r.status_code}")
+            status = await self._probe(self.liveness_path, 5)
+        except (aiohttp.ClientError, TimeoutError) as e:
+            return False, f"the engine does not answer: {type(e).__name__} {e}"
+        return (True, None) if status == 200 else (False, f"the engine's health is {status}")
 
     def extra_routes(self) -> list[tuple[str, Callable[[Request], Awaitable[Response]], list[str]]]:
         async def passthrough(request: Request) -> Response:
@@ -138,23 +154,27 @@ class CommandHost:
         if self.state is not LoadState.READY:
             raise APIError(503, "the engine is not ready", code="model_loading", headers={"Retry-After": "2"})
         headers = {REQUEST_ID_HEADER: current_request_id()}
-        kwargs: dict[str, Any] = {"content": body} if isinstance(body, bytes | None) else {"json": body}
-        req = self.client.build_request(method, path, headers=headers, **kwargs)
+        if not isinstance(body, bytes | None):
+            body = json.dumps(body).encode()
+        if body is not None:
+            headers["content-type"] = "application/json"
         try:
-            resp = await self.client.send(req, stream=True)
-        except httpx.HTTPError as e:
+            resp = await self.session.request(method, path, data=body, headers=headers)
+        except (aiohttp.ClientError, TimeoutError) as e:
             raise APIError(503, f"the engine is unreachable: {type(e).__name__}", code="engine_unavailable",
                            headers={"Retry-After": "1"}) from None
-        out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_HEADERS}
-        if resp.headers.get("content-type", "").startswith("text/event-stream"):
+        out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP}
+        if resp.content_type == "text/event-stream":
             async def relay() -> AsyncIterator[bytes]:
                 try:
-                    async for chunk in resp.aiter_raw():
+                    async for chunk in resp.content.iter_any():
                         yield chunk
                 finally:
-                    await resp.aclose()
+                    resp.release()
 
-            return StreamingResponse(relay(), status_code=resp.status_code, headers=out_headers)
-        content = await resp.aread()
-        await resp.aclose()
-        return Response(content, status_code=resp.status_code, headers=out_headers)
+            return StreamingResponse(relay(), status_code=resp.status, headers=out_headers)
+        try:
+            content = await resp.read()
+        finally:
+            resp.release()
+        return Response(content, status_code=resp.status, headers=out_headers)

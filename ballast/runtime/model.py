@@ -151,6 +151,16 @@ class ModelHost:
             self.error = f"{type(e).__name__}: {e}"
             log.exception("model %s failed to load", self.package.name)
 
+    async def shutdown(self) -> None:
+        """Threads still running user code finish on their own; no new work is taken."""
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def bind_metrics(self, registry: Any) -> None:
+        """A Python model has no metrics of its own beyond the replica's."""
+
+    def extra_routes(self) -> list[Any]:
+        return []
+
     def has(self, name: str) -> bool:
         return name in self._methods
 

@@ -18,14 +18,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ballast.config import RuntimeConfig
-from ballast.observe import new_request_id, request_id_var
+from ballast.observe import RequestIdMiddleware, request_id_var
 from ballast.openai import DONE, APIError, error_body, sse_event
 from ballast.runtime.admission import Admission
-from ballast.runtime.metrics import RuntimeMetrics
-from ballast.runtime.model import OPENAI_METHODS, LoadState, ModelHost
+from ballast.runtime.host import Host
+from ballast.runtime.jsonio import parse_json
+from ballast.runtime.metrics import RequestMetrics, RuntimeMetrics
+from ballast.runtime.model import OPENAI_METHODS, LoadState
+from ballast.runtime.openapi import replica_openapi
 
 log = logging.getLogger("ballast.runtime")
 
@@ -52,62 +55,8 @@ def error_response(err: APIError) -> Response:
     return Response(dumps(err.body()), status_code=err.status, media_type="application/json", headers=err.headers)
 
 
-class RequestContextMiddleware:
-    """Request id (taken or generated) on every response and log line; request metrics."""
-
-    def __init__(self, app: ASGIApp, metrics: RuntimeMetrics, known_routes: set[str]):
-        self.app = app
-        self.metrics = metrics
-        self.known_routes = known_routes
-        self._children: dict[str, tuple[Any, Any]] = {}
-        self._counters: dict[tuple[str, str, int], Any] = {}
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        rid = None
-        for k, v in scope["headers"]:
-            if k == b"x-request-id":
-                rid = v.decode("latin-1")[:128]
-                break
-        rid = rid or new_request_id()
-        token = request_id_var.set(rid)
-        path = scope["path"]
-        route = path if path in self.known_routes else "other"
-        start = time.perf_counter()
-        status = 500
-        first_byte = False
-        children = self._children.get(route)
-        if children is None:
-            m = self.metrics
-            children = self._children[route] = (m.ttfb.labels(route), m.latency.labels(route))
-        ttfb, latency = children
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status, first_byte
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode("latin-1"))]
-            elif message["type"] == "http.response.body" and not first_byte:
-                first_byte = True
-                ttfb.observe(time.perf_counter() - start)
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            key = (route, scope["method"], status)
-            counter = self._counters.get(key)
-            if counter is None:
-                counter = self._counters[key] = self.metrics.requests.labels(route, scope["method"], str(status))
-            counter.inc()
-            latency.observe(time.perf_counter() - start)
-            request_id_var.reset(token)
-
-
 async def read_json(request: Request, max_bytes: int) -> Any:
-    """Read a JSON body, refusing oversize bodies (413) and bad JSON (400)."""
+    """Read a JSON body, refusing oversize bodies (413), bad JSON, deep nesting and lone surrogates (400)."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_bytes:
         raise APIError(413, f"request body is {length} bytes; the limit is {max_bytes}", code="request_too_large")
@@ -118,19 +67,13 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         if size > max_bytes:
             raise APIError(413, f"request body exceeds the limit of {max_bytes} bytes", code="request_too_large")
         chunks.append(chunk)
-    body = b"".join(chunks)
-    if not body:
-        raise APIError(400, "request body is empty; send a JSON document", code="invalid_json")
-    try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+    return parse_json(b"".join(chunks))
 
 
 class ReplicaApp:
-    """Builds the ASGI app around a `ModelHost` and the runtime limits."""
+    """Builds the ASGI app around a `Host` and the runtime limits."""
 
-    def __init__(self, host: ModelHost, runtime: RuntimeConfig, *, load_on_startup: bool = True):
+    def __init__(self, host: Host, runtime: RuntimeConfig, *, load_on_startup: bool = True):
         self.host = host
         self.runtime = runtime
         self.metrics = RuntimeMetrics()
@@ -138,29 +81,33 @@ class ReplicaApp:
         self.draining = False
         self._load_task: asyncio.Task[None] | None = None
         self._load_on_startup = load_on_startup
+        self._openapi: bytes | None = None
         self.app = self._build()
 
     # ---- app -------------------------------------------------------------------------------
     def _build(self) -> ASGIApp:
         app = Starlette(lifespan=self._lifespan)
         app.add_route("/predict", self._predict, methods=["POST"])
+        app.add_route("/health", self._live, methods=["GET"])
         app.add_route("/health/live", self._live, methods=["GET"])
         app.add_route("/health/ready", self._ready, methods=["GET"])
         app.add_route("/metrics", self._metrics, methods=["GET"])
+        app.add_route("/openapi.json", self._openapi_json, methods=["GET"])
         for method, path in OPENAI_METHODS.items():
             app.add_route(path, self._openai_route(method), methods=["POST"])
         extra_paths: set[str] = set()
-        for path, handler, methods in getattr(self.host, "extra_routes", list)():
+        for path, handler, methods in self.host.extra_routes():
             app.add_route(path, handler, methods=methods)
             extra_paths.add(path)
-        if hasattr(self.host, "bind_metrics"):
-            self.host.bind_metrics(self.metrics.registry)
+        self.host.bind_metrics(self.metrics.registry)
         app.add_exception_handler(APIError, self._api_error)
+        app.add_exception_handler(json.JSONDecodeError, self._bad_json)
         app.add_exception_handler(404, self._not_found)
         app.add_exception_handler(405, self._not_allowed)
         app.add_exception_handler(Exception, self._internal_error)
-        routes = {"/predict", "/health/live", "/health/ready", "/metrics", *OPENAI_METHODS.values(), *extra_paths}
-        return RequestContextMiddleware(app, self.metrics, routes)
+        routes = {"/predict", "/health", "/health/live", "/health/ready", "/metrics", "/openapi.json",
+                  *OPENAI_METHODS.values(), *extra_paths}
+        return RequestIdMiddleware(app, RequestMetrics(self.metrics, routes))
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
@@ -169,9 +116,7 @@ class ReplicaApp:
         yield
         if self._load_task and not self._load_task.done():
             self._load_task.cancel()
-        shutdown = getattr(self.host, "shutdown", None)
-        if shutdown is not None:
-            await shutdown()
+        await self.host.shutdown()
 
     async def _load(self) -> None:
         timeout = self.host.package.config.health.startup_timeout_s
@@ -190,13 +135,16 @@ class ReplicaApp:
         assert isinstance(exc, APIError)
         return error_response(exc)
 
+    async def _bad_json(self, _req: Request, exc: Exception) -> Response:
+        return error_response(APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json"))
+
     async def _not_found(self, req: Request, _exc: Exception) -> Response:
         return error_response(APIError(404, f"no route {req.method} {req.url.path}", code="not_found"))
 
-    async def _not_allowed(self, req: Request, _exc: Exception) -> Response:
-        return error_response(
-            APIError(405, f"method {req.method} is not allowed on {req.url.path}", code="method_not_allowed")
-        )
+    async def _not_allowed(self, req: Request, exc: Exception) -> Response:
+        allow = getattr(exc, "headers", None) or {}  # Starlette names the route's methods in `Allow`
+        return error_response(APIError(405, f"method {req.method} is not allowed on {req.url.path}",
+                                       code="method_not_allowed", headers=dict(allow)))
 
     async def _internal_error(self, _req: Request, exc: Exception) -> Response:
         log.error("unhandled error", exc_info=exc)
@@ -219,14 +167,23 @@ class ReplicaApp:
             return JSONResponse({"status": "not_ready", "reason": reason}, status_code=503)
         return JSONResponse({"status": "ready", "load_seconds": self.host.load_seconds})
 
+    async def _openapi_json(self, _req: Request) -> Response:
+        """Cached once the host has loaded (a Python model's methods are known only then)."""
+        if self._openapi is not None:
+            return Response(self._openapi, media_type="application/json")
+        loaded = self.host.state is LoadState.READY
+        names = ["predict", *OPENAI_METHODS]
+        served = {n for n in names if self.host.has(n)} if loaded else set(names)
+        engine = self.host.package.config.engine
+        body = dumps(replica_openapi(self.host, engine_kind=engine.kind if engine else None, served=served))
+        if loaded:
+            self._openapi = body
+        return Response(body, media_type="application/json")
+
     async def _metrics(self, _req: Request) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # ---- inference -------------------------------------------------------------------------
-    def _cancellable(self, method: str) -> bool:
-        check = getattr(self.host, "cancellable", None)
-        return True if check is None else bool(check(method))
-
     def _check_ready(self) -> None:
         if self.draining:
             raise APIError(503, "the replica is shutting down; retry on another replica", code="shutting_down",
@@ -244,7 +201,7 @@ class ReplicaApp:
         inputs = await read_json(request, self.runtime.max_request_bytes)
         ndjson = NDJSON in request.headers.get("accept", "")
         return await self._run(lambda: self.host.predict(inputs), request, ndjson=ndjson, openai_stream=False,
-                               cancellable=self._cancellable("predict"))
+                               cancellable=self.host.cancellable("predict"))
 
     def _openai_route(self, method: str) -> Callable[[Request], Awaitable[Response]]:
         async def handler(request: Request) -> Response:
@@ -255,7 +212,7 @@ class ReplicaApp:
             if not isinstance(body, dict):
                 raise APIError(400, "the request body must be a JSON object", code="invalid_request")
             return await self._run(lambda: self.host.call(method, body), request, ndjson=False, openai_stream=True,
-                                   cancellable=self._cancellable(method))
+                                   cancellable=self.host.cancellable(method))
 
         return handler
 

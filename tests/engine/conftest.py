@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ballast.engine import LLM, make_tiny
+from ballast.engine import LLM
+from ballast.engine.tools import make_tiny
 
 
 @pytest.fixture(scope="session")

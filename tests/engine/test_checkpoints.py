@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from ballast.cli.models import app
 from ballast.config.models import NativeEngineConfig
-from ballast.engine import LLM, SMOLLM2, EngineArgs, EngineError, SamplingParams, resolve_checkpoint
+from ballast.engine import LLM, SMOLLM2, EngineError, SamplingParams, resolve_checkpoint
+from ballast.runtime.engine_args import engine_args
 
 
 def test_make_tiny_cli_writes_a_loadable_checkpoint(tmp_path):
@@ -39,7 +40,7 @@ def test_resolve_checkpoint(tmp_path, tiny, monkeypatch):
 def test_engine_args_from_config(tiny):
     cfg = NativeEngineConfig(checkpoint=tiny.name, max_model_len=256, kv_cache_memory="8Mi", block_size=8,
                              served_model_name="tiny-chat", max_num_seqs=4)
-    args = EngineArgs.from_config(cfg, base_dir=tiny.parent)
+    args = engine_args(cfg, base_dir=tiny.parent)
     assert args.checkpoint == str(tiny) and args.kv_cache_bytes == 8 << 20 and args.block_size == 8
     llm = LLM.from_engine_args(args)
     assert llm.engine.max_model_len == 256 and llm.engine.model_name == "tiny-chat"

@@ -1,0 +1,264 @@
+"""A replica that serves an LLM with the native engine behind the OpenAI API.
+
+`EngineHost` has the same shape as `ModelHost` (load, health, call), so the replica server, its
+limits, request ids and metrics are the same for a Python model and an LLM. Requests are validated
+at the edge (`ballast.openai.schemas`), checked against the model by the engine alone (vocabulary,
+context length), and shaped into responses by `llm_format`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from ballast.config.models import NativeEngineConfig
+from ballast.observe import current_request_id
+from ballast.openai import APIError
+from ballast.openai.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    parse_request,
+)
+from ballast.package import Package
+from ballast.runtime.engine_args import engine_args
+from ballast.runtime.llm_format import Formatter
+from ballast.runtime.llm_metrics import LLMMetrics
+from ballast.runtime.model import LoadState
+
+log = logging.getLogger("ballast.runtime.llm")
+
+
+def _api_error(e: Exception, chat: bool) -> APIError:
+    """Engine errors → API errors: the client's fault is a 400 with its code, the engine's a 500."""
+    from ballast.engine import EngineError
+
+    if isinstance(e, EngineError):
+        param = e.param
+        if param == "messages" and not chat:
+            param = "prompt"
+        return APIError(400, str(e), code=e.code, param=param)
+    return APIError(500, f"{e}; see the replica log", code="engine_error")
+
+
+class EngineStream:
+    """One engine request's outputs; records token timing metrics; closing it early aborts the request."""
+
+    def __init__(self, host: EngineHost, request_id: str, outputs: AsyncIterator[Any], *, chat: bool):
+        self.host = host
+        self.request_id = request_id
+        self.chat = chat
+        self._outputs = outputs
+        self._started = time.monotonic()
+        self._done = False
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        m = self.host.metrics
+        last = None
+        out = None
+        try:
+            async for out in self._outputs:
+                now = time.monotonic()
+                ntok = sum(len(c.token_ids) for c in out.outputs)
+                if ntok and m:
+                    if last is None:
+                        m.ttft.observe(now - self._started)
+                    else:
+                        m.itl.observe((now - last) / ntok)
+                    m.generation_tokens.inc(ntok)
+                if ntok:
+                    last = now
+                yield out
+        except Exception as e:
+            self._done = True
+            raise _api_error(e, self.chat) from None
+        if out is not None and out.finished:
+            self._done = True
+            if m:
+                m.observe_finished(out, time.monotonic() - self._started)
+
+    async def aclose(self) -> None:
+        if not self._done:
+            self._done = True
+            self.host.engine.abort(self.request_id)
+        await self._outputs.aclose()  # type: ignore[attr-defined]
+
+
+class EngineHost:
+    """Loads the native engine for a package with `engine.kind: native` and serves the OpenAI API."""
+
+    def __init__(self, package: Package):
+        assert isinstance(package.config.engine, NativeEngineConfig)
+        self.package = package
+        self.cfg: NativeEngineConfig = package.config.engine
+        self.state = LoadState.LOADING
+        self.error: str | None = None
+        self.load_seconds: float | None = None
+        self.engine: Any = None
+        # The served name is decided once, in engine_args; the engine reports the same.
+        self.model_name: str = engine_args(self.cfg, package.path, package_name=package.name,
+                                           resolve=False).served_model_name or package.name
+        self.metrics: LLMMetrics | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def load(self) -> None:
+        started = time.monotonic()
+        try:
+            from ballast.engine import AsyncEngine
+
+            args = await asyncio.to_thread(engine_args, self.cfg, self.package.path, package_name=self.package.name)
+            self.engine = await asyncio.to_thread(AsyncEngine, args)
+            self.model_name = self.engine.model_name
+            await self.engine.start()
+            self.load_seconds = time.monotonic() - started
+            self.state = LoadState.READY
+            log.info("engine for %s ready in %.1fs (max_model_len=%s)", self.model_name, self.load_seconds,
+                     self.engine.max_model_len)
+        except Exception as e:
+            self.state = LoadState.FAILED
+            self.error = f"{type(e).__name__}: {e}"
+            log.exception("engine failed to load")
+
+    async def shutdown(self) -> None:
+        if self.engine is not None:
+            await self.engine.shutdown()
+
+    def has(self, name: str) -> bool:
+        return name in ("chat_completions", "completions")
+
+    def cancellable(self, name: str) -> bool:
+        """A cancelled call aborts its engine request and frees its KV blocks."""
+        return True
+
+    async def healthy(self) -> tuple[bool, str | None]:
+        """Not ready while loading; failed (live and ready both fail, so the platform replaces the replica)
+        once the engine thread died or stopped making progress with requests waiting."""
+        if self.state is LoadState.READY:
+            ok, reason = self.engine.health()
+            if not ok:
+                log.error("engine unhealthy: %s", reason)
+                self.state, self.error = LoadState.FAILED, reason
+        if self.state is not LoadState.READY:
+            return False, self.state.value if self.error is None else f"engine failed: {self.error}"
+        return True, None
+
+    def bind_metrics(self, registry: CollectorRegistry) -> None:
+        self.metrics = LLMMetrics(registry, lambda: self.engine.stats() if self.engine is not None else {})
+
+    def extra_routes(self) -> list[tuple[str, Callable[[Request], Awaitable[Response]], list[str]]]:
+        return [
+            ("/v1/models", self._models, ["GET"]),
+            ("/tokenize", self._tokenize, ["POST"]),
+            ("/detokenize", self._detokenize, ["POST"]),
+        ]
+
+    async def predict(self, inputs: Any) -> Any:  # pragma: no cover - has("predict") is False
+        raise APIError(404, "LLM replicas serve /v1/chat/completions and /v1/completions")
+
+    # ---- small routes ----------------------------------------------------------------------
+    def _require_ready(self) -> None:
+        if self.state is not LoadState.READY:
+            raise APIError(503, f"the engine is not ready ({self.error or self.state.value})", code="model_loading",
+                           headers={"Retry-After": "2"})
+
+    async def _models(self, _req: Request) -> Response:
+        created = int(time.time() - (time.monotonic() - (self.load_seconds or 0)))
+        data = [{"id": self.model_name, "object": "model", "created": created, "owned_by": "ballast",
+                 "max_model_len": getattr(self.engine, "max_model_len", None)}]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def _body(self, request: Request) -> Any:
+        from ballast.runtime.server import read_json
+
+        self._require_ready()
+        return await read_json(request, self.package.config.runtime.max_request_bytes)
+
+    async def _tokenize(self, request: Request) -> Response:
+        req = parse_request(TokenizeRequest, await self._body(request))
+        self._check_model(req.model)
+        if (req.messages is None) == (req.prompt is None):
+            raise APIError(400, "send `prompt` (a string) or `messages`, not both", param="prompt")
+        text = self._render(req.messages) if req.messages is not None else req.prompt
+        ids = self.engine.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": self.engine.max_model_len})
+
+    async def _detokenize(self, request: Request) -> Response:
+        req = parse_request(DetokenizeRequest, await self._body(request))
+        self._check_model(req.model)
+        vocab = self.engine.tokenizer.vocab_size
+        bad = [t for t in req.tokens if t >= vocab]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="tokens")
+        return JSONResponse({"prompt": self.engine.tokenizer.decode(req.tokens)})
+
+    # ---- OpenAI completions ----------------------------------------------------------------
+    def _check_model(self, name: str | None) -> None:
+        if name and name not in (self.model_name, self.package.name):
+            raise APIError(404, f"the model `{name}` does not exist; this replica serves `{self.model_name}`",
+                           param="model", code="model_not_found")
+
+    def _render(self, messages: list[Any]) -> str:
+        msgs = [{"role": m.role, "content": m.text()} for m in messages]
+        try:
+            return self.engine.apply_chat_template(msgs, add_generation_prompt=True)
+        except Exception as e:
+            raise APIError(400, f"the chat template could not render these messages: {e}", param="messages") from None
+
+    def _params(self, req: ChatCompletionRequest | CompletionRequest, logprobs: int | None) -> Any:
+        """What the request set; everything it omits comes from the engine's defaults."""
+        try:
+            return self.engine.sampling_params(
+                n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+                repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty, stop=req.stop_list() or None, seed=req.seed,
+                ignore_eos=req.ignore_eos, stop_token_ids=req.stop_token_ids, logprobs=logprobs,
+                max_tokens=req.max_new_tokens(),
+            )
+        except ValueError as e:
+            raise APIError(400, str(e), code=getattr(e, "code", None) or "invalid_request") from None
+
+    async def call(self, name: str, body: Any) -> Any:
+        self._require_ready()
+        req: ChatCompletionRequest | CompletionRequest
+        if name == "chat_completions":
+            req = parse_request(ChatCompletionRequest, body)
+            self._check_model(req.model)
+            prompts: list[str | list[int]] = [self._render(req.messages)]
+            logprobs = (req.top_logprobs or 0) if req.logprobs else None
+            chat = True
+        elif name == "completions":
+            req = parse_request(CompletionRequest, body)
+            self._check_model(req.model)
+            prompts, logprobs, chat = req.prompts(), req.logprobs, False
+        else:
+            raise APIError(404, f"{name} is not served by an LLM replica")
+        streams = self._submit(prompts, self._params(req, logprobs), chat=chat)
+        fmt = Formatter(req, self.model_name, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+                        int(time.time()), chat=chat)
+        if req.stream:
+            return fmt.stream(streams)
+        return await fmt.collect(streams)
+
+    def _submit(self, prompts: list[str | list[int]], params: Any, *, chat: bool) -> list[EngineStream]:
+        """Every prompt goes to the engine at once (they batch together); any refused → none stays."""
+        rid = current_request_id()
+        streams: list[EngineStream] = []
+        try:
+            for i, prompt in enumerate(prompts):
+                erid = f"{rid}-{i}"
+                streams.append(EngineStream(self, erid, self.engine.add_request(erid, prompt, params), chat=chat))
+        except Exception as e:
+            for s in streams:
+                s._done = True
+                self.engine.abort(s.request_id)
+            raise _api_error(e, chat) from None
+        return streams

@@ -1,0 +1,52 @@
+"""Prometheus metrics of an LLM replica: token latencies, token counters and the engine's gauges."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5, 5, 10, 30)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+
+
+class LLMMetrics:
+    def __init__(self, registry: CollectorRegistry, stats: Callable[[], dict[str, Any]]):
+        r = registry
+        self.ttft = Histogram("ballast_llm_time_to_first_token_seconds", "Time to first token.",
+                              buckets=TOKEN_BUCKETS, registry=r)
+        self.itl = Histogram("ballast_llm_inter_token_latency_seconds", "Time between output tokens.",
+                             buckets=TOKEN_BUCKETS, registry=r)
+        self.e2e = Histogram("ballast_llm_e2e_request_latency_seconds", "Whole request latency.",
+                             buckets=E2E_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("ballast_llm_prompt_tokens", "Prompt tokens processed.", registry=r)
+        self.cached_tokens = Counter("ballast_llm_cached_prompt_tokens", "Prompt tokens served from the prefix cache.",
+                                     registry=r)
+        self.generation_tokens = Counter("ballast_llm_generation_tokens", "Tokens generated.", registry=r)
+        self.finished = Counter("ballast_llm_requests_finished", "Finished requests by reason.", ["reason"], registry=r)
+        for name, key, doc in (
+            ("ballast_llm_requests_running", "running", "Sequences in the running batch."),
+            ("ballast_llm_requests_waiting", "waiting", "Sequences waiting to be scheduled."),
+            ("ballast_llm_kv_cache_usage", "kv_cache_usage", "Fraction of KV cache blocks in use."),
+            ("ballast_llm_prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache."),
+            ("ballast_llm_prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in the cache."),
+        ):
+            Gauge(name, doc, registry=r).set_function(lambda k=key: float(stats().get(k, 0)))
+
+        def hit_rate() -> float:
+            s = stats()
+            q = s.get("prefix_cache_queries", 0)
+            return float(s.get("prefix_cache_hits", 0)) / q if q else 0.0
+
+        Gauge("ballast_llm_prefix_cache_hit_rate", "Prefix cache hits / queries (tokens).", registry=r).set_function(
+            hit_rate
+        )
+
+    def observe_finished(self, out: Any, seconds: float) -> None:
+        """A request finished: its latency, prompt and cached tokens, and each choice's finish reason."""
+        self.e2e.observe(seconds)
+        self.prompt_tokens.inc(len(out.prompt_token_ids))
+        self.cached_tokens.inc(out.num_cached_tokens or 0)
+        for c in out.outputs:
+            self.finished.labels(c.finish_reason or "unknown").inc()
