@@ -138,8 +138,9 @@ def dev(
 
 def _dev_stop(c: PlatformClient, dep: str) -> None:
     try:
-        c.request("DELETE", f"/dev/{dep}")
-        console.print(f"{dep}: development replica stopped", markup=False)
+        r = c.request("DELETE", f"/dev/{dep}")
+        gone = " (and the deployment, which had nothing else)" if isinstance(r, dict) and r.get("deleted") else ""
+        console.print(f"{dep}: development replica stopped{gone}", markup=False)
     except ValueError as e:
         err.print(f"could not stop the development replica: {e}", markup=False)
 
