@@ -1,6 +1,7 @@
 """The README's `ballast` commands, run as written against a live platform and live replicas.
 
-Only what must change is substituted: ports (a free one for each `serve` and `up`), the placeholders
+Only what must change is substituted: ports (a free one for each `serve` and `up`, and the replica's in
+`http://127.0.0.1:8080`), the placeholders
 (NAME, PATH, URL, DIR, and key ids written as `key-3f2a...`) and the directories the README takes
 for granted (`./echo-v2`, `./my-model`). Optional parts in [brackets] are left out, and a command
 whose comment says "(needs ...)" is skipped. Every `ballast` command in the README is run by one of
@@ -109,10 +110,16 @@ class ReadmeRun:
             elif a.startswith("key-") and a.endswith("..."):
                 assert self.key_id, "no key was created before this command"
                 a = self.key_id
+            elif "127.0.0.1:8080" in a:
+                assert self.replica_url, f"no replica is running for {a}"
+                a = a.replace("http://127.0.0.1:8080", self.replica_url)
             assert not re.fullmatch(r"[A-Z]{3,}", a), f"unknown placeholder {a} in `ballast {shlex.join(args)}`"
             out.append(a)
-        if out[0] in ("serve", "up") and "--port" not in out:
-            out += ["--port", str(free_port())]
+        if out[0] in ("serve", "up"):
+            if "--port" in out:
+                out[out.index("--port") + 1] = str(free_port())
+            else:
+                out += ["--port", str(free_port())]
         return out
 
     def run(self, cmd: Command, stdin: str = "") -> str:
@@ -159,9 +166,9 @@ def _prepare_dirs(cwd: Path) -> None:
 def test_every_readme_command_is_run_or_marked() -> None:
     cmds = readme_commands(README.read_text())
     assert len(cmds) > 25
-    assert [c.line for c in cmds if c.skip] == [
-        "ballast up --database-url postgresql://postgres@127.0.0.1/ballast   # or PostgreSQL (needs a PostgreSQL "
-        "server)"]
+    skipped = [c.line for c in cmds if c.skip]
+    assert any("--database-url postgresql://" in line for line in skipped)
+    assert len(skipped) < len(cmds) // 4, skipped  # marking is for other machines, not a way out
     assert {c.args[0] for c in cmds} >= {"serve", "up", "deploy", "promote", "keys", "cache", "dev", "delete"}
 
 
@@ -177,6 +184,16 @@ def test_readme_commands_against_a_live_platform(tmp_path: Path, running: Callab
             assert out.startswith("ballast ")
     assert len(run.ran) == len(cmds)
     assert (run.cwd / "hello" / "ballast.yaml").exists() and (run.cwd / "tiny-ckpt" / "config.json").exists()
+
+
+@pytest.mark.parametrize("example", ["echo", "stream"])
+def test_example_readme_commands(example: str, tmp_path: Path, running: Callable[..., Running]) -> None:
+    """The examples' own READMEs (chat and embeddings need their wheels: the main README's tests cover them)."""
+    run = ReadmeRun(tmp_path, running)
+    cmds = readme_commands((REPO / "examples" / example / "README.md").read_text())
+    assert [c.args[0] for c in cmds] == ["serve", "predict"]
+    run.run(cmds[0])
+    assert run.run(cmds[1]).strip()
 
 
 @pytest.mark.slow

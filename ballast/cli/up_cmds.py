@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
@@ -21,6 +23,16 @@ err = make_console(stderr=True)
 EVENTS_LOGGER = "ballast.events"
 
 
+class EventFormatter(logging.Formatter):
+    """`HH:MM:SS message` (UTC, like the event log); a line that already starts with its time is kept as is."""
+
+    converter = time.gmtime
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        return msg if re.match(r"\d\d:\d\d:\d\d ", msg) else f"{self.formatTime(record, '%H:%M:%S')} {msg}"
+
+
 def configure_up_console() -> None:
     """One plain line (time + message) per lifecycle event; everything else only from WARNING up.
 
@@ -30,7 +42,7 @@ def configure_up_console() -> None:
     logging.getLogger().setLevel(logging.WARNING)
     events = logging.getLogger(EVENTS_LOGGER)
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+    handler.setFormatter(EventFormatter())
     events.handlers[:] = [handler]
     events.setLevel(logging.INFO)
     events.propagate = False
@@ -126,8 +138,9 @@ def dev(
 
 def _dev_stop(c: PlatformClient, dep: str) -> None:
     try:
-        c.request("DELETE", f"/dev/{dep}")
-        console.print(f"{dep}: development replica stopped", markup=False)
+        r = c.request("DELETE", f"/dev/{dep}")
+        gone = " (and the deployment, which had nothing else)" if isinstance(r, dict) and r.get("deleted") else ""
+        console.print(f"{dep}: development replica stopped{gone}", markup=False)
     except ValueError as e:
         err.print(f"could not stop the development replica: {e}", markup=False)
 
