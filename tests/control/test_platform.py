@@ -321,7 +321,11 @@ def test_routing_follows_promote_at_once(platform, tmp_path):
         r = p.api("POST", "/deployments/flip/promote", json={"version": target})
         assert r["state"] == "promoted", r
         assert served() == str(target), f"promote {i} to v{target} not in effect when the call returned"
-    p.api("DELETE", "/deployments/flip")
+    pids = [r["pid"] for r in p.show("flip")["replicas"] if r["pid"]]
+    assert len(pids) == 2
+    p.cli("delete", "flip")
+    assert "flip" not in [d["name"] for d in p.api("GET", "/deployments")["data"]]
+    p.wait("replicas of a deleted deployment stop", lambda: not any(pid_alive(pid) for pid in pids), timeout=30)
 
 
 def test_replica_needing_missing_resources_stays_pending_with_the_reason(platform, tmp_path):
