@@ -32,7 +32,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import delete, select
 
 from ballast.backends import Backend, ReplicaSpec, ReplicaStatus
-from ballast.control.actuator import Actuator, ReplicaRow
+from ballast.control.actuator import Actuator, Launched, ReplicaRow
 from ballast.control.autoscaler import Autoscaler
 from ballast.control.events import add_event
 from ballast.control.health import Probe, ReplicaState, Verdict, assess
@@ -263,7 +263,7 @@ class Reconciler:
         return ReplicaSpec(replica_id=r.id, deployment=vp.deployment, version=vp.number,
                            package_path=Path(vp.package_path), resources=vp.config.resources)
 
-    def _record(self, plan: Plan, results: list[Any]) -> list[ReplicaRow]:
+    def _record(self, plan: Plan, results: list[Launched]) -> list[ReplicaRow]:
         with self.sessions() as s, s.begin():
             leftovers = record_launches(s, results, plan.versions, utcnow(), self.settings)
         for res in results:

@@ -30,7 +30,7 @@ from ballast.control.planner import (
 )
 from ballast.control.times import aware
 from ballast.package import IGNORED_NAMES
-from ballast.store import Deployment, Environment, Replica, Version
+from ballast.store import Deployment, Environment, Replica, Version, utcnow
 
 if TYPE_CHECKING:
     from ballast.control.service import ControlPlane, Settings
@@ -69,8 +69,6 @@ class DevWatcher:
 
 def plan_in_store(s: Session, control: ControlPlane, scaler: Scaler, dev: DevWatcher) -> PlanResult:
     """Run the planner on the store's state and write back what it changed (caller holds the transaction)."""
-    from ballast.store import utcnow
-
     now = utcnow()
     deps = {d.id: d.name for d in s.scalars(select(Deployment)).all()}
     versions = [v for v in s.scalars(select(Version)).all() if v.deployment_id in deps]
