@@ -1,9 +1,9 @@
 """The backend protocol: where replicas run.
 
 Small on purpose, so a Ray cluster or a pool of capacity in another region implements the same
-operations as local processes: start a replica of a version, stop it, list what runs, inspect one,
-read its logs. Health (readiness, liveness) is probed over HTTP by the reconciler, not here, so a
-backend only has to say whether the replica's process (or actor) exists.
+operations as local processes: say whether a replica fits, start a replica of a version, stop it,
+list what runs, inspect one, read its logs. Health (readiness, liveness) is probed over HTTP by the
+reconciler, not here, so a backend only has to say whether the replica's process (or actor) exists.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from ballast.config import ResourcesConfig
 
 
 @dataclass
@@ -22,7 +24,7 @@ class ReplicaSpec:
     version: int
     package_path: Path
     env: dict[str, str] = field(default_factory=dict)
-    resources: dict[str, Any] = field(default_factory=dict)  # from ballast.yaml `resources`, for placement
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)  # ballast.yaml `resources`: placement
 
 
 @dataclass
@@ -49,6 +51,9 @@ class Backend(Protocol):
     """One pool of capacity. `name` is the pool name shown for each replica."""
 
     name: str
+
+    def fits(self, spec: ReplicaSpec) -> str | None:
+        """None if the replica can start now; else why not ("no pool has 1 x H100 free"): it stays pending."""
 
     def start(self, spec: ReplicaSpec) -> ReplicaHandle:
         """Start a replica; returns at once (readiness is probed by the reconciler)."""

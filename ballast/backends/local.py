@@ -23,6 +23,7 @@ from collections import deque
 from pathlib import Path
 
 from ballast.backends.base import ReplicaHandle, ReplicaSpec, ReplicaStatus
+from ballast.backends.resources import machine_capacity, place
 from ballast.home import ballast_home
 from ballast.observe import free_port
 
@@ -79,9 +80,21 @@ class LocalBackend:
         self.extra_args = list(extra_args or [])
         self.host = host
         self._procs: dict[int, subprocess.Popen[bytes]] = {}  # by pid: a replaced replica keeps its id
+        self._gpus: dict[int, list[int]] = {}  # GPU indices held by each live replica process, by pid
+
+    def _placement(self, spec: ReplicaSpec) -> tuple[list[int], str | None]:
+        busy = {i for idx in self._gpus.values() for i in idx}
+        cap = machine_capacity(with_gpus=bool(spec.resources.accelerator))
+        return place(spec.resources, cap, busy, self.name)
 
     # ---- protocol ------------------------------------------------------------------------------
+    def fits(self, spec: ReplicaSpec) -> str | None:
+        return self._placement(spec)[1]
+
     def start(self, spec: ReplicaSpec) -> ReplicaHandle:
+        gpus, reason = self._placement(spec)
+        if reason:
+            raise RuntimeError(reason)
         port = free_port(self.host)
         log_dir = self.logs_dir / spec.deployment
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -97,6 +110,8 @@ class LocalBackend:
             "BALLAST_PORT": str(port),
             "PYTHONUNBUFFERED": "1",
         }
+        if spec.resources.accelerator:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
         with open(log_path, "ab") as log:
             log.write(f"--- starting replica {spec.replica_id} of {spec.deployment} v{spec.version} "
                       f"on port {port}\n".encode())
@@ -104,7 +119,10 @@ class LocalBackend:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                     start_new_session=True, close_fds=True)
         self._procs[proc.pid] = proc
-        return ReplicaHandle(spec.replica_id, f"http://{self.host}:{port}", proc.pid, port, str(log_path), self.name)
+        if gpus:
+            self._gpus[proc.pid] = gpus
+        return ReplicaHandle(spec.replica_id, f"http://{self.host}:{port}", proc.pid, port, str(log_path), self.name,
+                             {"gpus": gpus} if gpus else {})
 
     def stop(self, handle: ReplicaHandle, grace_s: float) -> None:
         if handle.pid is None:
@@ -118,6 +136,7 @@ class LocalBackend:
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline and self.inspect(handle).alive:
                 time.sleep(0.02)
+        self._gpus.pop(handle.pid, None)
         proc = self._procs.pop(handle.pid, None)
         if proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -144,6 +163,12 @@ class LocalBackend:
         return out
 
     def inspect(self, handle: ReplicaHandle) -> ReplicaStatus:
+        status = self._inspect(handle)
+        if not status.alive and handle.pid:
+            self._gpus.pop(handle.pid, None)
+        return status
+
+    def _inspect(self, handle: ReplicaHandle) -> ReplicaStatus:
         proc = self._procs.get(handle.pid) if handle.pid else None
         if proc is not None:
             code = proc.poll()
@@ -155,6 +180,8 @@ class LocalBackend:
             return ReplicaStatus(False, None, "process is gone")
         if env.get("BALLAST_REPLICA_ID") != handle.replica_id:
             return ReplicaStatus(False, None, "process is gone (its pid now belongs to another process)")
+        if handle.data.get("gpus"):  # re-adopted after a restart: its GPUs are still taken
+            self._gpus[handle.pid] = list(handle.data["gpus"])
         return ReplicaStatus(True)
 
     def logs(self, handle: ReplicaHandle, tail: int) -> list[str]:

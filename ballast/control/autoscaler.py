@@ -14,9 +14,16 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
-LoadFn = Callable[[], dict[tuple[str, int], float]]
+from ballast.config import AutoscalingConfig
+
+
+class LoadSignal(Protocol):
+    """Where load comes from (the gateway implements it): in-flight requests per (deployment, version),
+    requests held for a version with no ready replica included."""
+
+    def load(self) -> dict[tuple[str, int], float]: ...
 
 
 @dataclass
@@ -35,17 +42,16 @@ class Policy:
     scale_down_delay_s: float = 300.0
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], lo: int, hi: int) -> Policy:
-        a = config.get("autoscaling") or {}
-        return cls(lo, max(hi, lo), float(a.get("concurrency_target", 1.0)), float(a.get("target_utilization", 0.8)),
-                   float(a.get("window_s", 60.0)), float(a.get("scale_down_delay_s", 300.0)))
+    def from_config(cls, a: AutoscalingConfig, lo: int, hi: int) -> Policy:
+        """The package's policy within the replica range its environments allow."""
+        return cls(lo, max(hi, lo), a.concurrency_target, a.target_utilization, a.window_s, a.scale_down_delay_s)
 
 
 class Autoscaler:
     """Holds a short history of load per version; `desired()` applies the policy to it."""
 
-    def __init__(self, load: LoadFn | None = None, clock: Callable[[], float] = time.monotonic):
-        self.load = load
+    def __init__(self, signal: LoadSignal | None = None, clock: Callable[[], float] = time.monotonic):
+        self.signal = signal
         self.clock = clock
         self._series: dict[tuple[str, int], _Series] = {}
         self._max_window = 3600.0
@@ -53,7 +59,7 @@ class Autoscaler:
     def observe(self) -> None:
         """Take one sample of every version's in-flight requests (the reconciler calls this each tick)."""
         now = self.clock()
-        current = self.load() if self.load is not None else {}
+        current = self.signal.load() if self.signal is not None else {}
         for key in set(current) | set(self._series):
             s = self._series.setdefault(key, _Series())
             s.samples.append((now, float(current.get(key, 0.0))))

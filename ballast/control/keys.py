@@ -32,17 +32,24 @@ def new_secret() -> str:
 
 @dataclass(frozen=True)
 class KeyRecord:
-    """A live (unrevoked) key as the gateway caches it."""
+    """A live (unrevoked) key: what the gateway checks each request against, and the limits it enforces."""
 
     id: str
     key_hash: str
-    scopes: tuple[str, ...]
-    deployments: tuple[str, ...] | None
-    rpm: int | None
-    tpm: int | None
-    token_budget: int | None
-    budget_per: str
-    used_in_period: int
+    scopes: frozenset[str]
+    deployments: frozenset[str] | None = None  # None: every deployment
+    rpm: int | None = None
+    tpm: int | None = None
+    token_budget: int | None = None
+    budget_per: str = "month"
+    used_in_period: int = 0  # tokens used in the current budget period when the record was read
+
+    def may_use(self, deployment: str) -> bool:
+        return self.deployments is None or deployment in self.deployments
+
+    @property
+    def limits(self) -> tuple[int | None, int | None, int | None, str]:
+        return (self.rpm, self.tpm, self.token_budget, self.budget_per)
 
 
 def _view(k: ApiKey) -> dict[str, Any]:
@@ -122,8 +129,8 @@ class KeyStore:
                                  .where(Usage.key_id.in_(ids), Usage.hour >= period_start(per, now))
                                  .group_by(Usage.key_id)).all()
                 used.update({k: int(n or 0) for k, n in rows})
-        return [KeyRecord(k.id, k.key_hash, tuple(k.scopes or ()),
-                          tuple(k.deployments) if k.deployments is not None else None, k.rpm, k.tpm,
+        return [KeyRecord(k.id, k.key_hash, frozenset(k.scopes or ()),
+                          frozenset(k.deployments) if k.deployments is not None else None, k.rpm, k.tpm,
                           k.token_budget, k.budget_per, used.get(k.id, 0)) for k in keys]
 
     # ---- usage -----------------------------------------------------------------------------------

@@ -9,12 +9,11 @@ SQLite and PostgreSQL alike.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import math
-import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,68 +22,41 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ballast.config import ConfigError
+from ballast.control import views
+from ballast.control.errors import ControlError, check_name
+from ballast.control.events import add_event
+from ballast.control.health import ACTIVE_STATES
 from ballast.control.packages import store_package
+from ballast.control.planner import ENV_FIELDS, EnvState, canary_percent_at, env_traffic, promote_env
+from ballast.control.snapshot import Routing
+from ballast.control.times import aware, iso
 from ballast.package import Package, PackageError, load_package
-from ballast.store import Deployment, Environment, Event, Replica, Version, utcnow
+from ballast.store import Deployment, Environment, Replica, Version, utcnow
 
-NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-ACTIVE_STATES = ("starting", "ready", "unready", "crashloop")
 DEV_ENV = "development"
+__all__ = ["ACTIVE_STATES", "ControlError", "ControlPlane", "Settings", "add_event", "aware", "canary_percent_at",
+           "check_name", "env_traffic", "iso"]
 
 
-class ControlError(Exception):
-    """An operation that cannot be done; `status` is the HTTP status the API answers with."""
+def moves_traffic(op: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """After the operation committed, routing snapshots older than it are stale (see control.snapshot)."""
 
-    def __init__(self, status: int, message: str, code: str, param: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
-        self.param = param
+    @functools.wraps(op)
+    def wrapper(self: ControlPlane, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        result = op(self, *args, **kwargs)
+        self.routing.changed()
+        return result
+
+    return wrapper
 
 
 @dataclass
 class Settings:
     retire_grace_s: float = 300.0  # a version that leaves every environment keeps running this long
     drain_s: float = 1.0  # between taking a replica out of the routes and sending it SIGTERM
-    backoff_base_s: float = 1.0  # crash-loop backoff: base * 2^(failures-2), capped
+    backoff_base_s: float = 1.0  # crash-loop backoff (health.backoff_s), capped at backoff_max_s
     backoff_max_s: float = 60.0
     interval_s: float = 0.5  # reconcile period
-
-
-def aware(dt: datetime | None) -> datetime | None:
-    """SQLite gives naive datetimes back; everything stored is UTC."""
-    if dt is not None and dt.tzinfo is None:
-        return dt.replace(tzinfo=UTC)
-    return dt
-
-
-def iso(dt: datetime | None) -> str | None:
-    dt = aware(dt)
-    return dt.isoformat().replace("+00:00", "Z") if dt else None
-
-
-def check_name(name: str, what: str = "deployment name", param: str = "name") -> str:
-    if not NAME_RE.match(name or ""):
-        raise ControlError(400, f"invalid {what} {name!r}: use lowercase letters, digits and dashes (max 63)",
-                           "invalid_name", param)
-    return name
-
-
-def add_event(s: Session, deployment: str, kind: str, message: str, actor: str = "system", **data: Any) -> None:
-    s.add(Event(deployment=deployment, kind=kind, message=message, actor=actor or "system", data=data,
-                ts=utcnow()))
-
-
-def canary_percent_at(step: int, ramp_s: float, elapsed_s: float) -> int:
-    """Stepwise ramp: start at `step` percent and add `step` at even intervals until 100 at `ramp_s`."""
-    if ramp_s <= 0:
-        return step
-    if elapsed_s >= ramp_s:
-        return 100
-    steps = max(1, math.ceil((100 - step) / max(step, 1)))
-    k = int(elapsed_s / (ramp_s / steps))
-    return min(100, step + k * step) if k < steps else 100
 
 
 class ControlPlane:
@@ -97,13 +69,11 @@ class ControlPlane:
         self.logs_dir = home / "logs"
         self.settings = settings or Settings()
         self.lock = threading.RLock()  # environment pointers move under it (API and reconciler)
+        self.routing = Routing(sessions)
 
     # ---- lookups -------------------------------------------------------------------------------
     def _deployment(self, s: Session, name: str) -> Deployment:
-        dep = s.scalar(select(Deployment).where(Deployment.name == name))
-        if dep is None:
-            raise ControlError(404, f"no deployment named {name!r}", "deployment_not_found", "name")
-        return dep
+        return views.get_deployment(s, name)
 
     def _version(self, s: Session, dep: Deployment, number: int) -> Version:
         v = s.scalar(select(Version).where(Version.deployment_id == dep.id, Version.number == number))
@@ -195,8 +165,7 @@ class ControlPlane:
         row = s.scalar(select(Environment).where(Environment.deployment_id == dep.id, Environment.name == env))
         if row is None:
             if not create:
-                raise ControlError(404, f"deployment {dep.name!r} has no environment {env!r}",
-                                   "environment_not_found", "env")
+                return views.get_env(s, dep, env)  # raises the 404
             row = Environment(deployment_id=dep.id, name=env, version=None, canary_percent=0, canary_step_percent=0,
                               canary_ramp_s=0.0, pending_canary_percent=0, pending_ramp_s=0.0, pending_actor="",
                               updated_at=utcnow())
@@ -207,35 +176,15 @@ class ControlPlane:
     def apply_promotion(self, s: Session, dep: Deployment, row: Environment, number: int, canary: int,
                         ramp_s: float, actor: str, kind: str = "promoted") -> str:
         """Move the pointer (the target has ready replicas). Returns the new state of the environment."""
-        now = utcnow()
-        row.pending_version = None
-        row.pending_canary_percent = 0
-        row.pending_ramp_s = 0.0
-        row.updated_at = now
-        if canary and 0 < canary < 100 and row.version is not None and row.version != number:
-            row.canary_version = number
-            row.canary_percent = canary
-            row.canary_step_percent = canary
-            row.canary_ramp_s = ramp_s
-            row.canary_started_at = now
-            ramp = f", ramping to 100% over {ramp_s:g}s" if ramp_s > 0 else ""
-            add_event(s, dep.name, "canary", f"{row.name}: version {number} gets {canary}% of traffic "
-                      f"(version {row.version} the rest){ramp}", actor, env=row.name, version=number,
-                      percent=canary, ramp_s=ramp_s)
-            return "canary"
-        old = row.version
-        if old is not None and old != number:
-            row.previous_version = old
-        row.version = number
-        row.canary_version = None
-        row.canary_percent = 0
-        row.canary_started_at = None
-        row.canary_ramp_s = 0.0
-        what = f"from version {old} " if old is not None and old != number else ""
-        add_event(s, dep.name, kind, f"{row.name}: {what}to version {number}", actor, env=row.name,
-                  version=number, previous=old)
-        return "promoted"
+        st = EnvState(**{f: getattr(row, f) for f in ENV_FIELDS})
+        state, ev = promote_env(st, dep.name, number, canary, ramp_s, actor, utcnow(), kind)
+        for f in ENV_FIELDS:
+            if getattr(row, f) != getattr(st, f):
+                setattr(row, f, getattr(st, f))
+        add_event(s, ev.deployment, ev.kind, ev.message, ev.actor, **ev.data)
+        return state
 
+    @moves_traffic
     def promote(self, name: str, version: int, env: str, *, canary: int | None = None, ramp_s: float = 0.0,
                 actor: str = "system") -> dict[str, Any]:
         """Point `env` at `version` once it has ready replicas (now, if it has; else the reconciler does)."""
@@ -266,6 +215,7 @@ class ControlPlane:
                       "when it has ready replicas", actor, env=env, version=version, canary=canary, ramp_s=ramp_s)
             return {"environment": env, "state": "pending", "version": version}
 
+    @moves_traffic
     def rollback(self, name: str, env: str, *, version: int | None = None, actor: str = "system") -> dict[str, Any]:
         """Cancel a pending promotion or a canary, or point `env` back at its previous version."""
         with self.lock, self.sessions() as s, s.begin():
@@ -324,6 +274,7 @@ class ControlPlane:
                       env=env, min=row.min_replicas, max=row.max_replicas)
             return {"environment": env, "min_replicas": row.min_replicas, "max_replicas": row.max_replicas}
 
+    @moves_traffic
     def delete(self, name: str, *, actor: str = "system") -> dict[str, Any]:
         """Remove the deployment; the reconciler drains and stops its replicas (they belong to nothing now)."""
         with self.lock, self.sessions() as s, s.begin():
@@ -335,6 +286,7 @@ class ControlPlane:
         return {"deployment": name, "deleted": True}
 
     # ---- dev -----------------------------------------------------------------------------------
+    @moves_traffic
     def dev(self, path: str | Path, name: str | None = None, *, actor: str = "system") -> dict[str, Any]:
         """A development version that runs from the source directory and reloads when its files change."""
         package = self.load(path)
@@ -366,6 +318,7 @@ class ControlPlane:
                       version=v.number, path=str(package.path))
             return {"deployment": name, "version": v.number, "environment": DEV_ENV, "path": str(package.path)}
 
+    @moves_traffic
     def dev_stop(self, name: str, *, actor: str = "system") -> dict[str, Any]:
         with self.lock, self.sessions() as s, s.begin():
             dep = self._deployment(s, name)
@@ -383,7 +336,13 @@ class ControlPlane:
             for v in versions:
                 s.delete(v)
             add_event(s, name, "dev", "development replica stopped", actor, versions=sorted(numbers))
-        return {"deployment": name, "stopped": sorted(numbers)}
+            s.flush()
+            left = s.scalar(select(func.count()).select_from(Version).where(Version.deployment_id == dep.id))
+            if not left:  # it only ever ran `ballast dev`: nothing is left to list
+                s.execute(delete(Environment).where(Environment.deployment_id == dep.id))
+                s.execute(delete(Deployment).where(Deployment.id == dep.id))
+                add_event(s, name, "delete", f"deployment {name} had only its development version; removed", actor)
+        return {"deployment": name, "stopped": sorted(numbers), "deleted": not left}
 
     def reload_dev(self, s: Session, v: Version, dep_name: str) -> None:
         """The source of a dev version changed: validate it and bump the revision (replicas are replaced)."""
@@ -397,128 +356,19 @@ class ControlPlane:
         add_event(s, dep_name, "dev_reload", f"files changed; reloading version {v.number} (revision {v.revision})",
                   version=v.number, revision=v.revision)
 
-    # ---- views ---------------------------------------------------------------------------------
+    # ---- views (read-only; ballast.control.views) -------------------------------------------------
     def list_deployments(self) -> list[dict[str, Any]]:
-        with self.sessions() as s:
-            deps = s.scalars(select(Deployment).order_by(Deployment.name)).all()
-            envs = s.scalars(select(Environment)).all()
-            replicas = s.scalars(select(Replica)).all()
-            latest = dict(s.execute(select(Version.deployment_id, func.max(Version.number))
-                                    .group_by(Version.deployment_id)).all())
-            counts = dict(s.execute(select(Version.deployment_id, func.count())
-                                    .group_by(Version.deployment_id)).all())
-        out = []
-        for d in deps:
-            reps = [r for r in replicas if r.deployment == d.name]
-            out.append({
-                "name": d.name,
-                "created_at": iso(d.created_at),
-                "versions": counts.get(d.id, 0),
-                "latest_version": latest.get(d.id),
-                "environments": {e.name: e.version for e in envs if e.deployment_id == d.id},
-                "replicas": {"ready": sum(r.state == "ready" for r in reps), "total": len(reps)},
-            })
-        return out
+        return views.list_deployments(self.sessions)
 
     def describe(self, name: str) -> dict[str, Any]:
-        now = utcnow()
-        with self.sessions() as s:
-            dep = self._deployment(s, name)
-            versions = s.scalars(select(Version).where(Version.deployment_id == dep.id).order_by(Version.number)).all()
-            envs = s.scalars(select(Environment).where(Environment.deployment_id == dep.id)
-                             .order_by(Environment.name)).all()
-            replicas = s.scalars(select(Replica).where(Replica.deployment == name)
-                                 .order_by(Replica.version, Replica.started_at)).all()
-        return {
-            "name": dep.name,
-            "created_at": iso(dep.created_at),
-            "versions": [self._version_view(v, replicas) for v in versions],
-            "environments": [self._env_view(e) for e in envs],
-            "replicas": [self._replica_view(r, now) for r in replicas],
-        }
-
-    @staticmethod
-    def _version_view(v: Version, replicas: Any) -> dict[str, Any]:
-        mine = [r for r in replicas if r.version == v.number]
-        return {
-            "number": v.number, "fingerprint": v.fingerprint, "created_at": iso(v.created_at),
-            "created_by": v.created_by, "desired": v.desired, "min_replicas": v.min_replicas,
-            "max_replicas": v.max_replicas, "retire_at": iso(v.retire_at), "dev": v.dev, "revision": v.revision,
-            "package_path": v.package_path, "last_cold_start_s": v.last_cold_start_s,
-            "replicas": {"ready": sum(r.state == "ready" for r in mine), "total": len(mine)},
-        }
-
-    @staticmethod
-    def _env_view(e: Environment) -> dict[str, Any]:
-        return {
-            "name": e.name, "version": e.version, "previous_version": e.previous_version,
-            "canary": ({"version": e.canary_version, "percent": e.canary_percent, "ramp_s": e.canary_ramp_s,
-                        "started_at": iso(e.canary_started_at)} if e.canary_version is not None else None),
-            "pending": ({"version": e.pending_version, "canary_percent": e.pending_canary_percent or None,
-                         "ramp_s": e.pending_ramp_s} if e.pending_version is not None else None),
-            "min_replicas": e.min_replicas, "max_replicas": e.max_replicas, "updated_at": iso(e.updated_at),
-            "traffic": env_traffic(e),
-        }
-
-    @staticmethod
-    def _replica_view(r: Replica, now: datetime) -> dict[str, Any]:
-        started = aware(r.started_at)
-        return {
-            "id": r.id, "version": r.version, "state": r.state, "pool": r.pool, "url": r.url, "port": r.port,
-            "pid": r.pid, "started_at": iso(r.started_at), "ready_at": iso(r.ready_at),
-            "uptime_s": round((now - started).total_seconds(), 1) if started and r.pid else None,
-            "restarts": r.restarts, "failures": r.failures, "last_error": r.last_error,
-            "next_start_at": iso(r.next_start_at), "revision": r.revision,
-        }
+        return views.describe(self.sessions, name)
 
     def endpoints(self, name: str, env: str) -> dict[str, Any]:
-        """Where an environment's traffic goes now: versions with weights and their ready replica URLs."""
-        with self.sessions() as s:
-            dep = self._deployment(s, name)
-            row = self._env(s, dep, env)
-            traffic = env_traffic(row)
-            replicas = s.scalars(select(Replica).where(Replica.deployment == name, Replica.state == "ready")).all()
-        targets = [{"version": v, "weight": w,
-                    "replicas": [{"id": r.id, "url": r.url} for r in replicas if r.version == v and r.url]}
-                   for v, w in traffic]
-        return {"deployment": name, "environment": env, "targets": targets}
+        return views.endpoints(self.sessions, name, env)
 
     def routing_table(self) -> dict[str, dict[str, Any]]:
         """Every deployment's environments (version weights) and ready replicas: the gateway's routes."""
-        with self.sessions() as s:
-            deps = {d.id: d.name for d in s.scalars(select(Deployment)).all()}
-            envs = s.scalars(select(Environment)).all()
-            replicas = s.scalars(select(Replica).where(Replica.state == "ready")).all()
-        out: dict[str, dict[str, Any]] = {n: {"environments": {}, "versions": {}} for n in deps.values()}
-        for e in envs:
-            if e.deployment_id in deps:
-                out[deps[e.deployment_id]]["environments"][e.name] = env_traffic(e)
-        for r in replicas:
-            if r.deployment in out and r.url:
-                out[r.deployment]["versions"].setdefault(r.version, []).append(r.url)
-        return out
+        return self.routing.read().table()
 
     def events(self, name: str | None = None, limit: int = 100, after: int | None = None) -> list[dict[str, Any]]:
-        with self.sessions() as s:
-            q = select(Event)
-            if name:
-                q = q.where(Event.deployment == name)
-            if after is not None:
-                q = q.where(Event.id > after).order_by(Event.id).limit(limit)
-                rows = list(s.scalars(q).all())
-            else:
-                rows = list(reversed(s.scalars(q.order_by(Event.id.desc()).limit(limit)).all()))
-        return [{"id": e.id, "ts": iso(e.ts), "deployment": e.deployment, "kind": e.kind, "actor": e.actor,
-                 "message": e.message, "data": e.data} for e in rows]
-
-    def retire_deadline(self) -> datetime:
-        return utcnow() + timedelta(seconds=self.settings.retire_grace_s)
-
-
-def env_traffic(e: Environment) -> list[tuple[int, int]]:
-    """[(version, percent)] of an environment now (empty before its first promotion lands)."""
-    if e.version is None:
-        return []
-    if e.canary_version is not None and e.canary_percent > 0:
-        return [(e.version, 100 - e.canary_percent), (e.canary_version, e.canary_percent)]
-    return [(e.version, 100)]
+        return views.events(self.sessions, name, limit, after)

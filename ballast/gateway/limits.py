@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from ballast.control.keys import KeyRecord
 from ballast.openai import APIError
 from ballast.store import period_start
 
@@ -59,23 +60,16 @@ def too_many(message: str, retry_after: float, code: str) -> APIError:
     return APIError(429, message, code=code, headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
 
 
-@dataclass
 class KeyLimiter:
-    """The live limit state of one API key."""
+    """The live limit state of one API key; its limits are those of the key's record."""
 
-    rpm: int | None = None
-    tpm: int | None = None
-    token_budget: int | None = None
-    budget_per: str = "month"
-    used_in_period: int = 0
-    period: datetime = field(default_factory=lambda: period_start("month"))
-    _rpm: TokenBucket | None = None
-    _tpm: TokenBucket | None = None
-
-    def __post_init__(self) -> None:
+    def __init__(self, key: KeyRecord):
+        self.rpm, self.tpm, self.token_budget, self.budget_per = key.limits
+        self.limits = key.limits
+        self.used_in_period = key.used_in_period
+        self.period = period_start(self.budget_per)
         self._rpm = TokenBucket(self.rpm) if self.rpm else None
         self._tpm = TokenBucket(self.tpm) if self.tpm else None
-        self.period = period_start(self.budget_per)
 
     def admit(self) -> None:
         """Raise 429 if the key is over a limit; otherwise count the request."""

@@ -39,7 +39,6 @@ class Outcome:
 
     endpoint: Endpoint | None = None
     status: int = 0
-    attempts: int = 0
     usage: dict[str, Any] | None = None
     first_byte_s: float | None = None  # response headers from the replica
     first_chunk_s: float | None = None  # first body chunk of a stream (time to first token)
@@ -113,7 +112,6 @@ class Proxy:
             if tried and self.on_retry:
                 self.on_retry(ep)
             tried.add(ep.replica_id)
-            outcome.attempts += 1
             ep.outstanding += 1
             timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=3.0) if timeout_s else None
             try:
@@ -143,7 +141,6 @@ class Proxy:
                 last_error = f"replica {ep.replica_id} answered 503"
                 continue
             ep.consecutive_failures = 0
-            ep.served += 1
             outcome.endpoint = ep
             outcome.status = status
             outcome.first_byte_s = time.monotonic() - started

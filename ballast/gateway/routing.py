@@ -32,7 +32,6 @@ class Endpoint:
     outstanding: int = 0
     consecutive_failures: int = 0
     ejected_until: float = 0.0
-    served: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
 
     def available(self, now: float) -> bool:

@@ -15,12 +15,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from ballast.control.keys import KeyRecord
+from ballast.gateway.auth import MISSING_KEY_MESSAGE, api_key_from_headers
 from ballast.gateway.limits import KeyLimiter
 from ballast.gateway.metering import Meter, UsageCounts, UsageKey, counts_from_usage
+from ballast.gateway.metrics import GatewayMetrics
 from ballast.gateway.proxy import Outcome, Proxy
 from ballast.gateway.routing import Endpoint, Router, WeightedSplit, prefix_key
 from ballast.observe import REQUEST_ID_HEADER, current_request_id
@@ -34,28 +37,11 @@ INFERENCE_PATHS = {"chat_completions": "/v1/chat/completions", "completions": "/
                    "embeddings": "/v1/embeddings", "predict": "/predict"}
 
 
-@dataclass(frozen=True)
-class KeyInfo:
-    id: str
-    key_hash: str
-    scopes: frozenset[str]
-    deployments: frozenset[str] | None = None  # None: all deployments
-    rpm: int | None = None
-    tpm: int | None = None
-    token_budget: int | None = None
-    budget_per: str = "month"
-    used_in_period: int = 0  # tokens used in the current budget period when the snapshot was taken
-
-    def may_use(self, deployment: str) -> bool:
-        return self.deployments is None or deployment in self.deployments
-
-
 @dataclass
 class VersionRoute:
     version: int
     endpoints: list[Endpoint] = field(default_factory=list)
     model_name: str | None = None  # the name its replicas answer to; `model` is rewritten to it on the way
-    starting: int = 0  # replicas being started (cold start in progress)
 
 
 @dataclass
@@ -72,7 +58,10 @@ class DeploymentRoute:
 class GatewaySource(Protocol):
     """What the gateway needs from the control plane (same process: plain method calls)."""
 
-    def snapshot(self) -> tuple[list[KeyInfo], dict[str, DeploymentRoute]]: ...
+    def snapshot(self) -> tuple[list[KeyRecord], dict[str, DeploymentRoute]]: ...
+
+    def generation(self) -> int:
+        """Goes up after every committed routing change; a gateway behind it refreshes before routing."""
 
     async def write_usage(self, batch: dict[UsageKey, UsageCounts]) -> None: ...
 
@@ -80,32 +69,23 @@ class GatewaySource(Protocol):
         """A request is waiting for a version with no ready replica: scale it up from zero."""
 
 
-class GatewayMetrics:
-    def __init__(self, registry: CollectorRegistry):
-        r = registry
-        self.requests = Counter("ballast_gateway_requests", "Requests by deployment, version and status.",
-                                ["deployment", "version", "status"], registry=r)
-        self.latency = Histogram("ballast_gateway_request_duration_seconds", "End-to-end latency through the gateway.",
-                                 ["deployment"], registry=r,
-                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
-                                          60, 120))
-        self.ttft = Histogram("ballast_gateway_time_to_first_token_seconds", "Streams: time to the first chunk "
-                              "from the replica.", ["deployment"], registry=r,
-                              buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-        self.itl = Histogram("ballast_gateway_inter_token_latency_seconds", "Streams: mean time between output tokens "
-                             "of each request.", ["deployment"], registry=r,
-                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
-        self.tokens = Counter("ballast_gateway_tokens", "Tokens through the gateway by kind (rate() gives tokens/s).",
-                              ["deployment", "kind"], registry=r)
-        self.queued = Gauge("ballast_gateway_queue_depth", "Requests held waiting for a replica.", ["deployment"],
-                            registry=r)
-        self.retries = Counter("ballast_gateway_retries", "Requests retried on another replica.", ["deployment"],
-                               registry=r)
-        self.ejections = Counter("ballast_gateway_ejections", "Replicas ejected after failures.", ["deployment"],
-                                 registry=r)
-        self.cold_waits = Histogram("ballast_gateway_cold_start_wait_seconds", "Time requests were held for a "
-                                    "replica to start.", ["deployment"], registry=r,
-                                    buckets=(0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300))
+async def _read_body(request: Request, parse: bool) -> tuple[bytes, Any]:
+    """The body (bounded by MAX_BODY) and, when `parse`, its JSON object."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > MAX_BODY:
+        raise APIError(413, f"request body exceeds {MAX_BODY} bytes", code="request_too_large")
+    body = await request.body()
+    if len(body) > MAX_BODY:
+        raise APIError(413, f"request body exceeds {MAX_BODY} bytes", code="request_too_large")
+    if not parse:
+        return body, None
+    try:
+        parsed = json.loads(body) if body else None
+    except ValueError as e:
+        raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(parsed, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_request")
+    return body, parsed
 
 
 class Gateway:
@@ -117,16 +97,19 @@ class Gateway:
                            on_eject=lambda ep: self.metrics.ejections.labels(ep.meta.get("d", "")).inc())
         self.meter = Meter(source.write_usage)
         self.refresh_s = refresh_s
-        self.keys: dict[str, KeyInfo] = {}
+        self.keys: dict[str, KeyRecord] = {}
         self.routes: dict[str, DeploymentRoute] = {}
         self.limiters: dict[str, KeyLimiter] = {}
         self._splits: dict[tuple[str, str], tuple[tuple[tuple[int, int], ...], WeightedSplit]] = {}
         self._held: dict[str, int] = {}
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._generation = -1  # of the snapshot applied last
+        self._refreshing = asyncio.Lock()
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
+        self._generation = self.source.generation()
         self.refresh()
         self.meter.start()
         self._task = asyncio.create_task(self._refresh_loop())
@@ -142,8 +125,7 @@ class Gateway:
         while True:
             await asyncio.sleep(self.refresh_s)
             try:
-                # The snapshot reads the store: off the event loop, so requests never wait on it.
-                self.apply(*await asyncio.to_thread(self.source.snapshot))
+                await self.refresh_now()
                 failing = False
             except Exception:
                 if not failing:
@@ -154,19 +136,28 @@ class Gateway:
         self.apply(*self.source.snapshot())
 
     async def refresh_now(self) -> None:
-        """Apply the latest snapshot now (after a key was created or revoked through this process)."""
-        self.apply(*await asyncio.to_thread(self.source.snapshot))
+        """Apply the latest snapshot now (after a key was created or revoked through this process). The
+        snapshot reads the store off the event loop; the generation is taken before it, so a change
+        committed during the read is caught by the next check."""
+        async with self._refreshing:
+            generation = self.source.generation()
+            self.apply(*await asyncio.to_thread(self.source.snapshot))
+            self._generation = generation
 
-    def apply(self, keys: list[KeyInfo], routes: dict[str, DeploymentRoute]) -> None:
+    async def _catch_up(self) -> None:
+        """A routing change committed since the last snapshot: route by it, not by what it replaced."""
+        async with self._refreshing:
+            if self.source.generation() == self._generation:
+                return  # another request's refresh covered it while this one waited
+        await self.refresh_now()
+
+    def apply(self, keys: list[KeyRecord], routes: dict[str, DeploymentRoute]) -> None:
         """Swap in the control plane's latest keys and routes, keeping live endpoint state."""
         self.keys = {k.key_hash: k for k in keys}
         for k in keys:
             lim = self.limiters.get(k.id)
-            sig = (k.rpm, k.tpm, k.token_budget, k.budget_per)
-            if lim is None or (lim.rpm, lim.tpm, lim.token_budget, lim.budget_per) != sig:
-                lim = KeyLimiter(rpm=k.rpm, tpm=k.tpm, token_budget=k.token_budget, budget_per=k.budget_per)
-                lim.used_in_period = k.used_in_period
-                self.limiters[k.id] = lim
+            if lim is None or lim.limits != k.limits:
+                self.limiters[k.id] = KeyLimiter(k)
             else:
                 lim.used_in_period = max(lim.used_in_period, k.used_in_period)
         old = {ep.replica_id: ep for d in self.routes.values() for v in d.versions.values() for ep in v.endpoints}
@@ -197,17 +188,10 @@ class Gateway:
         return out
 
     # ---- auth ------------------------------------------------------------------------------
-    def authenticate(self, request: Request, scope: str) -> KeyInfo:
-        h = request.headers
-        secret = None
-        auth = h.get("authorization")
-        if auth and auth[:7].lower() == "bearer ":
-            secret = auth[7:].strip()
-        elif h.get("api-key"):
-            secret = h["api-key"].strip()
+    def authenticate(self, request: Request, scope: str) -> KeyRecord:
+        secret = api_key_from_headers(request.headers)
         if not secret:
-            raise APIError(401, "missing API key: send `Authorization: Bearer KEY` or `Api-Key: KEY`",
-                           code="missing_api_key")
+            raise APIError(401, MISSING_KEY_MESSAGE, code="missing_api_key")
         key = self.keys.get(hash_key(secret))
         if key is None:
             raise APIError(401, "invalid API key (it may have been revoked)", code="invalid_api_key")
@@ -216,7 +200,7 @@ class Gateway:
         return key
 
     # ---- resolution ------------------------------------------------------------------------
-    def resolve(self, model: str | None, key: KeyInfo) -> tuple[DeploymentRoute, int]:
+    def resolve(self, model: str | None, key: KeyRecord) -> tuple[DeploymentRoute, int]:
         if not model or not isinstance(model, str):
             raise APIError(400, "`model` is required: a deployment name (chat, chat@staging, chat:3)", param="model",
                            code="missing_model")
@@ -291,21 +275,11 @@ class Gateway:
 
     async def handle(self, request: Request, kind: str, model: str | None = None) -> Response:
         started = time.monotonic()
+        if self.source.generation() != self._generation:
+            await self._catch_up()
         key = self.authenticate(request, "inference")
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > MAX_BODY:
-            raise APIError(413, f"request body exceeds {MAX_BODY} bytes", code="request_too_large")
-        body = await request.body()
-        if len(body) > MAX_BODY:
-            raise APIError(413, f"request body exceeds {MAX_BODY} bytes", code="request_too_large")
-        parsed: Any = None
-        if kind != "predict" or model is None:
-            try:
-                parsed = json.loads(body) if body else None
-            except ValueError as e:
-                raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
-            if not isinstance(parsed, dict):
-                raise APIError(400, "the request body must be a JSON object", code="invalid_request")
+        body, parsed = await _read_body(request, parse=kind != "predict" or model is None)
+        if parsed is not None:
             model = parsed.get("model")
         dep, version = self.resolve(model, key)
         limiter = self.limiters.get(key.id)

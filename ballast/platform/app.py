@@ -34,6 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ballast.control import ControlError, ControlPlane, Reconciler
 from ballast.control.keys import KeyStore
 from ballast.control.logs import follow, tail_lines
+from ballast.gateway.auth import MISSING_KEY_MESSAGE, api_key_from_headers
 from ballast.gateway.service import Gateway
 from ballast.observe import REQUEST_ID_HEADER, new_request_id, request_id_var
 from ballast.openai import APIError, error_body
@@ -118,15 +119,9 @@ def _err(status: int, message: str, code: str | None = None, param: str | None =
 
 def actor(request: Request) -> str:
     """The caller, from its API key (`Authorization: Bearer KEY`, `api-key` or `x-api-key`); admin only for now."""
-    h = request.headers
-    secret = ""
-    auth = h.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        secret = auth[7:].strip()
-    secret = secret or h.get("api-key", "").strip() or h.get("x-api-key", "").strip()
+    secret = api_key_from_headers(request.headers)
     if not secret:
-        raise APIError(401, "missing API key: send `Authorization: Bearer KEY` (see `ballast up`)",
-                       code="missing_api_key")
+        raise APIError(401, MISSING_KEY_MESSAGE, code="missing_api_key")
     control: ControlPlane = request.app.state.control
     key = lookup(control.sessions, secret)
     if key is None:

@@ -20,14 +20,12 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 
 from ballast.backends import LocalBackend
-from ballast.control import ControlPlane, Reconciler, Settings
-from ballast.control.autoscaler import Autoscaler
-from ballast.gateway.service import Gateway
+from ballast.control import ControlPlane, Settings
 from ballast.home import ballast_home
 from ballast.observe import configure_logging
 from ballast.platform.app import create_app
 from ballast.platform.auth import bootstrap_admin, setting
-from ballast.platform.source import StoreSource
+from ballast.platform.source import assemble
 from ballast.runtime.serve import bind_socket
 from ballast.store import default_url, open_store, safe_url
 
@@ -114,10 +112,7 @@ def run_platform(opts: PlatformOptions, announce: Callable[[str], None] = print)
                            extra_args=["--no-isolation"] if opts.no_isolation else [])
     control = ControlPlane(sessions, home, settings)
     registry = CollectorRegistry()
-    gateway: Gateway | None = None
-    autoscaler = Autoscaler(load=lambda: gateway.load() if gateway is not None else {})
-    reconciler = Reconciler(control, backend, autoscaler=autoscaler, registry=registry)
-    gateway = Gateway(StoreSource(control, reconciler), registry)
+    reconciler, gateway = assemble(control, backend, registry)
     app = create_app(control, reconciler, gateway=gateway, registry=registry)
     sock = bind_socket(opts.host, opts.port)
     port = sock.getsockname()[1]

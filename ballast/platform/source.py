@@ -1,77 +1,41 @@
-"""The gateway's view of the control plane: keys and routes read from the store, usage written back.
+"""The gateway's view of the control plane, and the one place the platform's parts are wired together.
 
-`snapshot()` runs every refresh (a quarter of a second) in a worker thread: a handful of small queries,
-never one per request. Version configs are immutable (dev versions change with their revision), so
-their routing settings are parsed once per (version, revision).
+Routes come from the control plane's routing snapshot (`ballast.control.snapshot`), keys from the
+key store; usage goes back in batches. `assemble` settles the startup cycle gateway -> reconciler ->
+autoscaler -> gateway: the autoscaler reads load through the `LoadSignal` the gateway implements, and
+the gateway asks for capacity through the reconciler's `wake`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Callable
 
-from sqlalchemy import select
+from prometheus_client import CollectorRegistry
 
-from ballast.control import ControlPlane, Reconciler, env_traffic
-from ballast.control.keys import KeyStore
+from ballast.backends import Backend
+from ballast.config import BallastConfig
+from ballast.control import ControlPlane, Reconciler
+from ballast.control.autoscaler import Autoscaler
+from ballast.control.keys import KeyRecord, KeyStore
+from ballast.control.snapshot import DeploymentTargets
 from ballast.gateway.metering import UsageCounts, UsageKey
 from ballast.gateway.routing import Endpoint
-from ballast.gateway.service import DeploymentRoute, KeyInfo, VersionRoute
-from ballast.store import Deployment, Environment, Replica, Version
+from ballast.gateway.service import DeploymentRoute, Gateway, VersionRoute
 
 
 class StoreSource:
-    def __init__(self, control: ControlPlane, reconciler: Reconciler | None = None):
+    def __init__(self, control: ControlPlane, wake: Callable[[], None] | None = None):
         self.control = control
-        self.reconciler = reconciler
+        self.wake = wake
         self.keys = KeyStore(control.sessions)
-        self._settings: dict[tuple[int, int], tuple[bool, bool, int, float, str]] = {}
 
-    def _version_settings(self, v: Version) -> tuple[bool, bool, int, float, str]:
-        """(llm, prefix routing, max queue, max wait, model name) of a version, parsed once per revision."""
-        cached = self._settings.get((v.id, v.revision))
-        if cached is None:
-            config: dict[str, Any] = v.config or {}
-            llm = config.get("engine") is not None
-            routing = config.get("routing") or {}
-            policy = routing.get("policy", "auto")
-            prefix = policy == "prefix" or (policy == "auto" and llm)
-            engine = config.get("engine") or {}
-            name = engine.get("served_model_name") or config.get("name") or ""
-            cached = (llm, prefix, int(routing.get("max_queue", 256)), float(routing.get("max_wait_s", 120.0)), name)
-            self._settings[(v.id, v.revision)] = cached
-        return cached
+    def generation(self) -> int:
+        return self.control.routing.generation
 
-    def snapshot(self) -> tuple[list[KeyInfo], dict[str, DeploymentRoute]]:
-        with self.control.sessions() as s:
-            deps = {d.id: d.name for d in s.scalars(select(Deployment)).all()}
-            versions = s.scalars(select(Version)).all()
-            envs = s.scalars(select(Environment)).all()
-            ready = s.execute(select(Replica.id, Replica.deployment, Replica.version, Replica.url)
-                              .where(Replica.state == "ready")).all()
-            settings = {(v.deployment_id, v.number): self._version_settings(v) for v in versions}
-        routes: dict[str, DeploymentRoute] = {}
-        for dep_id, name in deps.items():
-            mine = {n: st for (d, n), st in settings.items() if d == dep_id}
-            # An environment waiting for its first version to start routes to it: requests are held, not refused.
-            environments = {e.name: env_traffic(e) or ([(e.pending_version, 100)] if e.pending_version else [])
-                            for e in envs if e.deployment_id == dep_id}
-            # The deployment's behaviour follows its production version (else its newest).
-            lead = (environments.get("production") or [(max(mine, default=0), 100)])[0][0]
-            llm, prefix, max_queue, max_wait, _ = mine.get(lead, (False, False, 256, 120.0, ""))
-            versions = {n: VersionRoute(n, model_name=st[4] or None) for n, st in mine.items()}
-            routes[name] = DeploymentRoute(name=name, llm=llm, versions=versions,
-                                           environments=environments, prefix_routing=prefix, max_queue=max_queue,
-                                           max_wait_s=max_wait)
-        for rid, dep, number, url in ready:
-            route = routes.get(dep)
-            if route is not None and url and number in route.versions:
-                route.versions[number].endpoints.append(Endpoint(rid, url, number))
-        keys = [KeyInfo(id=k.id, key_hash=k.key_hash, scopes=frozenset(k.scopes),
-                        deployments=frozenset(k.deployments) if k.deployments is not None else None,
-                        rpm=k.rpm, tpm=k.tpm, token_budget=k.token_budget, budget_per=k.budget_per,
-                        used_in_period=k.used_in_period) for k in self.keys.live()]
-        return keys, routes
+    def snapshot(self) -> tuple[list[KeyRecord], dict[str, DeploymentRoute]]:
+        snap = self.control.routing.read()
+        return self.keys.live(), {name: _route(d) for name, d in snap.deployments.items()}
 
     async def write_usage(self, batch: dict[UsageKey, UsageCounts]) -> None:
         rows = [{"key_id": k, "deployment": d, "version": v, "hour": h, "requests": c.requests,
@@ -81,5 +45,36 @@ class StoreSource:
 
     def request_capacity(self, deployment: str, version: int) -> None:
         # The held request already counts as in-flight load; run the autoscaler now rather than next tick.
-        if self.reconciler is not None:
-            self.reconciler.wake()
+        if self.wake is not None:
+            self.wake()
+
+
+def _served_name(cfg: BallastConfig) -> str | None:
+    return getattr(cfg.engine, "served_model_name", None) or cfg.name or None
+
+
+def _route(d: DeploymentTargets) -> DeploymentRoute:
+    # An environment waiting for its first version to start routes to it: requests are held, not refused.
+    environments = {env: traffic or ([(d.pending[env], 100)] if env in d.pending else [])
+                    for env, traffic in d.environments.items()}
+    # The deployment's behaviour follows its production version (else its newest).
+    lead = (environments.get("production") or [(max(d.versions, default=0), 100)])[0][0]
+    target = d.versions.get(lead)
+    cfg = target.config if target is not None else None
+    llm = cfg is not None and cfg.engine is not None
+    policy = cfg.routing.policy if cfg is not None else "auto"
+    versions = {n: VersionRoute(n, [Endpoint(rid, url, n) for rid, url in t.replicas], _served_name(t.config))
+                for n, t in d.versions.items()}
+    return DeploymentRoute(name=d.name, llm=llm, versions=versions, environments=environments,
+                           prefix_routing=policy == "prefix" or (policy == "auto" and llm),
+                           max_queue=cfg.routing.max_queue if cfg is not None else 256,
+                           max_wait_s=cfg.routing.max_wait_s if cfg is not None else 120.0)
+
+
+def assemble(control: ControlPlane, backend: Backend, registry: CollectorRegistry) -> tuple[Reconciler, Gateway]:
+    """Build the reconciler and the gateway of one platform process, each knowing what it needs of the other."""
+    autoscaler = Autoscaler()
+    reconciler = Reconciler(control, backend, autoscaler=autoscaler, registry=registry)
+    gateway = Gateway(StoreSource(control, reconciler.wake), registry)
+    autoscaler.signal = gateway
+    return reconciler, gateway

@@ -96,8 +96,9 @@ class Platform:
         return self.wait(f"{name} v{version} serving {env}", ok, timeout)
 
     def cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        p = subprocess.run([sys.executable, "-m", "ballast.cli.main", *args], env={**self.env, "BALLAST_URL": self.url},
-                           capture_output=True, text=True, timeout=timeout)
+        env = {**self.env, "BALLAST_URL": self.url, "COLUMNS": "250"}  # wide tables: no wrapped cells
+        p = subprocess.run([sys.executable, "-m", "ballast.cli.main", *args], env=env, capture_output=True, text=True,
+                           timeout=timeout)
         if check:
             assert p.returncode == 0, f"ballast {' '.join(args)} failed:\n{p.stdout}\n{p.stderr}"
         return p

@@ -16,9 +16,19 @@ class Clock:
         return self.t
 
 
+class Load:
+    """A load signal read from a dict the test changes."""
+
+    def __init__(self, values: dict[tuple[str, int], float]) -> None:
+        self.values = values
+
+    def load(self) -> dict[tuple[str, int], float]:
+        return dict(self.values)
+
+
 def _scaler(load: dict[tuple[str, int], float]) -> tuple[Autoscaler, Clock]:
     clock = Clock()
-    return Autoscaler(load=lambda: dict(load), clock=clock), clock
+    return Autoscaler(Load(load), clock=clock), clock
 
 
 def test_desired_is_ceil_of_average_in_flight_over_target_times_utilization() -> None:

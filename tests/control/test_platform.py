@@ -273,8 +273,10 @@ def test_dev_replica_reloads_on_change(platform, tmp_path):
 
     p.wait("dev reload", reloaded, timeout=60, every=0.3)
     assert "dev_reload" in [e["kind"] for e in p.api("GET", "/events?deployment=devsvc")["data"]]
-    p.api("DELETE", "/dev/devsvc")
-    p.wait("dev replicas stop", lambda: not p.show("devsvc")["replicas"], timeout=30)
+    pids = [r["pid"] for r in p.show("devsvc")["replicas"] if r["pid"]]
+    assert p.api("DELETE", "/dev/devsvc")["deleted"] is True  # it had only the dev version: nothing is left
+    assert "devsvc" not in [d["name"] for d in p.api("GET", "/deployments")["data"]]
+    p.wait("dev replicas stop", lambda: not any(pid_alive(pid) for pid in pids), timeout=30)
 
 
 def test_hung_replica_fails_liveness_and_is_replaced(platform, tmp_path):
@@ -293,3 +295,55 @@ def test_hung_replica_fails_liveness_and_is_replaced(platform, tmp_path):
     finally:
         kill_leftovers([rep["pid"]])
     p.api("DELETE", "/deployments/hung")
+
+
+def test_routing_follows_promote_at_once(platform, tmp_path):
+    """The moment a promotion is visible to the caller, the gateway routes by it: right after a pending
+    promotion lands (seen through the API) and right after each instant promote returns."""
+    p = platform
+    p.cli("deploy", str(versioned(tmp_path / "a", 1, name="flip")), "--wait", "--timeout", "60")
+    p.api("POST", "/deployments", json={"path": str(versioned(tmp_path / "b", 2, name="flip")), "name": "flip"},
+          expect=201)
+    headers = {"Authorization": f"Bearer {p.key}"}
+
+    def served() -> str:
+        r = httpx.post(p.url + "/deployments/flip/predict", json=0, headers=headers, timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-ballast-replica"]
+        return r.json()["version"]
+
+    assert p.api("POST", "/deployments/flip/promote", json={"version": 2})["state"] == "pending"
+    p.wait("promotion landed", lambda: next(e for e in p.show("flip")["environments"]
+                                            if e["name"] == "production")["version"] == 2, every=0.01)
+    assert served() == "2"
+    for i in range(20):
+        target = 1 if i % 2 == 0 else 2
+        r = p.api("POST", "/deployments/flip/promote", json={"version": target})
+        assert r["state"] == "promoted", r
+        assert served() == str(target), f"promote {i} to v{target} not in effect when the call returned"
+    pids = [r["pid"] for r in p.show("flip")["replicas"] if r["pid"]]
+    assert len(pids) == 2
+    p.cli("delete", "flip")
+    assert "flip" not in [d["name"] for d in p.api("GET", "/deployments")["data"]]
+    p.wait("replicas of a deleted deployment stop", lambda: not any(pid_alive(pid) for pid in pids), timeout=30)
+
+
+def test_replica_needing_missing_resources_stays_pending_with_the_reason(platform, tmp_path):
+    p = platform
+    pkg = write_package(tmp_path / "gpu", 'name: needgpu\nresources: {accelerator: "H100:1"}\n',
+                        "class Model:\n    def predict(self, x):\n        return x\n")
+    p.api("POST", "/deployments", json={"path": str(pkg)}, expect=201)
+
+    def pending() -> dict | None:
+        reps = p.show("needgpu")["replicas"]
+        return reps[0] if reps and reps[0]["state"] == "pending" else None
+
+    rep = p.wait("replica pending", pending)
+    assert rep["pid"] is None and rep["url"] is None
+    assert "no pool has 1 x H100 free" in rep["reason"]
+    assert "no pool has 1 x H100 free" in p.cli("show", "needgpu").stdout
+    events = p.api("GET", "/deployments/needgpu/events")["data"]
+    assert [e for e in events if e["kind"] == "replica_pending"]
+    assert not [e for e in events if e["kind"] == "replica_started"]
+    p.api("DELETE", "/deployments/needgpu")
+    p.wait("deleted and gone", lambda: "needgpu" not in [d["name"] for d in p.api("GET", "/deployments")["data"]])

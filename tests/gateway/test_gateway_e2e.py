@@ -165,8 +165,10 @@ def test_each_error_status(plat: Platform) -> None:
     body = {"model": "chat", "messages": MSGS, "max_tokens": 4}
     _assert_error(_post(plat, "/v1/chat/completions", key="", json=body), 401, "missing_api_key")
     _assert_error(_post(plat, "/v1/chat/completions", key="bk_nope", json=body), 401, "invalid_api_key")
-    r = httpx.post(plat.url + "/v1/chat/completions", headers={"Api-Key": plat.key or ""}, json=body, timeout=60)
-    assert r.status_code == 200, r.text
+    for header in ("Api-Key", "x-api-key"):  # the same headers as the REST API
+        r = httpx.post(plat.url + "/v1/chat/completions", headers={header: plat.key or ""}, json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        assert httpx.get(plat.url + "/api/v1/deployments", headers={header: plat.key or ""}).status_code == 200
 
     metrics_key = _new_key(plat, scopes=["metrics"])["key"]
     _assert_error(_post(plat, "/v1/chat/completions", key=metrics_key, json=body), 403, "insufficient_scope")

@@ -22,15 +22,16 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ballast.control.keys import KeyRecord
 from ballast.gateway.routing import Endpoint
-from ballast.gateway.service import DeploymentRoute, Gateway, KeyInfo, VersionRoute
+from ballast.gateway.service import DeploymentRoute, Gateway, VersionRoute
 from ballast.openai import APIError
 from ballast.store import hash_key
 from tests.conftest import EXAMPLES, free_port, write_package
 
 
 class StaticSource:
-    def __init__(self, keys: list[KeyInfo], routes: dict[str, DeploymentRoute]):
+    def __init__(self, keys: list[KeyRecord], routes: dict[str, DeploymentRoute]):
         self.keys = keys
         self.routes = routes
         self.usage: list = []
@@ -38,6 +39,9 @@ class StaticSource:
 
     def snapshot(self):
         return self.keys, self.routes
+
+    def generation(self) -> int:
+        return 0  # routes change only through the periodic refresh here
 
     async def write_usage(self, batch) -> None:
         self.usage.append(batch)
@@ -95,9 +99,9 @@ def _source(replicas) -> StaticSource:
     route = DeploymentRoute(name="echo", llm=False, versions={1: VersionRoute(1, eps)},
                             environments={"production": [(1, 100)]})
     keys = [
-        KeyInfo(id="k1", key_hash=hash_key(KEY), scopes=frozenset({"inference"})),
-        KeyInfo(id="k2", key_hash=hash_key(OTHER), scopes=frozenset({"inference"}), deployments=frozenset({"x"})),
-        KeyInfo(id="k3", key_hash=hash_key("sk-metrics"), scopes=frozenset({"metrics"})),
+        KeyRecord(id="k1", key_hash=hash_key(KEY), scopes=frozenset({"inference"})),
+        KeyRecord(id="k2", key_hash=hash_key(OTHER), scopes=frozenset({"inference"}), deployments=frozenset({"x"})),
+        KeyRecord(id="k3", key_hash=hash_key("sk-metrics"), scopes=frozenset({"metrics"})),
     ]
     return StaticSource(keys, {"echo": route})
 
@@ -157,7 +161,7 @@ def test_replica_dying_mid_stream_ends_with_an_error_event(replica_factory):
     rep = replica_factory(EXAMPLES / "stream")
     eps = [Endpoint(replica_id="s0", url=rep.url, version=1)]
     src = StaticSource(
-        [KeyInfo(id="k1", key_hash=hash_key(KEY), scopes=frozenset({"inference"}))],
+        [KeyRecord(id="k1", key_hash=hash_key(KEY), scopes=frozenset({"inference"}))],
         {"stream": DeploymentRoute(name="stream", llm=False, versions={1: VersionRoute(1, eps)},
                                    environments={"production": [(1, 100)]})},
     )
@@ -185,7 +189,7 @@ def test_a_full_replica_spills_to_another_and_all_full_gives_429(replica_factory
     reps = [replica_factory(pkg) for _ in range(2)]
     eps = [Endpoint(replica_id=f"r{i}", url=r.url, version=1) for i, r in enumerate(reps)]
     src = StaticSource(
-        [KeyInfo(id="k1", key_hash=hash_key(KEY), scopes=frozenset({"inference"}))],
+        [KeyRecord(id="k1", key_hash=hash_key(KEY), scopes=frozenset({"inference"}))],
         {"slow": DeploymentRoute(name="slow", llm=False, versions={1: VersionRoute(1, eps)},
                                  environments={"production": [(1, 100)]})},
     )

@@ -6,6 +6,8 @@ import random
 import time
 from collections import Counter
 
+from ballast.control.keys import KeyRecord
+from ballast.gateway.auth import api_key_from_headers
 from ballast.gateway.limits import KeyLimiter, TokenBucket
 from ballast.gateway.routing import Endpoint, Router, WeightedSplit, prefix_key
 
@@ -85,7 +87,7 @@ def test_token_bucket_and_key_limits():
     b = TokenBucket(60)  # one per second
     assert all(b.try_take() == 0 for _ in range(60))
     assert b.try_take() > 0
-    lim = KeyLimiter(rpm=2)
+    lim = KeyLimiter(KeyRecord("k1", "h1", frozenset({"inference"}), rpm=2))
     lim.admit()
     lim.admit()
     try:
@@ -93,7 +95,7 @@ def test_token_bucket_and_key_limits():
         raise AssertionError("expected 429")
     except Exception as e:
         assert getattr(e, "status", None) == 429 and e.headers["Retry-After"]
-    budget = KeyLimiter(token_budget=100, budget_per="day")
+    budget = KeyLimiter(KeyRecord("k2", "h2", frozenset({"inference"}), token_budget=100, budget_per="day"))
     budget.admit()
     budget.charge(150)
     try:
@@ -101,3 +103,13 @@ def test_token_bucket_and_key_limits():
         raise AssertionError("expected 429")
     except Exception as e:
         assert e.code == "budget_exceeded"
+
+
+def test_one_key_header_parser():
+    import httpx
+
+    for h in ({"Authorization": "Bearer bk_1"}, {"authorization": "bearer  bk_1 "}, {"Api-Key": "bk_1"},
+              {"X-API-Key": "bk_1"}):
+        assert api_key_from_headers(httpx.Headers(h)) == "bk_1", h
+    assert api_key_from_headers(httpx.Headers({"Authorization": "Basic x"})) is None
+    assert api_key_from_headers(httpx.Headers({})) is None
