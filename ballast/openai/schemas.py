@@ -152,8 +152,8 @@ class CompletionRequest(_Sampling):
             out.append("best_of")
         if self.echo:
             out.append("echo")
-        if (self.model_extra or {}).get("logit_bias"):
-            out.append("logit_bias")
+        extra = self.model_extra or {}
+        out += [key for key in ("tools", "functions", "tool_choice", "logit_bias", "response_format") if extra.get(key)]
         return out
 
     def prompts(self) -> list[str | list[int]]:
