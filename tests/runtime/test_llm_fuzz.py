@@ -225,3 +225,33 @@ def test_after_the_fuzzing_the_engine_still_serves(http):
     assert r.status_code == 200 and len(r.json()["choices"]) == 4, r.text
     assert http.get("/health/ready").status_code == 200
     assert http.get("/health/live").status_code == 200
+
+
+def test_a_dead_engine_fails_liveness_and_readiness(tiny_checkpoint: Path, tmp_path: Path):
+    """In process: the real EngineHost over a real engine whose thread dies reports FAILED (live) and
+    not healthy (ready), and requests get a 503 instead of hanging."""
+    import asyncio
+
+    from ballast.openai import APIError
+    from ballast.package.package import load_package
+    from ballast.runtime.llm import EngineHost
+    from ballast.runtime.model import LoadState
+
+    async def run() -> None:
+        host = EngineHost(load_package(llm_package(tmp_path / "tiny", tiny_checkpoint)))
+        await host.load()
+        assert host.state is LoadState.READY and await host.healthy() == (True, None)
+        host.engine._commands.put(("add", None))  # a malformed command kills the engine thread
+        host.engine._wake.set()
+        for _ in range(500):
+            if host.engine.dead:
+                break
+            await asyncio.sleep(0.01)
+        ok, reason = await host.healthy()
+        assert not ok and "died" in reason and host.state is LoadState.FAILED
+        with pytest.raises(APIError) as e:
+            await host.call("chat_completions", dict(CHAT))
+        assert e.value.status == 503
+        await host.shutdown()
+
+    asyncio.run(run())
