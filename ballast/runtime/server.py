@@ -127,6 +127,8 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
     except RecursionError:
         raise APIError(400, "request body is nested too deeply", code="invalid_json") from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
 
 
 class ReplicaApp:

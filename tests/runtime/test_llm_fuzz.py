@@ -139,6 +139,7 @@ RAW_BODIES = [
     ("/v1/completions", b'{"prompt": "a", "seed": ' + str(2**70).encode() + b"}"),
     ("/v1/completions", b'{"prompt": "a", "temperature": NaN}'),
     ("/v1/completions", b'{"prompt": "a", "max_tokens": 1e400}'),
+    ("/v1/completions", b'{"prompt": "a", "max_tokens": ' + b"9" * 5000 + b"}"),
     ("/v1/completions", b"{not json"),
     ("/v1/completions", b""),
     ("/v1/completions", b"\xff\xfe"),
@@ -202,14 +203,17 @@ def test_raw_bodies_deep_nesting_surrogates_and_bad_json(http):
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
                     max_leaves=12)
-FIELDS = sorted({*NUMERIC, *CHAT_ONLY, "messages", "stop", "stop_token_ids", "stream", "stream_options", "model"})
+COMMON = {*NUMERIC, "stop", "stop_token_ids", "stream", "stream_options", "model", "user", "ignore_eos"}
+ROUTES = [("/v1/chat/completions", CHAT, sorted({*COMMON, *CHAT_ONLY, "messages", "logprobs", "response_format"})),
+          ("/v1/completions", COMPLETION, sorted({*COMMON, *COMPLETION_ONLY, "prompt", "echo", "suffix"}))]
 
 
-@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(field=st.sampled_from(FIELDS), value=JSON, stream=st.booleans())
-def test_arbitrary_json_in_any_field_never_breaks_the_replica(http, field, value, stream):
-    body = {**CHAT, "stream": stream, field: value}
-    r = post(http, "/v1/chat/completions", body)
+@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(route=st.sampled_from(ROUTES), data=st.data(), value=JSON, stream=st.booleans())
+def test_arbitrary_json_in_any_field_never_breaks_the_replica(http, route, data, value, stream):
+    path, base, fields = route
+    body = {**base, "stream": stream, data.draw(st.sampled_from(fields)): value}
+    r = post(http, path, body)
     assert r.status_code < 500, (body, r.status_code, r.text[:300])
     assert r.headers.get("x-request-id")
     if r.status_code >= 400:
