@@ -73,7 +73,7 @@ class _Sampling(_Req):
     # Extensions shared with vLLM.
     top_k: int | None = Field(None, strict=True, ge=-1, le=MAX_TOKENS_LIMIT)
     min_p: float | None = Field(None, strict=True, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, strict=True, gt=0, le=10)
+    repetition_penalty: float | None = Field(None, strict=True, ge=0.01, le=10)
     ignore_eos: bool = Field(False, strict=True)
     stop_token_ids: list[StrictInt] | None = Field(None, max_length=64)
 

@@ -40,6 +40,25 @@ def test_a_failing_request_fails_alone_and_the_engine_goes_on(tiny):
     assert out.error is None and len(out.outputs[0].token_ids) == 4
 
 
+def test_a_request_that_breaks_batched_sampling_fails_alone(tiny):
+    llm = LLM(str(tiny), kv_cache_bytes=16 << 20)
+    eng = llm.engine
+    # A penalty this small turns the seen tokens' logits into inf: its distribution is NaN, so the batched
+    # draw raises; the runner then samples row by row and only this request fails.
+    eng.add_request("nan", list(range(3, 20)), SamplingParams(max_tokens=8, temperature=1.0, seed=1,
+                                                              repetition_penalty=1e-300, ignore_eos=True))
+    eng.add_request("fine", list(range(3, 20)), SamplingParams(max_tokens=8, temperature=1.0, seed=2,
+                                                               ignore_eos=True))
+    results = {}
+    while eng.has_work():
+        for out in eng.step():
+            if out.finished:
+                results[out.request_id] = out
+    assert results["nan"].error and "nan" in results["nan"].error
+    assert results["fine"].error is None
+    assert_no_leaks(llm)
+
+
 def test_async_engine_survives_a_request_that_breaks_and_reports_a_dead_thread(tiny):
     async def run() -> None:
         eng = AsyncEngine(EngineArgs(str(tiny), kv_cache_bytes=16 << 20))

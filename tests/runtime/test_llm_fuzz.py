@@ -38,7 +38,7 @@ NUMERIC = {
     "frequency_penalty": (False, -2, 2, True),
     "top_k": (True, -1, 1 << 20, True),
     "min_p": (False, 0, 1, True),
-    "repetition_penalty": (False, 1e-9, 10, True),
+    "repetition_penalty": (False, 0.01, 10, True),
 }
 CHAT_ONLY = {"max_completion_tokens": (True, 1, 1 << 20, True), "top_logprobs": (True, 0, 20, True)}
 COMPLETION_ONLY = {"logprobs": (True, 0, 20, True), "best_of": (True, 1, 16, True)}
