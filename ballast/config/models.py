@@ -137,7 +137,7 @@ class DefaultSampling(_Strict):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=10)
     max_tokens: int | None = Field(None, ge=1, description="Bound of max_tokens when a request sets none.")
 
 

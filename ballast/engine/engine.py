@@ -18,7 +18,7 @@ from ballast.engine.block_manager import BlockManager
 from ballast.engine.checkpoints import resolve_checkpoint
 from ballast.engine.config import EngineArgs, ModelConfig, generation_defaults
 from ballast.engine.errors import EngineError
-from ballast.engine.model_runner import ModelRunner
+from ballast.engine.model_runner import ModelRunner, StepResult
 from ballast.engine.scheduler import ScheduledSeq, Scheduler
 from ballast.engine.sequence import (
     CompletionOutput,
@@ -168,11 +168,11 @@ class LLMEngine:
         if not batch:
             return self._fail_unschedulable()
         try:
-            seqs, tokens, logprobs = self.runner.run(batch)
+            result = self.runner.run(batch)
         except Exception as e:  # not attributable to one request: the batch fails, the engine goes on
             log.exception("engine step failed; failing its %d sequences", len(batch))
             return self._fail({s.seq.request_id for s in batch}, e)
-        touched, outs = self._update(batch, seqs, tokens, logprobs)
+        touched, outs = self._update(batch, result)
         return outs + self._outputs(touched)
 
     def fail_all(self, error: BaseException) -> list[RequestOutput]:
@@ -188,10 +188,11 @@ class LLMEngine:
                           "kv_cache_exceeded")
         return self._fail([stuck.request_id], err)
 
-    def _update(self, batch: list[ScheduledSeq], seqs: list[Sequence], tokens: list[int],
-                logprobs: torch.Tensor | None) -> tuple[dict[str, Request], list[RequestOutput]]:
+    def _update(self, batch: list[ScheduledSeq], result: StepResult) -> tuple[dict[str, Request],
+                                                                                list[RequestOutput]]:
         """Advance the scheduled sequences and append the sampled tokens; a failure fails its request alone."""
-        failed: dict[str, BaseException] = {}
+        failed: dict[str, BaseException] = dict(result.errors)
+        logprobs = result.logprobs
         for sch in batch:
             try:
                 sch.seq.num_computed += sch.num_tokens
@@ -201,7 +202,7 @@ class LLMEngine:
         if self._forking:
             self._admit_forks()
         touched: dict[str, Request] = {}
-        for i, (seq, tok) in enumerate(zip(seqs, tokens, strict=True)):
+        for i, (seq, tok) in enumerate(zip(result.seqs, result.tokens, strict=True)):
             if seq.request_id in failed:
                 continue
             try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +23,17 @@ from ballast.engine.scheduler import ScheduledSeq
 from ballast.engine.sequence import Sequence
 
 log = logging.getLogger("ballast.engine")
+
+
+@dataclass
+class StepResult:
+    """What one step produced: sampled sequences with their tokens (and logprob rows), and per-request
+    sampling failures."""
+
+    seqs: list[Sequence]
+    tokens: list[int]
+    logprobs: torch.Tensor | list[torch.Tensor | None] | None
+    errors: dict[str, BaseException]
 
 
 class ModelRunner:
@@ -119,9 +131,28 @@ class ModelRunner:
                 batch, rows, seqs)
 
     @torch.inference_mode()
-    def run(self, scheduled: list[ScheduledSeq]) -> tuple[list[Sequence], list[int], torch.Tensor | None]:
-        """One forward pass over the step; returns the sequences that sampled, their tokens and logprobs."""
+    def run(self, scheduled: list[ScheduledSeq]) -> StepResult:
+        """One forward pass over the step, then sampling; returns the sequences that sampled, their tokens
+        and logprobs, and the requests whose row could not be sampled."""
         ids, pos, batch, rows, seqs = self._prepare(scheduled)
         logits = self.model(ids, pos, self.kv_caches, batch, torch.tensor(rows, dtype=torch.long, device=self.device))
-        tokens, logprobs = sample(logits, seqs) if seqs else ([], None)
-        return seqs, tokens, logprobs
+        if not seqs:
+            return StepResult([], [], None, {})
+        try:
+            tokens, logprobs = sample(logits, seqs)
+            return StepResult(seqs, tokens, logprobs, {})
+        except Exception:
+            log.warning("batched sampling failed; sampling row by row to find the request at fault", exc_info=True)
+        # A request's own parameters can break sampling (a NaN distribution): one row at a time, so it fails
+        # alone and the rest of the batch still gets its tokens.
+        result = StepResult([], [], [], {})
+        for i, seq in enumerate(seqs):
+            try:
+                tok, lp = sample(logits[i : i + 1], [seq])
+            except Exception as e:
+                result.errors[seq.request_id] = e
+                continue
+            result.seqs.append(seq)
+            result.tokens.append(tok[0])
+            result.logprobs.append(lp[0] if lp is not None else None)  # type: ignore[union-attr]
+        return result

@@ -73,7 +73,7 @@ class _Sampling(_Req):
     # Extensions shared with vLLM.
     top_k: int | None = Field(None, strict=True, ge=-1, le=MAX_TOKENS_LIMIT)
     min_p: float | None = Field(None, strict=True, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, strict=True, gt=0, le=10)
+    repetition_penalty: float | None = Field(None, strict=True, ge=0.01, le=10)
     ignore_eos: bool = Field(False, strict=True)
     stop_token_ids: list[StrictInt] | None = Field(None, max_length=64)
 
@@ -152,8 +152,8 @@ class CompletionRequest(_Sampling):
             out.append("best_of")
         if self.echo:
             out.append("echo")
-        if (self.model_extra or {}).get("logit_bias"):
-            out.append("logit_bias")
+        extra = self.model_extra or {}
+        out += [key for key in ("tools", "functions", "tool_choice", "logit_bias", "response_format") if extra.get(key)]
         return out
 
     def prompts(self) -> list[str | list[int]]:

@@ -28,6 +28,8 @@ def parse_json(body: bytes) -> Any:
         raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
     except RecursionError:
         raise _too_deep() from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
     # bytes.count runs in C: only bodies with enough brackets to be deep, or a surrogate escape, are walked.
     deep = body.count(b"[") + body.count(b"{") > MAX_DEPTH
     surrogates = _SURROGATE_ESCAPE.search(body) is not None

@@ -100,7 +100,7 @@ class EngineHost:
         assert isinstance(package.config.engine, NativeEngineConfig)
         self.package = package
         self.cfg: NativeEngineConfig = package.config.engine
-        self.state = LoadState.LOADING
+        self._state = LoadState.LOADING
         self.error: str | None = None
         self.load_seconds: float | None = None
         self.engine: Any = None
@@ -108,6 +108,21 @@ class EngineHost:
         self.model_name: str = engine_args(self.cfg, package.path, package_name=package.name,
                                            resolve=False).served_model_name or package.name
         self.metrics: LLMMetrics | None = None
+
+    @property
+    def state(self) -> LoadState:
+        """FAILED once the engine thread died or is stuck, so /health/live fails too and the platform
+        replaces the replica (the server reads `state` for liveness and calls `healthy()` for readiness)."""
+        if self._state is LoadState.READY and self.engine is not None:
+            ok, reason = self.engine.health()
+            if not ok:
+                log.error("engine unhealthy: %s", reason)
+                self._state, self.error = LoadState.FAILED, reason
+        return self._state
+
+    @state.setter
+    def state(self, value: LoadState) -> None:
+        self._state = value
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def load(self) -> None:
@@ -142,11 +157,6 @@ class EngineHost:
     async def healthy(self) -> tuple[bool, str | None]:
         """Not ready while loading; failed (live and ready both fail, so the platform replaces the replica)
         once the engine thread died or stopped making progress with requests waiting."""
-        if self.state is LoadState.READY:
-            ok, reason = self.engine.health()
-            if not ok:
-                log.error("engine unhealthy: %s", reason)
-                self.state, self.error = LoadState.FAILED, reason
         if self.state is not LoadState.READY:
             return False, self.state.value if self.error is None else f"engine failed: {self.error}"
         return True, None
