@@ -4,15 +4,19 @@ URL: `--url`, `BALLAST_URL`, the saved platform's, then http://127.0.0.1:8000.
 Key: `--api-key`, `BALLAST_API_KEY`, then the saved key, but only when the URL is the platform that
 key was saved for, so the admin key never travels to another host (a replica, a remote platform).
 
-Saved credentials are a *profile*: today the one `ballast up` writes to `$BALLAST_HOME/credentials.json`.
-Named profiles (`--profile NAME`) only change which record `load_profile` returns; nothing else moves.
+Saved credentials are a *profile*: `default` is the one `ballast up` writes to `$BALLAST_HOME/credentials.json`;
+named profiles (`ballast profiles add`, chosen by `--profile NAME`, `BALLAST_PROFILE` or `ballast profiles use`)
+live in `$BALLAST_HOME/profiles.json` and only change which record `load_profile` returns.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -32,11 +36,38 @@ class Profile:
     api_key: str | None = None
 
 
+def profiles_path() -> Path:
+    return home_path() / "profiles.json"
+
+
+def check_profile_name(name: str) -> str:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", name):
+        raise ValueError(f"profile name {name!r}: use lowercase letters, digits, dashes and underscores")
+    return name
+
+
+def read_profiles() -> dict[str, Any]:
+    """`{"current": NAME | None, "profiles": {NAME: {"url", "api_key"}}}` from profiles.json (empty if none)."""
+    try:
+        data = json.loads(profiles_path().read_text())
+    except (OSError, ValueError):
+        data = {}
+    if not isinstance(data, dict) or not isinstance(data.get("profiles"), dict):
+        return {"current": None, "profiles": {}}
+    return {"current": data.get("current"), "profiles": data["profiles"]}
+
+
 def load_profile(name: str | None = None) -> Profile:
-    """The saved profile `name` (None: the default one); missing or unreadable files give an empty one."""
-    name = name or DEFAULT_PROFILE
+    """The profile `name`, else BALLAST_PROFILE, else the current one (`ballast profiles use`), else the
+    default one `ballast up` saved; a named profile that does not exist is an error."""
+    profiles = read_profiles()
+    name = name or os.environ.get("BALLAST_PROFILE") or profiles["current"] or DEFAULT_PROFILE
+    record = profiles["profiles"].get(name)
+    if isinstance(record, dict):
+        url, key = record.get("url"), record.get("api_key")
+        return Profile(name, str(url) if url else None, str(key) if key else None)
     if name != DEFAULT_PROFILE:
-        raise ValueError(f"unknown profile {name!r} (only {DEFAULT_PROFILE!r}, saved by `ballast up`, exists)")
+        raise ValueError(f"unknown profile {name!r} (see `ballast profiles list`)")
     try:
         data = json.loads((home_path() / "credentials.json").read_text())
     except (OSError, ValueError):
@@ -80,7 +111,8 @@ def _key_for(url: str, api_key: str | None, saved: Profile) -> tuple[str | None,
     if env := os.environ.get("BALLAST_API_KEY"):
         return env, "BALLAST_API_KEY"
     if saved.api_key and saved.url and same_platform(url, saved.url):
-        return saved.api_key, f"the saved credentials ({home_path() / 'credentials.json'})"
+        where = home_path() / "credentials.json" if saved.name == DEFAULT_PROFILE else f"profile {saved.name}"
+        return saved.api_key, f"the saved credentials ({where})"
     return None, None
 
 

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ballast import __version__
-from ballast.cli import cache_cmds, chat_cmds, keys_cmds, package_cmds, platform_cmds, serve_cmds, up_cmds
+from ballast.cli import cache_cmds, chat_cmds, keys_cmds, package_cmds, platform_cmds, profiles, serve_cmds, up_cmds
 from ballast.cli import models as models_cmds
 from ballast.cli.options import make_console
 
@@ -35,8 +35,13 @@ def _print_version(value: bool) -> None:
 def _root(
     version: Annotated[bool, typer.Option("--version", help="Print Ballast's version and exit.",
                                           callback=_print_version, is_eager=True)] = False,
+    profile: Annotated[str | None, typer.Option(
+        "--profile", help="Saved profile to use (`ballast profiles list`); also BALLAST_PROFILE. "
+        "Accepted after any command too.")] = None,
 ) -> None:
     """Package, deploy, serve and scale models."""
+    if profile:
+        os.environ["BALLAST_PROFILE"] = profile
 
 
 package_cmds.register(app)
@@ -46,9 +51,31 @@ platform_cmds.register(app)
 chat_cmds.register(app)
 keys_cmds.register(app)
 cache_cmds.register(app)
+profiles.register(app)
 app.add_typer(models_cmds.app, name="models", help="Make and import LLM checkpoints (offline).")
 
 err_console = make_console(stderr=True)
+
+
+def take_profile(argv: list[str]) -> list[str]:
+    """`--profile NAME` is accepted anywhere on the line (every command): it becomes BALLAST_PROFILE."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            out += argv[i:]
+            break
+        if a == "--profile" and i + 1 < len(argv):
+            os.environ["BALLAST_PROFILE"] = argv[i + 1]
+            i += 2
+            continue
+        if a.startswith("--profile="):
+            os.environ["BALLAST_PROFILE"] = a.split("=", 1)[1]
+        else:
+            out.append(a)
+        i += 1
+    return out
 
 
 def main() -> None:
@@ -58,6 +85,7 @@ def main() -> None:
     if "--debug" in argv:
         argv = [a for a in argv if a != "--debug"]
         os.environ["BALLAST_DEBUG"] = "1"
+    argv = take_profile(argv)
     try:
         app(args=argv, prog_name="ballast", standalone_mode=False)
     except SystemExit:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import io
-import tarfile
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 import httpx
 
 from ballast.cli.credentials import LOOPBACK, Credentials, auth_hint, platform_credentials
+from ballast.cli.packing import pack
 
 
 class PlatformClient:
@@ -58,19 +58,14 @@ class PlatformClient:
             raise ValueError(f"lost the connection to {self.url}: {type(e).__name__}") from None
 
     def deploy(self, path: Path, name: str | None, env: str | None) -> dict[str, Any]:
-        if self.is_local:
-            return self.post("/deployments", {"path": str(path.resolve()), "name": name, "env": env})
-        # A remote platform: upload the package as a tar.gz (the platform validates it).
-        from ballast.package import load_package
-
-        package = load_package(path)
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-            for f in package.files():
-                tar.add(f, arcname=str(f.relative_to(package.path)))
-        params = {"env": env} if env else {}
-        return self.request("POST", f"/deployments/{name or package.name}/versions", content=buf.getvalue(),
-                            params=params, headers={"content-type": "application/gzip"})
+        """Upload the package (a checksummed tar.gz, streamed) and deploy it; the same for any platform."""
+        with tempfile.TemporaryDirectory(prefix="ballast-deploy-") as tmp:
+            packed = pack(path, Path(tmp))
+            params = {k: v for k, v in {"name": name, "env": env}.items() if v}
+            headers = {"content-type": "application/gzip", "content-length": str(packed.size),
+                       "x-ballast-sha256": packed.sha256}
+            return self.request("POST", "/packages", content=packed.chunks(), params=params, headers=headers,
+                                timeout=httpx.Timeout(600, connect=10))
 
     def wait_for(self, name: str, version: int, env: str | None, timeout: float) -> dict[str, Any]:
         """Until `env` serves `version` (or it has a ready replica when env is None); a crash loop fails fast."""

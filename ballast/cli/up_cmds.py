@@ -71,6 +71,14 @@ def up(
         "--no-isolation", help="Replicas use this Python environment instead of per-package ones.")] = False,
     retire_grace_s: Annotated[float, typer.Option(
         help="A version that leaves every environment keeps its replicas this long (instant rollback).")] = 300.0,
+    tls_cert: Annotated[str | None, typer.Option("--tls-cert", help="PEM certificate: serve HTTPS.")] = None,
+    tls_key: Annotated[str | None, typer.Option("--tls-key", help="PEM private key of --tls-cert.")] = None,
+    max_package_bytes: Annotated[int | None, typer.Option(
+        help="Largest package upload accepted, 413 beyond (default: BALLAST_MAX_PACKAGE_BYTES or 2 GiB).")] = None,
+    backend: Annotated[str, typer.Option(help="Where replicas run: local (processes) or ray (a Ray cluster).")]
+        = "local",
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray-address", help="Ray cluster address for --backend ray (default: RAY_ADDRESS or auto).")] = None,
 ) -> None:
     """Start the platform: REST API, gateway, reconciler, replicas on this machine. Ctrl-C stops it all.
 
@@ -79,7 +87,9 @@ def up(
     from ballast.platform import PlatformOptions, run_platform
 
     run_platform(PlatformOptions(host=host, port=port, database_url=database_url, no_isolation=no_isolation,
-                                 retire_grace_s=retire_grace_s), announce=_Announcer())
+                                 retire_grace_s=retire_grace_s, tls_cert=tls_cert, tls_key=tls_key,
+                                 max_package_bytes=max_package_bytes, backend=backend, ray_address=ray_address),
+                 announce=_Announcer())
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:

@@ -39,6 +39,7 @@ from ballast.gateway.service import Gateway
 from ballast.observe import REQUEST_ID_HEADER, new_request_id, request_id_var
 from ballast.openai import APIError, error_body
 from ballast.platform.auth import lookup
+from ballast.platform.uploads import upload_router
 
 log = logging.getLogger("ballast.platform")
 MAX_UPLOAD_BYTES = int(os.environ.get("BALLAST_MAX_UPLOAD_BYTES") or 4 * 2**30)
@@ -353,6 +354,7 @@ def create_app(control: ControlPlane, reconciler: Reconciler | None = None, *, g
     def dev_stop(name: str, who: Actor) -> dict[str, Any]:
         return changed(control.dev_stop(name, actor=who))
 
+    app.include_router(upload_router(actor, changed), prefix=api)
     app.add_middleware(RequestIdMiddleware)
     if gateway is None:
         return app

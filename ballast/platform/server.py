@@ -15,6 +15,7 @@ import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from prometheus_client import CollectorRegistry
@@ -26,6 +27,7 @@ from ballast.observe import configure_logging
 from ballast.platform.app import create_app
 from ballast.platform.auth import bootstrap_admin, setting
 from ballast.platform.source import assemble
+from ballast.platform.tls import PLAINTEXT_WARNING, is_loopback, tls_settings
 from ballast.runtime.serve import bind_socket
 from ballast.store import default_url, open_store, safe_url
 
@@ -41,6 +43,11 @@ class PlatformOptions:
     no_isolation: bool = False
     retire_grace_s: float = 300.0
     replica_command: list[str] | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    max_package_bytes: int | None = None
+    backend: str = "local"
+    ray_address: str | None = None
 
 
 def _env_float(name: str, default: float) -> float:
@@ -108,23 +115,34 @@ def run_platform(opts: PlatformOptions, announce: Callable[[str], None] = print)
         backoff_max_s=_env_float("BALLAST_BACKOFF_MAX_S", 60.0),
         interval_s=_env_float("BALLAST_RECONCILE_INTERVAL_S", 0.5),
     )
+    if opts.backend != "local":
+        raise ValueError(f"unknown backend {opts.backend!r} (local)")
     backend = LocalBackend(instance_id, logs_dir=home / "logs", command=opts.replica_command,
                            extra_args=["--no-isolation"] if opts.no_isolation else [])
     control = ControlPlane(sessions, home, settings)
     registry = CollectorRegistry()
     reconciler, gateway = assemble(control, backend, registry)
     app = create_app(control, reconciler, gateway=gateway, registry=registry)
+    if opts.max_package_bytes:
+        rest: Any = getattr(app, "api", app)  # the FastAPI app behind the platform's front
+        rest.state.max_package_bytes = opts.max_package_bytes
+    ssl = tls_settings(opts.tls_cert, opts.tls_key)
     sock = bind_socket(opts.host, opts.port)
     port = sock.getsockname()[1]
     shown = f"[{opts.host}]" if ":" in opts.host else opts.host
-    base = f"http://{shown}:{port}"
-    cred = save_credentials(base, secret, home)
+    base = f"{'https' if ssl else 'http'}://{shown}:{port}"
+    # Listening on every address: the saved URL (what the CLI on this machine uses) is loopback.
+    local = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(opts.host)
+    cred = save_credentials(base.replace(shown, local, 1) if local else base, secret, home)
     announce(f"ballast platform: {base}/api/v1 (store: {safe_url(url)}, home: {home})")
     announce(f"OpenAI-compatible gateway: {base}/v1 (keys: `ballast keys create --scope inference`)")
+    if not ssl and not is_loopback(opts.host):
+        announce(PLAINTEXT_WARNING.format(host=opts.host))
     if secret:
         announce(f"admin API key (shown once; saved to {cred}):\n  {secret}")
     config = uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=5,
-                            server_header=False, lifespan="on")
+                            server_header=False, lifespan="on",
+                            ssl_certfile=ssl.get("ssl_certfile"), ssl_keyfile=ssl.get("ssl_keyfile"))
     server = _Server(config)
     try:
         server.run(sockets=[sock])

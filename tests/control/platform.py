@@ -26,7 +26,7 @@ FAST_ENV = {
 
 class Platform:
     def __init__(self, home: Path, database_url: str | None = None, retire_grace_s: float = 30.0,
-                 port: int | None = None):
+                 port: int | None = None, args: tuple[str, ...] = ()):
         self.home = home
         self.database_url = database_url
         self.retire_grace_s = retire_grace_s
@@ -36,10 +36,11 @@ class Platform:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = home / f"platform-{self.port}.log"
         self.key: str | None = None
+        self.args = args
 
     def start(self, timeout: float = 60) -> Platform:
         cmd = [sys.executable, "-m", "ballast.cli.main", "up", "--port", str(self.port), "--no-isolation",
-               "--retire-grace-s", str(self.retire_grace_s)]
+               "--retire-grace-s", str(self.retire_grace_s), *self.args]
         if self.database_url:
             cmd += ["--database-url", self.database_url]
         self.home.mkdir(parents=True, exist_ok=True)
