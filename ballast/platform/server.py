@@ -20,7 +20,7 @@ from typing import Any
 import uvicorn
 from prometheus_client import CollectorRegistry
 
-from ballast.backends import LocalBackend
+from ballast.backends import Backend, LocalBackend
 from ballast.control import ControlPlane, Settings
 from ballast.home import ballast_home
 from ballast.observe import configure_logging
@@ -115,10 +115,18 @@ def run_platform(opts: PlatformOptions, announce: Callable[[str], None] = print)
         backoff_max_s=_env_float("BALLAST_BACKOFF_MAX_S", 60.0),
         interval_s=_env_float("BALLAST_RECONCILE_INTERVAL_S", 0.5),
     )
-    if opts.backend != "local":
-        raise ValueError(f"unknown backend {opts.backend!r} (local)")
-    backend = LocalBackend(instance_id, logs_dir=home / "logs", command=opts.replica_command,
-                           extra_args=["--no-isolation"] if opts.no_isolation else [])
+    extra_args = ["--no-isolation"] if opts.no_isolation else []
+    backend: Backend
+    if opts.backend == "ray":
+        from ballast.backends.ray import RayBackend  # Ray is an optional dependency (`pip install ballast[ray]`)
+
+        backend = RayBackend(instance_id, address=opts.ray_address, logs_dir=home / "logs",
+                             command=opts.replica_command, extra_args=extra_args)
+    elif opts.backend == "local":
+        backend = LocalBackend(instance_id, logs_dir=home / "logs", command=opts.replica_command,
+                               extra_args=extra_args)
+    else:
+        raise ValueError(f"unknown backend {opts.backend!r} (local or ray)")
     control = ControlPlane(sessions, home, settings)
     registry = CollectorRegistry()
     reconciler, gateway = assemble(control, backend, registry)

@@ -1,0 +1,112 @@
+"""The Ray backend against a real single-node Ray cluster: deploy, serve through the gateway, survive a
+platform kill (re-adoption by actor name), keep an impossible GPU request pending with its reason."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import EXAMPLES, free_port, write_package
+from tests.control.platform import Platform
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
+
+
+def _marked_pids(token: str) -> list[int]:
+    """Processes whose environment carries our token: this cluster's and nothing else on the machine."""
+    out = []
+    needle = f"BALLAST_TEST_RAY={token}".encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    out.append(int(entry.name))
+            except OSError:
+                continue
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[str]:
+    """One local Ray head for the session, stopped by killing exactly its own processes."""
+    token = os.urandom(6).hex()
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
+    port = free_port()
+    env = {**os.environ, "BALLAST_TEST_RAY": token, "RAY_USAGE_STATS_ENABLED": "0"}
+    cmd = [shutil.which("ray") or "ray", "start", "--head", f"--port={port}", "--num-cpus=2",
+           "--include-dashboard=false", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}",
+           f"--memory={8 * 2**30}", f"--object-store-memory={200 * 2**20}", "--disable-usage-stats"]
+    try:
+        subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+        yield f"127.0.0.1:{port}"
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in _marked_pids(token):
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+            time.sleep(1)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _ready(p: Platform, name: str) -> dict | None:
+    reps = [r for r in p.show(name)["replicas"] if r["state"] == "ready"]
+    return reps[0] if reps else None
+
+
+def _predict(p: Platform, body: object) -> httpx.Response:
+    return httpx.post(p.url + "/deployments/echo/predict", json=body, timeout=30,
+                      headers={"Authorization": f"Bearer {p.key}"})
+
+
+def test_ray_backend_deploy_serve_readopt_pending(ray_cluster: str, tmp_path: Path) -> None:
+    args = ("--backend", "ray", "--ray-address", ray_cluster)
+    home = tmp_path / "home"
+    p = Platform(home, args=args).start(timeout=120)
+    try:
+        p.cli("deploy", str(EXAMPLES / "echo"), "--name", "echo", "--wait", "--timeout", "180", timeout=240)
+        rep = p.wait("a ready Ray replica", lambda: _ready(p, "echo"), timeout=60)
+        assert rep["pool"] == "ray"
+        r = _predict(p, {"hello": "ray"})
+        assert r.status_code == 200, r.text
+        assert r.json() == {"echo": {"hello": "ray"}}
+        p.wait("replica log copied", lambda: "Ray actor" in p.cli("logs", "echo").stdout, timeout=30)
+
+        # Kill the platform hard: the detached actor keeps serving; a new platform re-adopts it.
+        p.kill()
+        assert httpx.get(rep["url"] + "/health/ready", timeout=10).status_code == 200
+        p = Platform(home, args=args, port=p.port).start(timeout=120)
+        again = p.wait("re-adopted replica", lambda: _ready(p, "echo"), timeout=60)
+        assert (again["id"], again["url"], again["pid"]) == (rep["id"], rep["url"], rep["pid"])
+        assert _predict(p, [1, 2]).json() == {"echo": [1, 2]}
+        events = p.api("GET", "/deployments/echo/events")["data"]
+        assert sum(e["kind"] == "replica_started" for e in events) == 1  # never started twice
+
+        # A GPU the cluster does not have: pending with the reason, never started.
+        pkg = write_package(tmp_path / "gpu", 'name: needgpu\nresources: {accelerator: "H100:1"}\n',
+                            "class Model:\n    def predict(self, x):\n        return x\n")
+        p.cli("deploy", str(pkg))
+
+        def pending() -> dict | None:
+            reps = p.show("needgpu")["replicas"]
+            return reps[0] if reps and reps[0]["state"] == "pending" else None
+
+        gpu = p.wait("GPU replica pending", pending, timeout=60)
+        assert "no node of the Ray cluster" in gpu["reason"] and "1 x H100" in gpu["reason"]
+        assert gpu["url"] is None
+    finally:
+        p.stop()
+    # A clean stop stops the actors too.
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(rep["url"] + "/health/ready", timeout=5)
