@@ -2,8 +2,9 @@
 
 The actor asks Ray for what the package's `resources` ask (cpu -> num_cpus, memory -> memory, an
 accelerator -> num_gpus plus Ray's `accelerator_type:KIND`, or a custom resource named KIND when
-nodes declare one), so Ray places it on a node that has them; `fits` says why not when no node of
-the cluster could ever hold it, and the replica stays pending with that reason. The package travels
+nodes declare one), so Ray places it on a node that has them; `fits` says why not when no node has
+them free (or has them at all), and the replica stays pending with that reason, as a local one does,
+instead of waiting in Ray's queue. The package travels
 as tar.gz bytes through the object store. Actors are detached and named
 `ballast-<instance>-<replica>-<nonce>`: a platform that was killed finds them again by the name kept
 in the replica's handle (`ray.get_actor`). Each inspection also copies the replica's new log lines
@@ -18,6 +19,7 @@ import io
 import logging
 import os
 import tarfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from ballast.home import ballast_home
 log = logging.getLogger("ballast.backends.ray")
 NAMESPACE = "ballast"
 CALL_TIMEOUT_S = 15.0
+RECENT_S = 5.0
 
 
 def _requirements(req: ResourcesConfig, custom: bool) -> dict[str, float]:
@@ -80,28 +83,48 @@ class RayBackend:
         self._actor_class = self._ray.remote(max_concurrency=4)(ReplicaActor)
         self._packages: dict[str, Any] = {}  # package path -> object ref of its tar.gz
         self._offsets: dict[str, int] = {}  # actor name -> bytes of its log already copied here
+        self._recent: list[tuple[float, dict[str, float]]] = []  # (when, resources) of recent starts
 
     # ---- placement -----------------------------------------------------------------------------
-    def _nodes(self) -> list[dict[str, float]]:
-        return [n.get("Resources", {}) for n in self._ray.nodes() if n.get("Alive")]
+    def _nodes(self) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+        """Each live node's total resources, and what is free on each now (less what this backend asked
+        for in the last few seconds: Ray's view of free resources lags behind actor creation)."""
+        totals = [n.get("Resources", {}) for n in self._ray.nodes() if n.get("Alive")]
+        try:
+            from ray._private.state import available_resources_per_node
+
+            free = [dict(r) for r in available_resources_per_node().values()]
+        except Exception:  # private API moved: fall back to the cluster-wide view
+            free = [dict(self._ray.available_resources())]
+        now = time.monotonic()
+        self._recent = [(t, need) for t, need in self._recent if now - t < RECENT_S]
+        for _t, need in self._recent:
+            for node in free:
+                for k, v in need.items():
+                    node[k] = node.get(k, 0.0) - v
+        return totals, free
 
     def _placement(self, req: ResourcesConfig) -> tuple[dict[str, float] | None, str | None]:
-        nodes = self._nodes()
+        totals, free = self._nodes()
         options = [False, True] if req.accelerator else [False]
         for custom in options:
             need = _requirements(req, custom)
-            if any(all(node.get(k, 0.0) >= v for k, v in need.items()) for node in nodes):
+            if any(all(node.get(k, 0.0) >= v for k, v in need.items()) for node in free):
                 return need, None
-        return None, self._reason(req, nodes)
+        for custom in options:
+            need = _requirements(req, custom)
+            if any(all(node.get(k, 0.0) >= v for k, v in need.items()) for node in totals):
+                return None, self._reason(req, free, " free")
+        return None, self._reason(req, totals, "")
 
-    def _reason(self, req: ResourcesConfig, nodes: list[dict[str, float]]) -> str:
+    def _reason(self, req: ResourcesConfig, nodes: list[dict[str, float]], free: str) -> str:
         where = f"no node of the Ray cluster ({self.name}, {len(nodes)} nodes)"
         if not any(n.get("CPU", 0.0) >= req.cpu for n in nodes):
-            return f"{where} has {req.cpu:g} CPUs"
+            return f"{where} has {req.cpu:g} CPUs{free}"
         if req.memory_bytes and not any(n.get("memory", 0.0) >= req.memory_bytes for n in nodes):
-            return f"{where} has {req.memory} of memory"
+            return f"{where} has {req.memory} of memory{free}"
         kind = (req.accelerator or "").partition(":")[0]
-        return f"{where} has {req.accelerator_count} x {kind}"
+        return f"{where} has {req.accelerator_count} x {kind}{free}"
 
     def fits(self, spec: ReplicaSpec) -> str | None:
         return self._placement(spec.resources)[1]
@@ -117,6 +140,7 @@ class RayBackend:
         need, reason = self._placement(spec.resources)
         if need is None:
             raise RuntimeError(reason)
+        self._recent.append((time.monotonic(), dict(need)))
         actor_name = f"{self.prefix}{spec.replica_id}-{os.urandom(3).hex()}"
         options: dict[str, Any] = {"name": actor_name, "namespace": NAMESPACE, "lifetime": "detached",
                                    "num_cpus": need.pop("CPU"), "max_restarts": 0}
