@@ -34,6 +34,7 @@ class Profile:
     name: str
     url: str | None = None
     api_key: str | None = None
+    ca_cert: str | None = None  # a PEM bundle to verify the platform's TLS certificate (a private CA)
 
 
 def profiles_path() -> Path:
@@ -64,8 +65,8 @@ def load_profile(name: str | None = None) -> Profile:
     name = name or os.environ.get("BALLAST_PROFILE") or profiles["current"] or DEFAULT_PROFILE
     record = profiles["profiles"].get(name)
     if isinstance(record, dict):
-        url, key = record.get("url"), record.get("api_key")
-        return Profile(name, str(url) if url else None, str(key) if key else None)
+        url, key, ca = record.get("url"), record.get("api_key"), record.get("ca_cert")
+        return Profile(name, str(url) if url else None, str(key) if key else None, str(ca) if ca else None)
     if name != DEFAULT_PROFILE:
         raise ValueError(f"unknown profile {name!r} (see `ballast profiles list`)")
     try:
@@ -100,6 +101,7 @@ class Credentials:
     url: str
     api_key: str | None
     key_source: str | None
+    verify: str | bool = True  # httpx's `verify`: the profile's CA bundle for its own platform
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -122,7 +124,8 @@ def platform_credentials(url: str | None = None, api_key: str | None = None,
     saved = load_profile(profile)
     base = (url or os.environ.get("BALLAST_URL") or saved.url or DEFAULT_URL).rstrip("/")
     base = base.removesuffix("/api/v1")
-    return Credentials(base, *_key_for(base, api_key, saved))
+    verify: str | bool = saved.ca_cert if saved.ca_cert and saved.url and same_platform(base, saved.url) else True
+    return Credentials(base, *_key_for(base, api_key, saved), verify)
 
 
 def endpoint_credentials(url: str, api_key: str | None = None, profile: str | None = None) -> Credentials:

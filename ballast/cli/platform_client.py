@@ -23,7 +23,7 @@ class PlatformClient:
         self.url = self.creds.url
         self.api_key = self.creds.api_key
         self.http = httpx.Client(base_url=self.url + "/api/v1", headers=self.creds.headers(), timeout=timeout,
-                                 trust_env=False)
+                                 trust_env=False, verify=self.creds.verify)
 
     @property
     def is_local(self) -> bool:

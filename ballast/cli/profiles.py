@@ -43,13 +43,18 @@ def add(
     url: Annotated[str, typer.Option("--url", help="Platform URL, e.g. https://ballast.example.com:8000.")],
     api_key: Annotated[str | None, typer.Option("--api-key", help="API key for that platform.")] = None,
     use: Annotated[bool, typer.Option("--use", help="Make it the current profile.")] = False,
+    ca_cert: Annotated[Path | None, typer.Option(
+        "--ca-cert", help="PEM file to verify the platform's TLS certificate (self-signed or a private CA).")] = None,
 ) -> None:
     """Add (or replace) a profile."""
     check_profile_name(name)
     if "://" not in url:
         raise ValueError(f"--url {url!r}: give the scheme too (https://... or http://...)")
+    if ca_cert is not None and not ca_cert.is_file():
+        raise ValueError(f"--ca-cert {ca_cert}: no such file")
     data = read_profiles()
-    data["profiles"][name] = {"url": url.rstrip("/"), **({"api_key": api_key} if api_key else {})}
+    data["profiles"][name] = {"url": url.rstrip("/"), **({"api_key": api_key} if api_key else {}),
+                              **({"ca_cert": str(ca_cert.resolve())} if ca_cert else {})}
     if use:
         data["current"] = name
     path = _write(data)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import signal
 import subprocess
@@ -163,6 +164,21 @@ def test_tls(tmp_path: Path) -> None:
             httpx.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=2).raise_for_status()
         assert f"https://127.0.0.1:{port}/api/v1" in log.read_text()
         assert "WITHOUT TLS" not in log.read_text()
+        # The CLI on another machine: a profile with the platform's certificate as its CA.
+        key = json.loads((tmp_path / "home" / "credentials.json").read_text())["api_key"]
+        client = {k: v for k, v in env.items() if not k.startswith("BALLAST_")}
+        client["BALLAST_HOME"] = str(tmp_path / "client")
+        base = [sys.executable, "-m", "ballast.cli.main"]
+        subprocess.run([*base, "profiles", "add", "tls", "--url", f"https://127.0.0.1:{port}", "--api-key", key,
+                        "--ca-cert", str(cert)], env=client, check=True, capture_output=True, timeout=60)
+        r = subprocess.run([*base, "deployments", "--profile", "tls"], env=client, capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+        subprocess.run([*base, "profiles", "add", "nocert", "--url", f"https://127.0.0.1:{port}", "--api-key", key],
+                       env=client, check=True, capture_output=True, timeout=60)
+        r = subprocess.run([*base, "deployments", "--profile", "nocert"], env=client, capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 1  # an unknown certificate is never trusted silently
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
