@@ -127,7 +127,10 @@ class RayBackend:
         return f"{where} has {req.accelerator_count} x {kind}{free}"
 
     def fits(self, spec: ReplicaSpec) -> str | None:
-        return self._placement(spec.resources)[1]
+        try:
+            return self._placement(spec.resources)[1]
+        except Exception as e:  # the cluster is unreachable: wait (pending, with why) rather than fail the tick
+            return f"the Ray cluster ({self.name}) did not answer: {type(e).__name__}: {e}"
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def _package_ref(self, path: Path) -> Any:
@@ -174,7 +177,7 @@ class RayBackend:
             return None
         try:
             return self._ray.get_actor(name, namespace=NAMESPACE)
-        except ValueError:
+        except ValueError:  # no actor of that name: it is gone
             return None
 
     def stop(self, handle: ReplicaHandle, grace_s: float) -> None:
@@ -190,7 +193,12 @@ class RayBackend:
 
     def list(self) -> list[ReplicaHandle]:
         out = []
-        for name in self._ray.util.list_named_actors():
+        try:
+            names = self._ray.util.list_named_actors()
+        except Exception as e:
+            log.warning("cannot list the Ray cluster's actors: %s", e)
+            return []
+        for name in names:
             if not isinstance(name, str) or not name.startswith(self.prefix):
                 continue
             handle = ReplicaHandle(name.removeprefix(self.prefix).rsplit("-", 1)[0], pool=self.name,
@@ -208,7 +216,10 @@ class RayBackend:
         return out
 
     def inspect(self, handle: ReplicaHandle) -> ReplicaStatus:
-        actor = self._actor(handle)
+        try:
+            actor = self._actor(handle)
+        except Exception as e:  # the cluster, not the replica, is unreachable: HTTP probes decide meanwhile
+            return ReplicaStatus(True, None, f"the Ray cluster did not answer: {type(e).__name__}")
         if actor is None:
             return ReplicaStatus(False, None, "its Ray actor is gone")
         name = str(handle.data["actor"])

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -98,13 +98,22 @@ def test_ray_backend_deploy_serve_readopt_pending(ray_cluster: str, tmp_path: Pa
                             "class Model:\n    def predict(self, x):\n        return x\n")
         p.cli("deploy", str(pkg))
 
-        def pending() -> dict | None:
-            reps = p.show("needgpu")["replicas"]
-            return reps[0] if reps and reps[0]["state"] == "pending" else None
+        def pending(name: str) -> Callable[[], dict | None]:
+            def check() -> dict | None:
+                reps = p.show(name)["replicas"]
+                return reps[0] if reps and reps[0]["state"] == "pending" else None
+            return check
 
-        gpu = p.wait("GPU replica pending", pending, timeout=60)
+        gpu = p.wait("GPU replica pending", pending("needgpu"), timeout=60)
         assert "no node of the Ray cluster" in gpu["reason"] and "1 x H100" in gpu["reason"]
         assert gpu["url"] is None
+
+        # Two CPUs exist but echo holds one: pending until they are free, not queued inside Ray.
+        pkg = write_package(tmp_path / "big", "name: big\nresources: {cpu: 2}\n",
+                            "class Model:\n    def predict(self, x):\n        return x\n")
+        p.cli("deploy", str(pkg))
+        big = p.wait("2-CPU replica pending", pending("big"), timeout=60)
+        assert "has 2 CPUs free" in big["reason"], big["reason"]
     finally:
         p.stop()
     # A clean stop stops the actors too.
