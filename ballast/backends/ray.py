@@ -67,8 +67,10 @@ class RayBackend:
     def __init__(self, instance_id: str, *, address: str | None = None, logs_dir: Path | None = None,
                  command: list[str] | None = None, extra_args: list[str] | None = None, name: str = "ray",
                  start_timeout_s: float | None = None):
-        import ray
-
+        try:
+            import ray
+        except ImportError:
+            raise ValueError("the Ray backend needs Ray: pip install 'ballast[ray]'") from None
         self._ray: Any = ray
         self.name = name
         self.instance_id = instance_id
