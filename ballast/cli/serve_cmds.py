@@ -40,8 +40,8 @@ def serve(
         with err.status(f"preparing environment for {len(reqs)} requirement(s)..."):
             site = ensure_environment(reqs, log=lambda m: err.print(m))
         if site is not None:
-            path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
-            env = {**os.environ, "BALLAST_IN_ENV": "1", "PYTHONPATH": path}
+            pythonpath = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
+            env = {**os.environ, "BALLAST_IN_ENV": "1", "PYTHONPATH": pythonpath}
             args = [sys.executable, "-m", "ballast.cli.main", "serve", str(package.path), "--port", str(port),
                     "--host", host, "--no-isolation"]
             if access_log:

@@ -7,6 +7,7 @@ so concurrent writers (two platform processes on one PostgreSQL) never lose a co
 
 from __future__ import annotations
 
+import builtins
 import os
 import secrets
 from dataclasses import dataclass
@@ -116,7 +117,7 @@ class KeyStore:
                 s.refresh(row)
             return _view(row)
 
-    def live(self) -> list[KeyRecord]:
+    def live(self) -> builtins.list[KeyRecord]:  # `list` is a method of this class
         """Every unrevoked key, with the tokens each budgeted key has used in its current period."""
         now = datetime.now(UTC)
         with self.sessions() as s:
@@ -134,7 +135,7 @@ class KeyStore:
                           k.token_budget, k.budget_per, used.get(k.id, 0)) for k in keys]
 
     # ---- usage -----------------------------------------------------------------------------------
-    def add_usage(self, rows: list[dict[str, Any]]) -> None:
+    def add_usage(self, rows: builtins.list[dict[str, Any]]) -> None:
         """Add counters to (key, deployment, version, hour) rows in one transaction."""
         if not rows:
             return
@@ -158,7 +159,7 @@ class KeyStore:
                     set_={c: getattr(Usage, c) + getattr(stmt.excluded, c) for c in COUNTERS}))
 
     def usage(self, *, key: str | None = None, deployment: str | None = None, since: datetime | None = None,
-              group: str = "hour") -> list[dict[str, Any]]:
+              group: str = "hour") -> builtins.list[dict[str, Any]]:
         """Usage rows, newest first; `group`: hour (every row), or key / deployment (summed)."""
         with self.sessions() as s:
             if key is not None:

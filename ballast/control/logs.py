@@ -49,7 +49,7 @@ async def follow(logs_dir: Path, deployment: str, version: int | None = None, ta
     partial: dict[Path, bytes] = {}
     while True:
         await asyncio.sleep(poll_s)
-        out = []
+        out: list[str] = []
         for v, rid, path in log_files(logs_dir, deployment, version):
             try:
                 size = path.stat().st_size
