@@ -78,24 +78,29 @@ def predict(
                 r.read()
                 raise ValueError(error_message(r, creds))
             if r.headers.get("content-type", "").startswith("text/event-stream"):
-                event = None
-                for line in r.iter_lines():
-                    if line.startswith("event:"):
-                        event = line[6:].strip()
-                    elif line.startswith("data:"):
-                        chunk = line[5:].strip()
-                        if chunk == "[DONE]":
-                            break
-                        if event == "error":
-                            raise ValueError(_error_text(chunk))
-                        console.print(chunk, highlight=False, soft_wrap=True)
-                    elif not line:
-                        event = None
+                _print_events(r)
             else:
                 r.read()
                 console.print_json(r.text) if _is_json(r.text) else console.print(r.text)
     except httpx.HTTPError as e:
         raise ValueError(f"cannot reach {url}: {e}") from None
+
+
+def _print_events(r: httpx.Response) -> None:
+    """Print each SSE data chunk as it arrives, until `[DONE]`; an `error` event raises."""
+    event = None
+    for line in r.iter_lines():
+        if line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            chunk = line[5:].strip()
+            if chunk == "[DONE]":
+                break
+            if event == "error":
+                raise ValueError(_error_text(chunk))
+            console.print(chunk, highlight=False, soft_wrap=True)
+        elif not line:
+            event = None
 
 
 def _is_json(text: str) -> bool:

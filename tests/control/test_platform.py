@@ -323,7 +323,7 @@ def test_routing_follows_promote_at_once(platform, tmp_path):
         assert served() == str(target), f"promote {i} to v{target} not in effect when the call returned"
     pids = [r["pid"] for r in p.show("flip")["replicas"] if r["pid"]]
     assert len(pids) == 2
-    p.cli("delete", "flip")
+    p.cli("delete", "flip", "--yes")
     assert "flip" not in [d["name"] for d in p.api("GET", "/deployments")["data"]]
     p.wait("replicas of a deleted deployment stop", lambda: not any(pid_alive(pid) for pid in pids), timeout=30)
 
