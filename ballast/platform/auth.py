@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+from typing import Annotated
 
+from fastapi import Depends, Request
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ballast.control.keys import new_secret
+from ballast.openai import APIError
 from ballast.store import ApiKey, Setting, hash_key, utcnow
 
 
@@ -50,3 +53,28 @@ def setting(sessions: sessionmaker[Session], key: str, default: str) -> str:
 def lookup(sessions: sessionmaker[Session], secret: str) -> ApiKey | None:
     with sessions() as s:
         return s.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(secret), ApiKey.revoked_at.is_(None)))
+
+
+def request_secret(request: Request) -> str:
+    """The API key a request carries: `Authorization: Bearer KEY`, `api-key` or `x-api-key`."""
+    h = request.headers
+    auth = h.get("authorization", "")
+    secret = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+    return secret or h.get("api-key", "").strip() or h.get("x-api-key", "").strip()
+
+
+def actor(request: Request) -> str:
+    """The caller of a REST API call, from its admin API key (401 without a valid key, 403 without admin)."""
+    secret = request_secret(request)
+    if not secret:
+        raise APIError(401, "missing API key: send `Authorization: Bearer KEY` (see `ballast up`)",
+                       code="missing_api_key")
+    key = lookup(request.app.state.control.sessions, secret)
+    if key is None:
+        raise APIError(401, "invalid API key", code="invalid_api_key")
+    if "admin" not in (key.scopes or []):
+        raise APIError(403, "this key may not manage deployments (needs the admin scope)", code="insufficient_scope")
+    return f"{key.name or 'key'}:{key.prefix}"
+
+
+Actor = Annotated[str, Depends(actor)]
