@@ -15,16 +15,18 @@ from ballast.openai.errors import APIError
 
 
 class _Req(BaseModel):
-    # Unknown fields are kept (SDKs add new ones); `unsupported()` names those we refuse.
-    model_config = ConfigDict(extra="allow")
+    # Unknown fields are kept (SDKs add new ones); `unsupported()` names those we refuse. Strict: JSON types are
+    # taken as documented (`false` is not the integer 0, `"1"` is not 1).
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
     include_usage: bool = False
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None

@@ -154,7 +154,7 @@ class EngineHost:
         self._require_ready()
         body = await request.json()
         tokens = body.get("tokens")
-        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+        if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
             raise APIError(400, "`tokens` must be a list of integers", param="tokens")
         vocab = self.engine.tokenizer.vocab_size
         bad = [t for t in tokens if t < 0 or t >= vocab]

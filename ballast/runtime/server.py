@@ -24,7 +24,7 @@ from ballast.config import RuntimeConfig
 from ballast.observe import RequestIdMiddleware, request_id_var
 from ballast.openai import DONE, APIError, error_body, sse_event
 from ballast.runtime.admission import Admission
-from ballast.runtime.host import Host
+from ballast.runtime.host import Handler, Host
 from ballast.runtime.jsonio import parse_json
 from ballast.runtime.metrics import RequestMetrics, RuntimeMetrics
 from ballast.runtime.model import OPENAI_METHODS, LoadState
@@ -97,7 +97,7 @@ class ReplicaApp:
             app.add_route(path, self._openai_route(method), methods=["POST"])
         extra_paths: set[str] = set()
         for path, handler, methods in self.host.extra_routes():
-            app.add_route(path, handler, methods=methods)
+            app.add_route(path, self._checked_body(handler), methods=methods)
             extra_paths.add(path)
         self.host.bind_metrics(self.metrics.registry)
         app.add_exception_handler(APIError, self._api_error)
@@ -108,6 +108,20 @@ class ReplicaApp:
         routes = {"/predict", "/health", "/health/live", "/health/ready", "/metrics", "/openapi.json",
                   *OPENAI_METHODS.values(), *extra_paths}
         return RequestIdMiddleware(app, RequestMetrics(self.metrics, routes))
+
+    def _checked_body(self, handler: Handler) -> Handler:
+        """A host's own routes read their JSON body through `read_json` too (size limit, malformed JSON), and
+        the body must be an object: `request.json()` then returns the checked value."""
+
+        async def checked(request: Request) -> Response:
+            if request.method in ("POST", "PUT", "PATCH"):
+                body = await read_json(request, self.runtime.max_request_bytes)
+                if not isinstance(body, dict):
+                    raise APIError(400, "the request body must be a JSON object", code="invalid_request")
+                request._json = body
+            return await handler(request)
+
+        return checked
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
