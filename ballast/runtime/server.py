@@ -47,8 +47,12 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
+_ENCODER = json.JSONEncoder(default=_json_default, ensure_ascii=False, separators=(",", ":"))
+
+
 def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, default=_json_default, ensure_ascii=False, separators=(",", ":")).encode()
+    """Compact UTF-8 JSON; one encoder for the process (json.dumps with options builds one per call)."""
+    return _ENCODER.encode(obj).encode()
 
 
 def error_response(err: APIError) -> Response:
