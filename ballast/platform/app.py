@@ -172,7 +172,7 @@ class _Guard:
         request = Request(scope, receive, send)
         if request.method not in self.allowed:
             response: Response = _err(405, f"method {request.method} is not allowed on {request.url.path}",
-                                      "method_not_allowed")
+                                      "method_not_allowed", headers={"Allow": ", ".join(sorted(self.allowed))})
         else:
             try:
                 response = await self.handler(request)

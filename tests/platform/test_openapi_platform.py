@@ -55,3 +55,9 @@ def test_platform_health_answers_like_vllm(platform: Platform) -> None:
 
 def test_state_db_is_private(platform: Platform) -> None:
     assert (Path(platform.home) / "state.db").stat().st_mode & 0o777 == 0o600
+
+
+def test_gateway_routes_answer_405_with_allow(platform: Platform) -> None:
+    r = httpx.get(platform.url + "/v1/chat/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert r.json()["error"]["code"] == "method_not_allowed"
