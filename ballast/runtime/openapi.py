@@ -160,6 +160,14 @@ def replica_openapi(host: Any, *, engine_kind: str | None, served: set[str]) -> 
                                      extra=(404,))
         else:
             paths[path] = _inference(f"OpenAI {path} (the model's {method}()).", {"type": "object"}, stream=True)
+    if engine_kind == "command":  # proxied as they are to the external engine
+        anything = {"application/json": {"schema": {}}}
+        paths["/v1/models"] = _get("The engine's models.", {"description": "As the engine answers.",
+                                                            "content": anything})
+        for path in ("/tokenize", "/detokenize"):
+            paths[path] = {"post": {"summary": "Passed to the engine.", "requestBody": _json_body({"type": "object"}),
+                                    "responses": {"200": {"description": "As the engine answers.", "content": anything},
+                                                  **error_responses(400, 413, 503)}}}
     if llm:
         engine = getattr(host, "engine", None)  # loaded: the tokenizer bounds the token ids /detokenize takes
         paths.update(_llm_paths(engine.tokenizer.vocab_size if engine is not None else None))

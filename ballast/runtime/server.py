@@ -71,7 +71,8 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         if size > max_bytes:
             raise APIError(413, f"request body exceeds the limit of {max_bytes} bytes", code="request_too_large")
         chunks.append(chunk)
-    return parse_json(b"".join(chunks))
+    body = request._body = b"".join(chunks)  # what `request.body()` returns from now on (a proxy forwards it)
+    return parse_json(body)
 
 
 class ReplicaApp:
