@@ -35,7 +35,7 @@ class CheckedJSONRoute(APIRoute):
 
         async def checked(request: Request) -> Response:
             ctype = request.headers.get("content-type", "")
-            if request.method in ("POST", "PUT", "PATCH") and (not ctype or "json" in ctype):
+            if self.body_field is not None and (not ctype or "json" in ctype):  # not the archive upload
                 body = await request.body()
                 if body:
                     request._json = parse_json(body)

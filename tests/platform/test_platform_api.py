@@ -77,6 +77,9 @@ async def test_upload_errors_never_show_server_paths_to_remote_clients(api: tupl
     message = r.json()["error"]["message"]
     assert "predict_concurency" in message
     assert str(tmp_path) not in message and "upload-" not in message
+    async with client(control, key, "192.0.2.7") as remote:  # a good package, sent without a content type
+        r = await remote.post("/api/v1/deployments/echo/versions", content=tar_of(EXAMPLES / "echo"))
+    assert r.status_code == 201, r.text
 
 
 @pytest.mark.parametrize("body", [
