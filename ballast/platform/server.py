@@ -119,7 +119,8 @@ def run_platform(opts: PlatformOptions, announce: Callable[[str], None] = print)
     shown = f"[{opts.host}]" if ":" in opts.host else opts.host
     base = f"http://{shown}:{port}"
     cred = save_credentials(base, secret, home)
-    announce(f"ballast platform: {base}/api/v1 (store: {safe_url(url)}, home: {home})")
+    announce(f"ballast platform: {base}/api/v1 (store: {safe_url(url)}, home: {home}; "
+             f"API docs: {base}/api/v1/docs)")
     announce(f"OpenAI-compatible gateway: {base}/v1 (keys: `ballast keys create --scope inference`)")
     if secret:
         announce(f"admin API key (shown once; saved to {cred}):\n  {secret}")
