@@ -113,8 +113,10 @@ def _llm_paths(vocab_size: int | None) -> dict[str, Any]:
         "/tokenize": {"post": {
             "summary": "Token ids of a prompt (or of chat messages rendered with the template).",
             "requestBody": _json_body({"type": "object", "properties": {
-                "prompt": {"type": "string"}, "messages": {"type": "array", "items": {"type": "object"}},
-                "model": {"type": ["string", "null"]}}}),
+                "prompt": {"type": ["string", "null"]},
+                "messages": {"type": ["array", "null"], "items": {"type": "object"}, "minItems": 1, "maxItems": 4096},
+                "model": {"type": ["string", "null"], "maxLength": 512},
+                "add_special_tokens": {"type": "boolean"}}}),
             "responses": {"200": {"description": "tokens, count, max_model_len", "content": {"application/json": {
                 "schema": {"type": "object", "required": ["tokens", "count"],
                            "properties": {"tokens": token_ids, "count": {"type": "integer"}}}}}},
