@@ -5,7 +5,7 @@ Bodies are read by the runtime's JSON reader, so the platform refuses the same m
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -30,7 +30,7 @@ class CheckedJSONRoute(APIRoute):
     """Request bodies go through the runtime's JSON reader (400 for deep nesting and lone surrogates)
     before FastAPI validates them; the parsed value is handed on, so nothing is parsed twice."""
 
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def checked(request: Request) -> Response:

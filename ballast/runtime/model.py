@@ -115,8 +115,6 @@ class ModelHost:
             "data_dir": self.package.data_dir,
             "secrets": _load_secrets(cfg.secrets),
         }
-        if cls.__init__ is object.__init__:
-            return cls()
         params = inspect.signature(cls).parameters
         accepts_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         kwargs = {k: v for k, v in available.items() if accepts_kwargs or k in params}

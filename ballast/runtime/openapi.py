@@ -153,7 +153,7 @@ def replica_openapi(host: Any, *, engine_kind: str | None, served: set[str]) -> 
     if "predict" in served:
         paths["/predict"] = _inference("Run the model on any JSON document.", {}, stream=True)
     llm = engine_kind == "native"
-    bodies = {"chat_completions": ChatCompletionRequest, "completions": CompletionRequest}
+    bodies: dict[str, type[BaseModel]] = {"chat_completions": ChatCompletionRequest, "completions": CompletionRequest}
     for method, path in OPENAI_METHODS.items():
         if method not in served:
             continue
@@ -163,7 +163,7 @@ def replica_openapi(host: Any, *, engine_kind: str | None, served: set[str]) -> 
         else:
             paths[path] = _inference(f"OpenAI {path} (the model's {method}()).", {"type": "object"}, stream=True)
     if engine_kind == "command":  # proxied as they are to the external engine
-        anything = {"application/json": {"schema": {}}}
+        anything: dict[str, Any] = {"application/json": {"schema": {}}}
         paths["/v1/models"] = _get("The engine's models.", {"description": "As the engine answers.",
                                                             "content": anything})
         for path in ("/tokenize", "/detokenize"):
