@@ -21,12 +21,12 @@ import aiohttp
 from starlette.responses import Response, StreamingResponse
 
 from ballast.gateway.routing import Endpoint, Router
+from ballast.observe import HOP_BY_HOP
 from ballast.openai import APIError, sse_event
 
 log = logging.getLogger("ballast.gateway")
 
-_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "server", "date",
-        "x-request-id"}
+_HOP = HOP_BY_HOP  # the one list, shared with the replica's command-engine proxy
 # Connection refused or reset, the replica closing the connection, or a connect timeout: the request did
 # not get an answer, so it is safe to send it to another replica (the replica died or never took it).
 _RETRYABLE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
