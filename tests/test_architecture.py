@@ -32,3 +32,13 @@ def test_import_rules_hold() -> None:
 
 def test_ruff_is_clean() -> None:
     _run(_tool("ruff"), "check", "ballast", "tests", "bench")
+
+
+def test_types_check() -> None:
+    _run(sys.executable, "-m", "mypy", "ballast")
+
+
+def test_every_module_is_under_400_lines() -> None:
+    long = {str(p.relative_to(REPO)): n for p in (REPO / "ballast").rglob("*.py")
+            if (n := len(p.read_text().splitlines())) >= 400}
+    assert not long, f"split these modules (one concept each, under 400 lines): {long}"

@@ -8,6 +8,7 @@ reconciler, not here, so a backend only has to say whether the replica's process
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -67,5 +68,5 @@ class Backend(Protocol):
     def inspect(self, handle: ReplicaHandle) -> ReplicaStatus:
         """Whether the replica's process (or actor) still exists; also re-adopts it after a platform restart."""
 
-    def logs(self, handle: ReplicaHandle, tail: int) -> list[str]:
+    def logs(self, handle: ReplicaHandle, tail: int) -> builtins.list[str]:  # `list` is a method here
         """The last `tail` lines the replica wrote."""

@@ -11,6 +11,7 @@ Logs go to `<logs_dir>/<deployment>/v<version>-<replica>.log`, opened in append 
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import os
 import shlex
@@ -184,7 +185,7 @@ class LocalBackend:
             self._gpus[handle.pid] = list(handle.data["gpus"])
         return ReplicaStatus(True)
 
-    def logs(self, handle: ReplicaHandle, tail: int) -> list[str]:
+    def logs(self, handle: ReplicaHandle, tail: int) -> builtins.list[str]:  # `list` is a method here
         if not handle.log_path or not Path(handle.log_path).exists():
             return []
         with open(handle.log_path, errors="replace") as f:

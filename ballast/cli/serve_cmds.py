@@ -40,8 +40,8 @@ def serve(
         with err.status(f"preparing environment for {len(reqs)} requirement(s)..."):
             site = ensure_environment(reqs, log=lambda m: err.print(m))
         if site is not None:
-            path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
-            env = {**os.environ, "BALLAST_IN_ENV": "1", "PYTHONPATH": path}
+            pythonpath = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
+            env = {**os.environ, "BALLAST_IN_ENV": "1", "PYTHONPATH": pythonpath}
             args = [sys.executable, "-m", "ballast.cli.main", "serve", str(package.path), "--port", str(port),
                     "--host", host, "--no-isolation"]
             if access_log:
@@ -78,24 +78,29 @@ def predict(
                 r.read()
                 raise ValueError(error_message(r, creds))
             if r.headers.get("content-type", "").startswith("text/event-stream"):
-                event = None
-                for line in r.iter_lines():
-                    if line.startswith("event:"):
-                        event = line[6:].strip()
-                    elif line.startswith("data:"):
-                        chunk = line[5:].strip()
-                        if chunk == "[DONE]":
-                            break
-                        if event == "error":
-                            raise ValueError(_error_text(chunk))
-                        console.print(chunk, highlight=False, soft_wrap=True)
-                    elif not line:
-                        event = None
+                _print_events(r)
             else:
                 r.read()
                 console.print_json(r.text) if _is_json(r.text) else console.print(r.text)
     except httpx.HTTPError as e:
         raise ValueError(f"cannot reach {url}: {e}") from None
+
+
+def _print_events(r: httpx.Response) -> None:
+    """Print each SSE data chunk as it arrives, until `[DONE]`; an `error` event raises."""
+    event = None
+    for line in r.iter_lines():
+        if line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            chunk = line[5:].strip()
+            if chunk == "[DONE]":
+                break
+            if event == "error":
+                raise ValueError(_error_text(chunk))
+            console.print(chunk, highlight=False, soft_wrap=True)
+        elif not line:
+            event = None
 
 
 def _is_json(text: str) -> bool:

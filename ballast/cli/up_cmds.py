@@ -26,7 +26,7 @@ EVENTS_LOGGER = "ballast.events"
 class EventFormatter(logging.Formatter):
     """`HH:MM:SS message` (UTC, like the event log); a line that already starts with its time is kept as is."""
 
-    converter = time.gmtime
+    converter = staticmethod(time.gmtime)
 
     def format(self, record: logging.LogRecord) -> str:
         msg = record.getMessage()

@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from ballast.config.models import BallastConfig
 
@@ -35,7 +36,7 @@ def _key_path(loc: tuple[Any, ...]) -> str:
     return "".join(parts) or "(top level)"
 
 
-def _describe(err: dict[str, Any]) -> str:
+def _describe(err: ErrorDetails) -> str:
     key = _key_path(err["loc"])
     kind = err["type"]
     if kind == "extra_forbidden":

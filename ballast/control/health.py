@@ -30,8 +30,8 @@ class ReplicaState(StrEnum):
 ACTIVE_STATES = (ReplicaState.PENDING, ReplicaState.STARTING, ReplicaState.READY, ReplicaState.UNREADY,
                  ReplicaState.CRASHLOOP)
 # Which replicas go first when scaling down: those that serve nothing.
-SCALE_DOWN_ORDER = {ReplicaState.PENDING: 0, ReplicaState.CRASHLOOP: 0, ReplicaState.STARTING: 1,
-                    ReplicaState.UNREADY: 2, ReplicaState.READY: 3}
+SCALE_DOWN_ORDER: dict[str, int] = {ReplicaState.PENDING: 0, ReplicaState.CRASHLOOP: 0, ReplicaState.STARTING: 1,
+                                    ReplicaState.UNREADY: 2, ReplicaState.READY: 3}
 
 
 def backoff_s(failures: int, base_s: float, max_s: float) -> float:

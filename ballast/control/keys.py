@@ -7,6 +7,7 @@ so concurrent writers (two platform processes on one PostgreSQL) never lose a co
 
 from __future__ import annotations
 
+import builtins
 import os
 import secrets
 from dataclasses import dataclass
@@ -116,7 +117,7 @@ class KeyStore:
                 s.refresh(row)
             return _view(row)
 
-    def live(self) -> list[KeyRecord]:
+    def live(self) -> builtins.list[KeyRecord]:  # `list` is a method of this class
         """Every unrevoked key, with the tokens each budgeted key has used in its current period."""
         now = datetime.now(UTC)
         with self.sessions() as s:
@@ -134,7 +135,7 @@ class KeyStore:
                           k.token_budget, k.budget_per, used.get(k.id, 0)) for k in keys]
 
     # ---- usage -----------------------------------------------------------------------------------
-    def add_usage(self, rows: list[dict[str, Any]]) -> None:
+    def add_usage(self, rows: builtins.list[dict[str, Any]]) -> None:
         """Add counters to (key, deployment, version, hour) rows in one transaction."""
         if not rows:
             return
@@ -158,38 +159,46 @@ class KeyStore:
                     set_={c: getattr(Usage, c) + getattr(stmt.excluded, c) for c in COUNTERS}))
 
     def usage(self, *, key: str | None = None, deployment: str | None = None, since: datetime | None = None,
-              group: str = "hour") -> list[dict[str, Any]]:
+              group: str = "hour") -> builtins.list[dict[str, Any]]:
         """Usage rows, newest first; `group`: hour (every row), or key / deployment (summed)."""
         with self.sessions() as s:
-            if key is not None:
-                row = s.scalar(select(ApiKey).where((ApiKey.id == key) | (ApiKey.prefix == key)))
-                if row is None:
-                    raise ControlError(404, f"no API key {key!r}", "key_not_found", "key")
-                key = row.id
+            key_id = _key_id(s, key) if key is not None else None
+            cols = _usage_columns(group)
             sums = [func.sum(getattr(Usage, c)).label(c) for c in COUNTERS]
-            if group == "hour":
-                cols: list[Any] = [Usage.key_id, Usage.deployment, Usage.version, Usage.hour]
-            elif group == "key":
-                cols = [Usage.key_id]
-            elif group == "deployment":
-                cols = [Usage.deployment]
-            else:
-                raise ControlError(400, "group must be hour, key or deployment", "invalid_group", "group")
             q = select(*cols, *sums).group_by(*cols)
-            if key is not None:
-                q = q.where(Usage.key_id == key)
+            if key_id is not None:
+                q = q.where(Usage.key_id == key_id)
             if deployment is not None:
                 q = q.where(Usage.deployment == deployment)
             if since is not None:
                 q = q.where(Usage.hour >= since.replace(minute=0, second=0, microsecond=0))
             if group == "hour":
                 q = q.order_by(Usage.hour.desc(), Usage.key_id, Usage.deployment, Usage.version)
-            out = []
-            for r in s.execute(q).all():
-                d = r._asdict()
-                if "hour" in d:
-                    d["hour"] = iso(d["hour"])
-                for c in COUNTERS:
-                    d[c] = int(d[c] or 0)
-                out.append(d)
-            return out
+            return [_usage_view(r._asdict()) for r in s.execute(q).all()]
+
+
+def _key_id(s: Session, key: str) -> str:
+    """The id of a key named by its id or its shown prefix; a 404 when there is none."""
+    row = s.scalar(select(ApiKey).where((ApiKey.id == key) | (ApiKey.prefix == key)))
+    if row is None:
+        raise ControlError(404, f"no API key {key!r}", "key_not_found", "key")
+    return row.id
+
+
+def _usage_columns(group: str) -> list[Any]:
+    """The columns usage rows are grouped by."""
+    if group == "hour":
+        return [Usage.key_id, Usage.deployment, Usage.version, Usage.hour]
+    if group == "key":
+        return [Usage.key_id]
+    if group == "deployment":
+        return [Usage.deployment]
+    raise ControlError(400, "group must be hour, key or deployment", "invalid_group", "group")
+
+
+def _usage_view(d: dict[str, Any]) -> dict[str, Any]:
+    if "hour" in d:
+        d["hour"] = iso(d["hour"])
+    for c in COUNTERS:
+        d[c] = int(d[c] or 0)
+    return d

@@ -40,33 +40,45 @@ async def follow(logs_dir: Path, deployment: str, version: int | None = None, ta
     """The last `tail` lines, then new lines of every replica (new replicas included) until cancelled."""
     for line in tail_lines(logs_dir, deployment, version, tail):
         yield line + "\n"
+    offsets = _sizes(log_files(logs_dir, deployment, version))
+    partial: dict[Path, bytes] = {}
+    while True:
+        await asyncio.sleep(poll_s)
+        out: list[str] = []
+        for v, rid, path in log_files(logs_dir, deployment, version):
+            out.extend(f"[v{v} {rid}] {c.decode(errors='replace').rstrip()}\n"
+                       for c in _new_lines(path, offsets, partial))
+        for line in out:
+            yield line
+
+
+def _sizes(files: list[tuple[int, str, Path]]) -> dict[Path, int]:
+    """The current size of each log file: where following starts."""
     offsets: dict[Path, int] = {}
-    for _v, _rid, path in log_files(logs_dir, deployment, version):
+    for _v, _rid, path in files:
         try:
             offsets[path] = path.stat().st_size
         except OSError:
             pass
-    partial: dict[Path, bytes] = {}
-    while True:
-        await asyncio.sleep(poll_s)
-        out = []
-        for v, rid, path in log_files(logs_dir, deployment, version):
-            try:
-                size = path.stat().st_size
-            except OSError:
-                continue
-            start = offsets.get(path, 0)
-            if size < start:  # rotated (copy-truncate)
-                start = 0
-            if size == start:
-                continue
-            with open(path, "rb") as f:
-                f.seek(start)
-                data = partial.pop(path, b"") + f.read(size - start)
-            offsets[path] = size
-            *complete, rest = data.split(b"\n")
-            if rest:
-                partial[path] = rest
-            out.extend(f"[v{v} {rid}] {c.decode(errors='replace').rstrip()}\n" for c in complete)
-        for line in out:
-            yield line
+    return offsets
+
+
+def _new_lines(path: Path, offsets: dict[Path, int], partial: dict[Path, bytes]) -> list[bytes]:
+    """The complete lines written to `path` since `offsets[path]`; an unfinished last line waits in `partial`."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return []
+    start = offsets.get(path, 0)
+    if size < start:  # rotated (copy-truncate)
+        start = 0
+    if size == start:
+        return []
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = partial.pop(path, b"") + f.read(size - start)
+    offsets[path] = size
+    *complete, rest = data.split(b"\n")
+    if rest:
+        partial[path] = rest
+    return complete

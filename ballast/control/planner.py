@@ -168,7 +168,7 @@ def _step_env(env: EnvState, dep: str, state: ClusterState, numbers: set[int], n
             out.routing_changed = True
     if env.canary_version is None or env.canary_ramp_s <= 0 or env.canary_started_at is None:
         return
-    elapsed = (now - aware(env.canary_started_at)).total_seconds()  # type: ignore[operator]
+    elapsed = (now - aware(env.canary_started_at)).total_seconds()
     pct = canary_percent_at(env.canary_step_percent or env.canary_percent, env.canary_ramp_s, elapsed)
     if pct >= 100:
         _, ev = promote_env(env, dep, env.canary_version, 0, 0.0, "system", now, kind="canary_completed")
@@ -205,7 +205,7 @@ def _desired(v: VersionState, users: list[EnvState], state: ClusterState, scaler
         events.append(EventSpec(v.deployment, "retiring", f"version {v.number} left every environment: it drains "
                                 f"and scales to zero after {grace_s:g}s (rollback is instant until then)",
                                 data={"version": v.number}))
-    elif now >= aware(v.retire_at) and v.desired > 0:  # type: ignore[operator]
+    elif now >= aware(v.retire_at) and v.desired > 0:
         events.append(EventSpec(v.deployment, "retired", f"version {v.number} scaled to zero",
                                 data={"version": v.number}))
         return 0
@@ -224,8 +224,8 @@ def plan(state: ClusterState, scaler: Scaler, now: datetime, retire_grace_s: flo
             _step_env(e, dep, state, numbers.get(e.deployment_id, set()), now, out)
     in_use: dict[tuple[int, int], list[EnvState]] = {}
     for e in state.envs:
-        for n in {e.version, e.canary_version, e.pending_version} - {None}:
-            in_use.setdefault((e.deployment_id, n), []).append(e)  # type: ignore[arg-type]
+        for n in {n for n in (e.version, e.canary_version, e.pending_version) if n is not None}:
+            in_use.setdefault((e.deployment_id, n), []).append(e)
     for v in state.versions:
         if v.deployment_id not in state.deployments:
             continue

@@ -134,7 +134,7 @@ class ControlPlane:
                         add_event(s, name, "deploy", f"package {package.fingerprint[:12]} is already version "
                                   f"{number}; reusing it", actor, version=number, reused=True)
                     else:
-                        number = s.scalar(select(Deployment.next_version).where(Deployment.id == dep_id))
+                        number = s.scalars(select(Deployment.next_version).where(Deployment.id == dep_id)).one()
                         s.execute(update(Deployment).where(Deployment.id == dep_id).values(next_version=number + 1))
                         s.add(Version(deployment_id=dep_id, number=number, fingerprint=package.fingerprint,
                                       package_path=str(stored), config=config, created_by=actor,

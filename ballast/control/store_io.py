@@ -7,9 +7,9 @@ import time
 from collections.abc import Callable, Collection
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import select
+from sqlalchemy import Table, select
 from sqlalchemy.orm import Session
 
 from ballast.control.actuator import Launched, ReplicaRow
@@ -133,7 +133,7 @@ def apply_verdicts(s: Session, rows: dict[str, Replica], versions: dict[Key, Ver
             started = aware(row.started_at)
             cold = (now - started).total_seconds() if started else None
             row.state, row.ready_at, row.failures, row.next_start_at = ReplicaState.READY, now, 0, None
-            s.execute(Version.__table__.update()
+            s.execute(cast(Table, Version.__table__).update()  # declared as FromClause; it is the Table
                       .where(Version.number == row.version, Version.deployment_id == select(Deployment.id)
                              .where(Deployment.name == row.deployment).scalar_subquery())
                       .values(last_cold_start_s=cold))
@@ -198,7 +198,7 @@ def scale(s: Session, rows: dict[str, Replica], versions: dict[Key, VersionPlan]
         excess = len(current) - vp.desired
         if excess > 0:
             victims = sorted(current, key=lambda r: (SCALE_DOWN_ORDER.get(r.state, 0),
-                                                     -aware(r.started_at).timestamp()))  # type: ignore[union-attr]
+                                                     -aware(r.started_at).timestamp()))
             for r in victims[:excess]:
                 routed |= _mark_stopping(s, r, "scaled down")
                 to_stop.append((ReplicaRow.of(r), True, True, vp.grace_s))

@@ -110,17 +110,19 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     kv_cache.view(-1, 2, kvh, d).index_copy_(0, batch.slot_mapping, torch.stack((k, v), dim=1))
     gqa = h != kvh
     nd = batch.num_decodes
-    out = torch.empty_like(q) if batch.prefills else None  # all decodes: no scatter into `out`
+    # All decodes: the attention output is returned as is below, so `out` is never written (no allocation).
+    out = torch.empty_like(q) if batch.prefills else q
     if nd:
-        blocks = batch.decode_blocks
-        ws = batch.workspace[: blocks.shape[0]]
+        blocks, workspace = batch.decode_blocks, batch.workspace
+        assert blocks is not None and workspace is not None  # set whenever there are decodes
+        ws = workspace[: blocks.shape[0]]
         torch.index_select(kv_cache, 0, blocks, out=ws)
         ctx = ws.view(nd, -1, 2, kvh, d)
         o = F.scaled_dot_product_attention(
             q[:nd].unsqueeze(2), ctx[:, :, 0].transpose(1, 2), ctx[:, :, 1].transpose(1, 2),
             attn_mask=batch.decode_mask, scale=scale, enable_gqa=gqa,
         ).squeeze(2)  # [nd, h, d]
-        if out is None:
+        if not batch.prefills:
             return o
         out[:nd] = o
     for p in batch.prefills:
@@ -136,6 +138,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
             vs = v[p.start : p.end].transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
         else:
+            assert batch.workspace is not None  # set whenever a prefill reads cached context
             ws = batch.workspace[: p.context_blocks.shape[0]]
             torch.index_select(kv_cache, 0, p.context_blocks, out=ws)
             ctx = ws.view(-1, 2, kvh, d)[: p.context_len]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from ballast.engine.config import EngineArgs
@@ -22,7 +23,7 @@ class LLM:
         return cls(args.checkpoint, **fields)
 
     def generate(
-        self, prompts: list[str] | list[list[int]] | str, params: SamplingParams | list[SamplingParams] | None = None
+        self, prompts: Sequence[str | list[int]] | str, params: SamplingParams | list[SamplingParams] | None = None
     ) -> list[RequestOutput]:
         """Generate for every prompt; returns one merged output per prompt (full text and token ids)."""
         if isinstance(prompts, str):

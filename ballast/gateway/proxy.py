@@ -21,12 +21,12 @@ import aiohttp
 from starlette.responses import Response, StreamingResponse
 
 from ballast.gateway.routing import Endpoint, Router
+from ballast.observe import HOP_BY_HOP
 from ballast.openai import APIError, sse_event
 
 log = logging.getLogger("ballast.gateway")
 
-_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "server", "date",
-        "x-request-id"}
+_HOP = HOP_BY_HOP  # the one list, shared with the replica's command-engine proxy
 # Connection refused or reset, the replica closing the connection, or a connect timeout: the request did
 # not get an answer, so it is safe to send it to another replica (the replica died or never took it).
 _RETRYABLE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
@@ -141,46 +141,45 @@ class Proxy:
                 last_error = f"replica {ep.replica_id} answered 503"
                 continue
             ep.consecutive_failures = 0
-            outcome.endpoint = ep
-            outcome.status = status
-            outcome.first_byte_s = time.monotonic() - started
-            out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP}
-            out_headers["x-ballast-replica"] = ep.replica_id  # which replica served: for debugging and tests
-            if resp.content_type == "text/event-stream":
-                return StreamingResponse(
-                    self._relay(resp, ep, outcome, on_done, extract_usage, started, strip_usage),
-                    status_code=status, headers=out_headers,
-                )
-            try:
-                content = await resp.read()
-            except _RETRYABLE:
-                # The replica died after its headers: nothing reached the client yet, but the
-                # request may have run; report it rather than risk running it twice.
-                ep.outstanding -= 1
-                self._failed(ep, hard=True)
-                outcome.error = True
-                outcome.status = 502
-                on_done(outcome)
-                raise APIError(502, "the replica failed while answering; retry the request",
-                               code="replica_failed") from None
-            finally:
-                resp.release()
+            return await self._answer(resp, ep, outcome, on_done, extract_usage, started, strip_usage)
+        return _no_replica(outcome, on_done, busy, last_error)
+
+    async def _answer(
+        self, resp: aiohttp.ClientResponse, ep: Endpoint, outcome: Outcome, on_done: Callable[[Outcome], None],
+        extract_usage: bool, started: float, strip_usage: bool,
+    ) -> Response:
+        """The replica's answer to the client: relayed as it streams, or read whole."""
+        status = resp.status
+        outcome.endpoint = ep
+        outcome.status = status
+        outcome.first_byte_s = time.monotonic() - started
+        out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP}
+        out_headers["x-ballast-replica"] = ep.replica_id  # which replica served: for debugging and tests
+        if resp.content_type == "text/event-stream":
+            return StreamingResponse(
+                self._relay(resp, ep, outcome, on_done, extract_usage, started, strip_usage),
+                status_code=status, headers=out_headers,
+            )
+        try:
+            content = await resp.read()
+        except _RETRYABLE:
+            # The replica died after its headers: nothing reached the client yet, but the
+            # request may have run; report it rather than risk running it twice.
             ep.outstanding -= 1
-            if extract_usage and status == 200:
-                outcome.usage = _usage_from_json(content)
-            outcome.error = status >= 500
-            on_done(outcome)
-            return Response(content, status_code=status, headers=out_headers)
-        if busy is not None:  # every replica tried is at capacity: the client should slow down
-            outcome.status = 429
+            self._failed(ep, hard=True)
             outcome.error = True
+            outcome.status = 502
             on_done(outcome)
-            return busy
-        outcome.status = 503
-        outcome.error = True
+            raise APIError(502, "the replica failed while answering; retry the request",
+                           code="replica_failed") from None
+        finally:
+            resp.release()
+        ep.outstanding -= 1
+        if extract_usage and status == 200:
+            outcome.usage = _usage_from_json(content)
+        outcome.error = status >= 500
         on_done(outcome)
-        raise APIError(503, f"no replica could take the request ({last_error}); retry shortly",
-                       code="no_replica_available", headers={"Retry-After": "1"})
+        return Response(content, status_code=status, headers=out_headers)
 
     async def _relay(
         self, resp: aiohttp.ClientResponse, ep: Endpoint, outcome: Outcome, on_done: Callable[[Outcome], None],
@@ -189,7 +188,7 @@ class Proxy:
         """Relay chunks as they come. With `strip_usage` (the gateway asked for the usage chunk, the client
         did not) the usage-only event is taken out of the stream, so clients see exactly what they asked for."""
         tail = b""
-        pending = b""
+        stripper = _UsageStripper(outcome) if strip_usage else None
         first = 0.0
         complete = False
         try:
@@ -197,27 +196,15 @@ class Proxy:
                 if not first:
                     first = time.monotonic()
                     outcome.first_chunk_s = first - started
-                if strip_usage:
-                    pending += chunk
-                    cut = pending.rfind(b"\n\n")
-                    if cut < 0:
+                if stripper is not None:
+                    chunk = stripper.feed(chunk)
+                    if not chunk:
                         continue
-                    chunk, pending = pending[: cut + 2], pending[cut + 2:]
-                    if b'"choices":[]' in chunk:
-                        kept = []
-                        for event in chunk.split(b"\n\n"):
-                            if event.startswith(b"data: {") and b'"choices":[]' in event:
-                                outcome.usage = _usage_from_sse(event) or outcome.usage
-                            elif event:
-                                kept.append(event + b"\n\n")
-                        chunk = b"".join(kept)
-                        if not chunk:
-                            continue
                 elif extract_usage:
                     tail = (tail + chunk)[-4096:]
                 yield chunk
-            if pending:
-                yield pending
+            if stripper is not None and stripper.pending:
+                yield stripper.pending
             complete = True
         except _RETRYABLE as e:
             outcome.error = True
@@ -235,6 +222,46 @@ class Proxy:
             if extract_usage and tail:
                 outcome.usage = _usage_from_sse(tail)
             on_done(outcome)
+
+
+def _no_replica(outcome: Outcome, on_done: Callable[[Outcome], None], busy: Response | None,
+                last_error: str) -> Response:
+    """Every attempt failed: the last 429 when every replica tried was at capacity, else a 503."""
+    if busy is not None:  # every replica tried is at capacity: the client should slow down
+        outcome.status = 429
+        outcome.error = True
+        on_done(outcome)
+        return busy
+    outcome.status = 503
+    outcome.error = True
+    on_done(outcome)
+    raise APIError(503, f"no replica could take the request ({last_error}); retry shortly",
+                   code="no_replica_available", headers={"Retry-After": "1"})
+
+
+class _UsageStripper:
+    """Takes the usage-only event (`"choices":[]`) out of an SSE stream, keeping its usage in the outcome."""
+
+    def __init__(self, outcome: Outcome):
+        self.outcome = outcome
+        self.pending = b""  # an incomplete event, held until its end arrives
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The complete events received so far, less the usage event; b"" when there is nothing to send yet."""
+        self.pending += chunk
+        cut = self.pending.rfind(b"\n\n")
+        if cut < 0:
+            return b""
+        chunk, self.pending = self.pending[: cut + 2], self.pending[cut + 2:]
+        if b'"choices":[]' not in chunk:
+            return chunk
+        kept = []
+        for event in chunk.split(b"\n\n"):
+            if event.startswith(b"data: {") and b'"choices":[]' in event:
+                self.outcome.usage = _usage_from_sse(event) or self.outcome.usage
+            elif event:
+                kept.append(event + b"\n\n")
+        return b"".join(kept)
 
 
 def _usage_from_json(content: bytes) -> dict[str, Any] | None:

@@ -25,7 +25,8 @@ from ballast.gateway.limits import KeyLimiter
 from ballast.gateway.metering import Meter, UsageCounts, UsageKey, counts_from_usage
 from ballast.gateway.metrics import GatewayMetrics
 from ballast.gateway.proxy import Outcome, Proxy
-from ballast.gateway.routing import Endpoint, Router, WeightedSplit, prefix_key
+from ballast.gateway.routing import Endpoint, Router, WeightedSplit
+from ballast.gateway.targets import affinity_key, parse_model, rewrite_body
 from ballast.observe import REQUEST_ID_HEADER, current_request_id
 from ballast.openai import APIError
 from ballast.store import hash_key
@@ -201,40 +202,35 @@ class Gateway:
 
     # ---- resolution ------------------------------------------------------------------------
     def resolve(self, model: str | None, key: KeyRecord) -> tuple[DeploymentRoute, int]:
-        if not model or not isinstance(model, str):
-            raise APIError(400, "`model` is required: a deployment name (chat, chat@staging, chat:3)", param="model",
-                           code="missing_model")
-        name, env, version = model, "production", None
-        if "@" in model:
-            name, env = model.split("@", 1)
-        elif ":" in model:
-            name, _, v = model.partition(":")
-            if not v.isdigit():
-                raise APIError(400, f"`{model}`: a version is a number, as in {name}:3", param="model")
-            version = int(v)
+        """The deployment and version a `model` string names, for this key."""
+        name, env, version = parse_model(model)
         dep = self.routes.get(name)
-        if dep is None or not key.may_use(name):
-            if dep is not None:
-                raise APIError(403, f"this key may not use deployment `{name}`", param="model",
-                               code="deployment_not_allowed")
+        if dep is None:
             raise APIError(404, f"the model `{model}` does not exist", param="model", code="model_not_found")
-        if version is not None:
-            if version not in dep.versions:
-                raise APIError(404, f"deployment `{name}` has no version {version}", param="model",
-                               code="model_not_found")
-            return dep, version
+        if not key.may_use(name):
+            raise APIError(403, f"this key may not use deployment `{name}`", param="model",
+                           code="deployment_not_allowed")
+        if version is None:
+            return dep, self._environment_version(dep, name, env)
+        if version not in dep.versions:
+            raise APIError(404, f"deployment `{name}` has no version {version}", param="model",
+                           code="model_not_found")
+        return dep, version
+
+    def _environment_version(self, dep: DeploymentRoute, name: str, env: str) -> int:
+        """The version an environment sends this request to (canary splits by smooth weighted round robin)."""
         weights = dep.environments.get(env)
         if not weights:
             raise APIError(404, f"deployment `{name}` has no environment `{env}`", param="model",
                            code="model_not_found")
         if len(weights) == 1:
-            return dep, weights[0][0]
+            return weights[0][0]
         sig = tuple(weights)
         cached = self._splits.get((name, env))
         if cached is None or cached[0] != sig:
             cached = (sig, WeightedSplit(weights))
             self._splits[(name, env)] = cached
-        return dep, cached[1].next()
+        return cached[1].next()
 
     # ---- requests --------------------------------------------------------------------------
     async def _endpoints(self, dep: DeploymentRoute, version: int) -> Callable[[], list[Endpoint]]:
@@ -287,52 +283,36 @@ class Gateway:
             limiter.admit()
         endpoints = await self._endpoints(dep, version)
         is_llm_call = kind != "predict"
-        session = request.headers.get("x-ballast-session")
-        if dep.prefix_routing and is_llm_call:
-            prefix = prefix_key(parsed, session)
-        else:
-            prefix = b"s:" + session.encode() if session else None
+        prefix = affinity_key(dep.prefix_routing and is_llm_call, parsed, request.headers.get("x-ballast-session"))
         headers = {"content-type": "application/json", REQUEST_ID_HEADER: current_request_id()}
-        strip_usage = False
-        rewrite = False
         served = dep.versions[version].model_name if is_llm_call else None
-        if served and parsed.get("model") != served:
-            # `chat@staging` or `chat:3` name the deployment; the replica knows its own model name.
-            parsed["model"] = served
-            rewrite = True
-        if kind in ("chat_completions", "completions") and parsed.get("stream"):
-            opts = parsed.get("stream_options")
-            opts = opts if isinstance(opts, dict) else {}
-            if not opts.get("include_usage"):
-                # Metering needs the token counts: ask for the usage chunk, and take it out of the stream
-                # on the way back (the client did not ask for it).
-                parsed["stream_options"] = {**opts, "include_usage": True}
-                rewrite = strip_usage = True
-        if rewrite:
-            body = json.dumps(parsed).encode()
-        outcome = Outcome()
-        m = self.metrics
+        body, strip_usage = rewrite_body(body, parsed, kind, served)
 
         def done(o: Outcome) -> None:
-            status = str(o.status)
-            m.requests.labels(dep.name, str(version), status).inc()
-            m.latency.labels(dep.name).observe(time.monotonic() - started)
-            counts = counts_from_usage(o.usage, o.error or o.status >= 400)
-            if o.first_chunk_s is not None:
-                m.ttft.labels(dep.name).observe(o.first_chunk_s)
-                if o.stream_s is not None and counts.completion_tokens > 1:
-                    m.itl.labels(dep.name).observe(o.stream_s / (counts.completion_tokens - 1))
-            if counts.prompt_tokens or counts.completion_tokens:
-                m.tokens.labels(dep.name, "prompt").inc(counts.prompt_tokens)
-                m.tokens.labels(dep.name, "completion").inc(counts.completion_tokens)
-            self.meter.record(key.id, dep.name, version, counts)
-            if limiter is not None:
-                limiter.charge(counts.prompt_tokens + counts.completion_tokens)
+            self._finished(o, key, dep.name, version, limiter, started)
 
         return await self.proxy.forward(
-            endpoints, INFERENCE_PATHS[kind], body, headers, key=prefix, outcome=outcome, on_done=done,
+            endpoints, INFERENCE_PATHS[kind], body, headers, key=prefix, outcome=Outcome(), on_done=done,
             extract_usage=is_llm_call, strip_usage=strip_usage,
         )
+
+    def _finished(self, o: Outcome, key: KeyRecord, deployment: str, version: int, limiter: KeyLimiter | None,
+                  started: float) -> None:
+        """A request is over (answer relayed, or failed): metrics, metering, and the key's token bucket."""
+        m = self.metrics
+        m.requests.labels(deployment, str(version), str(o.status)).inc()
+        m.latency.labels(deployment).observe(time.monotonic() - started)
+        counts = counts_from_usage(o.usage, o.error or o.status >= 400)
+        if o.first_chunk_s is not None:
+            m.ttft.labels(deployment).observe(o.first_chunk_s)
+            if o.stream_s is not None and counts.completion_tokens > 1:
+                m.itl.labels(deployment).observe(o.stream_s / (counts.completion_tokens - 1))
+        if counts.prompt_tokens or counts.completion_tokens:
+            m.tokens.labels(deployment, "prompt").inc(counts.prompt_tokens)
+            m.tokens.labels(deployment, "completion").inc(counts.completion_tokens)
+        self.meter.record(key.id, deployment, version, counts)
+        if limiter is not None:
+            limiter.charge(counts.prompt_tokens + counts.completion_tokens)
 
     def models_for(self, request: Request) -> Response:
         key = self.authenticate(request, "inference")

@@ -10,6 +10,7 @@ import contextvars
 import json
 import logging
 import os
+import random
 import sys
 import time
 
@@ -17,8 +18,15 @@ REQUEST_ID_HEADER = "x-request-id"
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("ballast_request_id", default="-")
 
 
+# Request ids need uniqueness, not secrecy: 128 bits from a generator seeded from the OS (and reseeded in a
+# forked child). os.urandom per request was the largest single cost of a replica's request (a getrandom
+# syscall, ~20 us on a loaded machine).
+_ids = random.Random(os.urandom(32))
+os.register_at_fork(after_in_child=lambda: _ids.seed(os.urandom(32)))
+
+
 def new_request_id() -> str:
-    return os.urandom(16).hex()  # as unique as uuid4, without building a UUID object per request
+    return f"{_ids.getrandbits(128):032x}"
 
 
 def current_request_id() -> str:

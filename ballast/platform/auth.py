@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+from typing import Annotated
 
+from fastapi import Depends, Request
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ballast.control.keys import new_secret
+from ballast.gateway.auth import MISSING_KEY_MESSAGE, api_key_from_headers
+from ballast.openai import APIError
 from ballast.store import ApiKey, Setting, hash_key, utcnow
 
 
@@ -50,3 +54,24 @@ def setting(sessions: sessionmaker[Session], key: str, default: str) -> str:
 def lookup(sessions: sessionmaker[Session], secret: str) -> ApiKey | None:
     with sessions() as s:
         return s.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(secret), ApiKey.revoked_at.is_(None)))
+
+
+def request_secret(request: Request) -> str:
+    """The API key a request carries (the gateway's one parser: `Authorization: Bearer`, `Api-Key`, `x-api-key`)."""
+    return api_key_from_headers(request.headers) or ""
+
+
+def actor(request: Request) -> str:
+    """The caller of a REST API call, from its admin API key (401 without a valid key, 403 without admin)."""
+    secret = request_secret(request)
+    if not secret:
+        raise APIError(401, MISSING_KEY_MESSAGE, code="missing_api_key")
+    key = lookup(request.app.state.control.sessions, secret)
+    if key is None:
+        raise APIError(401, "invalid API key", code="invalid_api_key")
+    if "admin" not in (key.scopes or []):
+        raise APIError(403, "this key may not manage deployments (needs the admin scope)", code="insufficient_scope")
+    return f"{key.name or 'key'}:{key.prefix}"
+
+
+Actor = Annotated[str, Depends(actor)]

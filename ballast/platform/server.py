@@ -142,7 +142,8 @@ def run_platform(opts: PlatformOptions, announce: Callable[[str], None] = print)
     # Listening on every address: the saved URL (what the CLI on this machine uses) is loopback.
     local = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(opts.host)
     cred = save_credentials(base.replace(shown, local, 1) if local else base, secret, home)
-    announce(f"ballast platform: {base}/api/v1 (store: {safe_url(url)}, home: {home})")
+    announce(f"ballast platform: {base}/api/v1 (store: {safe_url(url)}, home: {home}; "
+             f"API docs: {base}/api/v1/docs)")
     announce(f"OpenAI-compatible gateway: {base}/v1 (keys: `ballast keys create --scope inference`)")
     if not ssl and not is_loopback(opts.host):
         announce(PLAINTEXT_WARNING.format(host=opts.host))

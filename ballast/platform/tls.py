@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
+
+from ballast.observe import is_loopback as observe_is_loopback
 
 PLAINTEXT_WARNING = (
     "WARNING: listening on {host} WITHOUT TLS: API keys, prompts and packages cross the network in clear text. "
@@ -13,12 +14,8 @@ PLAINTEXT_WARNING = (
 
 def is_loopback(host: str) -> bool:
     """True for 127.0.0.0/8, ::1 and localhost; 0.0.0.0, :: and every other address reach beyond this machine."""
-    if host.strip("[]").lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to anything
+    host = host.strip("[]")
+    return host.lower() == "localhost" or observe_is_loopback(host)  # a host name: it may resolve to anything
 
 
 def tls_settings(cert: str | None, key: str | None) -> dict[str, str]:

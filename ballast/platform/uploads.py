@@ -22,16 +22,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from ballast.control import ControlPlane
+from ballast.control import ControlError, ControlPlane
 from ballast.openai import APIError
+from ballast.platform.auth import actor
+from ballast.platform.openapi import CheckedJSONRoute, errors
+from ballast.platform.schemas import NAME
 
 DEFAULT_MAX_PACKAGE_BYTES = 2 * 2**30
 CHECKSUM_HEADER = "x-ballast-sha256"
 MAX_MEMBERS = 100_000
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_ARCHIVE = {"required": True, "content": {media: {"schema": {"type": "string", "format": "binary"}}
+                                          for media in ("application/gzip", "application/octet-stream")}}
 
 
 def max_package_bytes(request: Request) -> int:
@@ -109,17 +114,21 @@ async def receive(request: Request, path: Path, limit: int) -> str:
     return digest.hexdigest()
 
 
-def upload_router(actor: Callable[..., str], changed: Callable[[Any], Any]) -> APIRouter:
-    """The upload route, authenticated by the REST API's `actor` dependency; `changed` wakes the reconciler."""
-    router = APIRouter()
+def upload_router(changed: Callable[[Any], Any]) -> APIRouter:
+    """The upload route (admin keys, as every REST route); `changed` wakes the reconciler."""
+    router = APIRouter(prefix="/api/v1", route_class=CheckedJSONRoute)
 
-    @router.post("/packages", tags=["deployments"], status_code=201)
-    async def upload_package(request: Request, name: Annotated[str | None, Query()] = None,
-                             env: Annotated[str | None, Query()] = None, who: str = Depends(actor)) -> dict[str, Any]:
+    @router.post("/packages", tags=["deployments"], status_code=201, responses=errors(400, 404, 409, 413),
+                 openapi_extra={"requestBody": _ARCHIVE})
+    async def upload_package(request: Request,
+                             name: Annotated[str | None, Query(pattern=NAME, max_length=63)] = None,
+                             env: Annotated[str | None, Query(pattern=NAME, max_length=63)] = None,
+                             sha256: Annotated[str | None, Header(alias=CHECKSUM_HEADER, max_length=64)] = None,
+                             who: str = Depends(actor)) -> dict[str, Any]:
         """Deploy a package uploaded as a gzipped tar archive (the body), checked against the sha256 in
         `x-ballast-sha256`; `name` defaults to the package's. The answer is the one of a deploy."""
         control: ControlPlane = request.app.state.control
-        expected = request.headers.get(CHECKSUM_HEADER, "").strip().lower()
+        expected = (sha256 or "").strip().lower()
         if not _SHA256.match(expected):
             raise APIError(400, f"send the archive's sha256 (64 hex digits) in the {CHECKSUM_HEADER} header",
                            code="missing_checksum", param=CHECKSUM_HEADER)
@@ -137,7 +146,11 @@ def upload_router(actor: Callable[..., str], changed: Callable[[Any], Any]) -> A
                 root = tmp / "package"
                 root.mkdir()
                 pkg = unpack(archive, root, limit)
-                return changed(control.deploy(pkg, name, env=env, actor=who))
+                try:
+                    return changed(control.deploy(pkg, name, env=env, actor=who))
+                except ControlError as e:  # name files inside the package, never the server's temporary path
+                    e.message = e.message.replace(f"{pkg}/", "").replace(str(pkg), "<package>")
+                    raise
 
             result: dict[str, Any] = await run_in_threadpool(unpack_and_deploy)
             result["sha256"] = actual

@@ -18,6 +18,9 @@ class Admission:
         self.running = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._metrics = metrics
+        if metrics is not None:  # read when scraped, not written on every request
+            metrics.in_flight.set_function(lambda: self.running)
+            metrics.queued.set_function(lambda: len(self._waiters))
 
     @property
     def waiting(self) -> int:
@@ -26,7 +29,6 @@ class Admission:
     async def acquire(self) -> None:
         if self.running < self.concurrency and not self._waiters:
             self.running += 1
-            self._gauge()
             return
         if len(self._waiters) >= self.max_queue:
             if self._metrics:
@@ -39,7 +41,6 @@ class Admission:
             )
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
-        self._gauge()
         try:
             await fut
         except BaseException:
@@ -47,7 +48,6 @@ class Admission:
                 self.release()  # we were handed a slot just as we were cancelled: pass it on
             else:
                 self._waiters.remove(fut)
-                self._gauge()
             raise
 
     def release(self) -> None:
@@ -55,12 +55,5 @@ class Admission:
             fut = self._waiters.popleft()
             if not fut.done():
                 fut.set_result(None)  # the slot moves to the waiter; `running` is unchanged
-                self._gauge()
                 return
         self.running -= 1
-        self._gauge()
-
-    def _gauge(self) -> None:
-        if self._metrics:
-            self._metrics.in_flight.set(self.running)
-            self._metrics.queued.set(len(self._waiters))

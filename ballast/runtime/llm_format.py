@@ -6,7 +6,7 @@ streams here. Choice `index` is `prompt_index * n + i`, as OpenAI numbers them.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
 
@@ -62,14 +62,14 @@ class Formatter:
             return None
         return {"content": format_logprobs(lp, True)} if self.chat else format_logprobs(lp, False)
 
-    async def collect(self, streams: list[OutputStream]) -> dict[str, Any]:
+    async def collect(self, streams: Sequence[OutputStream]) -> dict[str, Any]:
         try:
             return await self._collect(streams)
         finally:
             for s in streams:
                 await s.aclose()
 
-    async def _collect(self, streams: list[OutputStream]) -> dict[str, Any]:
+    async def _collect(self, streams: Sequence[OutputStream]) -> dict[str, Any]:
         n = self.req.n
         choices: list[dict[str, Any]] = []
         prompt_tokens = completion_tokens = cached = 0
@@ -109,7 +109,7 @@ class Formatter:
             "system_fingerprint": None,
         }
 
-    async def stream(self, streams: list[OutputStream]) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, streams: Sequence[OutputStream]) -> AsyncIterator[dict[str, Any]]:
         """Chunks in OpenAI's order: role first, content deltas, one finish_reason per choice, usage last."""
         try:
             async for c in self._chunks(streams):
@@ -118,7 +118,7 @@ class Formatter:
             for s in streams:
                 await s.aclose()
 
-    async def _chunks(self, streams: list[OutputStream]) -> AsyncIterator[dict[str, Any]]:
+    async def _chunks(self, streams: Sequence[OutputStream]) -> AsyncIterator[dict[str, Any]]:
         n = self.req.n
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)

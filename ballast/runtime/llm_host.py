@@ -240,15 +240,15 @@ class EngineHost:
         self._require_ready()
         req: ChatCompletionRequest | CompletionRequest
         if name == "chat_completions":
-            req = parse_request(ChatCompletionRequest, body)
+            req = chat_req = parse_request(ChatCompletionRequest, body)
             self._check_model(req.model)
-            prompts: list[str | list[int]] = [self._render(req.messages)]
-            logprobs = (req.top_logprobs or 0) if req.logprobs else None
+            prompts: list[str | list[int]] = [self._render(chat_req.messages)]
+            logprobs = (chat_req.top_logprobs or 0) if req.logprobs else None
             chat = True
         elif name == "completions":
-            req = parse_request(CompletionRequest, body)
+            req = comp_req = parse_request(CompletionRequest, body)
             self._check_model(req.model)
-            prompts, logprobs, chat = req.prompts(), req.logprobs, False
+            prompts, logprobs, chat = comp_req.prompts(), comp_req.logprobs, False
         else:
             raise APIError(404, f"{name} is not served by an LLM replica")
         streams = self._submit(prompts, self._params(req, logprobs), chat=chat)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +33,7 @@ class LLMMetrics:
             ("ballast_llm_prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache."),
             ("ballast_llm_prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in the cache."),
         ):
-            Gauge(name, doc, registry=r).set_function(lambda k=key: float(stats().get(k, 0)))
+            Gauge(name, doc, registry=r).set_function(functools.partial(_stat, stats, key))
 
         def hit_rate() -> float:
             s = stats()
@@ -50,3 +51,7 @@ class LLMMetrics:
         self.cached_tokens.inc(out.num_cached_tokens or 0)
         for c in out.outputs:
             self.finished.labels(c.finish_reason or "unknown").inc()
+
+
+def _stat(stats: Callable[[], dict[str, Any]], key: str) -> float:
+    return float(stats().get(key, 0))

@@ -103,6 +103,7 @@ class ModelHost:
         self.load_seconds: float | None = None
         self.instance: Any = None
         self._methods: dict[str, Callable[..., Any]] = {}
+        self._kinds: dict[str, str] = {}  # method name -> async | asyncgen | gen | sync, found once at load
 
     # ---- lifecycle -------------------------------------------------------------------------
     def _construct(self) -> Any:
@@ -114,8 +115,6 @@ class ModelHost:
             "data_dir": self.package.data_dir,
             "secrets": _load_secrets(cfg.secrets),
         }
-        if cls.__init__ is object.__init__:
-            return cls()
         params = inspect.signature(cls).parameters
         accepts_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         kwargs = {k: v for k, v in available.items() if accepts_kwargs or k in params}
@@ -136,6 +135,7 @@ class ModelHost:
                 fn = getattr(self.instance, name, None)
                 if callable(fn):
                     self._methods[name] = fn
+                    self._kinds[name] = _kind(fn)
             if "predict" not in self._methods and not any(m in self._methods for m in OPENAI_METHODS):
                 raise ModelLoadError(
                     "the model class defines neither predict() nor an OpenAI method "
@@ -166,8 +166,7 @@ class ModelHost:
 
     def cancellable(self, name: str) -> bool:
         """Whether cancelling a call stops work (async code); sync code in a thread runs to the end."""
-        fn = self._methods.get(name)
-        return fn is not None and (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn))
+        return self._kinds.get(name) in ("async", "asyncgen")
 
     async def healthy(self) -> tuple[bool, str | None]:
         if self.state is not LoadState.READY:
@@ -185,14 +184,15 @@ class ModelHost:
     async def call(self, name: str, *args: Any) -> Any:
         """Call a method; returns a value, or an async iterator when the method streams."""
         fn = self._methods[name]
-        if inspect.isasyncgenfunction(fn):
-            return fn(*args)
-        if inspect.iscoroutinefunction(fn):
-            result = await fn(*args)
-        elif inspect.isgeneratorfunction(fn):
-            return _iterate_in_threads(fn(*args))
-        else:
+        kind = self._kinds[name]
+        if kind == "sync":
             result = await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        elif kind == "async":
+            result = await fn(*args)
+        elif kind == "asyncgen":
+            return fn(*args)
+        else:
+            return _iterate_in_threads(fn(*args))
         if inspect.isasyncgen(result):
             return result
         if inspect.isgenerator(result):
@@ -207,6 +207,16 @@ class ModelHost:
         if "postprocess" in self._methods and not isinstance(result, AsyncIterator):
             result = await self.call("postprocess", result)
         return result
+
+
+def _kind(fn: Callable[..., Any]) -> str:
+    if inspect.isasyncgenfunction(fn):
+        return "asyncgen"
+    if inspect.iscoroutinefunction(fn):
+        return "async"
+    if inspect.isgeneratorfunction(fn):
+        return "gen"
+    return "sync"
 
 
 _SENTINEL = object()

@@ -76,8 +76,8 @@ def _get(summary: str, ok: dict[str, Any], *errors: int, status_schema: bool = F
 def _inference(summary: str, body: dict[str, Any], *, stream: bool, extra: tuple[int, ...] = ()) -> dict[str, Any]:
     content: dict[str, Any] = {"application/json": {"schema": {}}}
     if stream:
-        content["text/event-stream"] = {"schema": {"type": "string"}}
-        content["application/x-ndjson"] = {"schema": {"type": "string"}}
+        content["text/event-stream"] = {"schema": {}}  # each event's data: a JSON chunk, then [DONE]
+        content["application/x-ndjson"] = {"schema": {}}
     responses = {"200": {"description": "The result, or a stream when the model streams.", "content": content}}
     responses.update(error_responses(*sorted({*INFERENCE_ERRORS, *extra})))
     return {"post": {"summary": summary, "requestBody": _json_body(body), "responses": responses}}
@@ -102,16 +102,21 @@ def _llm_body(model: type[BaseModel], components: dict[str, Any]) -> dict[str, A
     return schema
 
 
-def _llm_paths(components: dict[str, Any]) -> dict[str, Any]:
-    token_ids = {"type": "array", "items": {"type": "integer"}}
+def _llm_paths(vocab_size: int | None) -> dict[str, Any]:
+    item: dict[str, Any] = {"type": "integer", "minimum": 0}
+    if vocab_size:
+        item["maximum"] = vocab_size - 1
+    token_ids = {"type": "array", "items": item}
     return {
         "/v1/models": _get("The served model.", {"description": "An OpenAI model list.",
                                                  "content": {"application/json": {"schema": {"type": "object"}}}}),
         "/tokenize": {"post": {
             "summary": "Token ids of a prompt (or of chat messages rendered with the template).",
             "requestBody": _json_body({"type": "object", "properties": {
-                "prompt": {"type": "string"}, "messages": {"type": "array", "items": {"type": "object"}},
-                "model": {"type": ["string", "null"]}}}),
+                "prompt": {"type": ["string", "null"]},
+                "messages": {"type": ["array", "null"], "items": {"type": "object"}, "minItems": 1, "maxItems": 4096},
+                "model": {"type": ["string", "null"], "maxLength": 512},
+                "add_special_tokens": {"type": "boolean"}}}),
             "responses": {"200": {"description": "tokens, count, max_model_len", "content": {"application/json": {
                 "schema": {"type": "object", "required": ["tokens", "count"],
                            "properties": {"tokens": token_ids, "count": {"type": "integer"}}}}}},
@@ -148,7 +153,7 @@ def replica_openapi(host: Any, *, engine_kind: str | None, served: set[str]) -> 
     if "predict" in served:
         paths["/predict"] = _inference("Run the model on any JSON document.", {}, stream=True)
     llm = engine_kind == "native"
-    bodies = {"chat_completions": ChatCompletionRequest, "completions": CompletionRequest}
+    bodies: dict[str, type[BaseModel]] = {"chat_completions": ChatCompletionRequest, "completions": CompletionRequest}
     for method, path in OPENAI_METHODS.items():
         if method not in served:
             continue
@@ -157,8 +162,17 @@ def replica_openapi(host: Any, *, engine_kind: str | None, served: set[str]) -> 
                                      extra=(404,))
         else:
             paths[path] = _inference(f"OpenAI {path} (the model's {method}()).", {"type": "object"}, stream=True)
+    if engine_kind == "command":  # proxied as they are to the external engine
+        anything: dict[str, Any] = {"application/json": {"schema": {}}}
+        paths["/v1/models"] = _get("The engine's models.", {"description": "As the engine answers.",
+                                                            "content": anything})
+        for path in ("/tokenize", "/detokenize"):
+            paths[path] = {"post": {"summary": "Passed to the engine.", "requestBody": _json_body({"type": "object"}),
+                                    "responses": {"200": {"description": "As the engine answers.", "content": anything},
+                                                  **error_responses(400, 413, 503)}}}
     if llm:
-        paths.update(_llm_paths(components))
+        engine = getattr(host, "engine", None)  # loaded: the tokenizer bounds the token ids /detokenize takes
+        paths.update(_llm_paths(engine.tokenizer.vocab_size if engine is not None else None))
     title = f"Ballast replica: {host.package.name}"
     return {"openapi": "3.1.0", "info": {"title": title, "version": "1"}, "paths": paths,
             "components": {"schemas": components}}

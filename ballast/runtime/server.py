@@ -24,7 +24,7 @@ from ballast.config import RuntimeConfig
 from ballast.observe import RequestIdMiddleware, request_id_var
 from ballast.openai import DONE, APIError, error_body, sse_event
 from ballast.runtime.admission import Admission
-from ballast.runtime.host import Host
+from ballast.runtime.host import Handler, Host
 from ballast.runtime.jsonio import parse_json
 from ballast.runtime.metrics import RequestMetrics, RuntimeMetrics
 from ballast.runtime.model import OPENAI_METHODS, LoadState
@@ -47,8 +47,12 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
+_ENCODER = json.JSONEncoder(default=_json_default, ensure_ascii=False, separators=(",", ":"))
+
+
 def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, default=_json_default, ensure_ascii=False, separators=(",", ":")).encode()
+    """Compact UTF-8 JSON; one encoder for the process (json.dumps with options builds one per call)."""
+    return _ENCODER.encode(obj).encode()
 
 
 def error_response(err: APIError) -> Response:
@@ -67,7 +71,8 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         if size > max_bytes:
             raise APIError(413, f"request body exceeds the limit of {max_bytes} bytes", code="request_too_large")
         chunks.append(chunk)
-    return parse_json(b"".join(chunks))
+    body = request._body = b"".join(chunks)  # what `request.body()` returns from now on (a proxy forwards it)
+    return parse_json(body)
 
 
 class ReplicaApp:
@@ -97,7 +102,7 @@ class ReplicaApp:
             app.add_route(path, self._openai_route(method), methods=["POST"])
         extra_paths: set[str] = set()
         for path, handler, methods in self.host.extra_routes():
-            app.add_route(path, handler, methods=methods)
+            app.add_route(path, self._checked_body(handler), methods=methods)
             extra_paths.add(path)
         self.host.bind_metrics(self.metrics.registry)
         app.add_exception_handler(APIError, self._api_error)
@@ -108,6 +113,20 @@ class ReplicaApp:
         routes = {"/predict", "/health", "/health/live", "/health/ready", "/metrics", "/openapi.json",
                   *OPENAI_METHODS.values(), *extra_paths}
         return RequestIdMiddleware(app, RequestMetrics(self.metrics, routes))
+
+    def _checked_body(self, handler: Handler) -> Handler:
+        """A host's own routes read their JSON body through `read_json` too (size limit, malformed JSON), and
+        the body must be an object: `request.json()` then returns the checked value."""
+
+        async def checked(request: Request) -> Response:
+            if request.method in ("POST", "PUT", "PATCH"):
+                body = await read_json(request, self.runtime.max_request_bytes)
+                if not isinstance(body, dict):
+                    raise APIError(400, "the request body must be a JSON object", code="invalid_request")
+                request._json = body
+            return await handler(request)
+
+        return checked
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:

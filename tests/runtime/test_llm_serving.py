@@ -212,6 +212,10 @@ def test_command_engine_proxies_to_a_child_server(tiny_checkpoint, tmp_path, rep
         model="tiny-chat", messages=MSGS, max_tokens=8, temperature=0, stream=True) if ch.choices)
     assert text == r.choices[0].message.content
     assert [m.id for m in c.models.list().data] == ["tiny-chat"]
+    # Host routes pass their (checked) body through to the engine.
+    tok = httpx.post(rep.url + "/tokenize", json={"prompt": "hello"})
+    assert tok.status_code == 200 and tok.json()["count"] > 0
+    assert httpx.post(rep.url + "/tokenize", content=b"[1, 2]").status_code == 400
     with pytest.raises(openai.NotFoundError):
         c.chat.completions.create(model="nope", messages=MSGS)
     assert httpx.get(f"http://127.0.0.1:{child_port}/health/ready").status_code == 200

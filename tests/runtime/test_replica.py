@@ -40,6 +40,7 @@ def test_echo_predict_and_request_ids(echo):
 
 
 def test_health_and_metrics(echo):
+    assert httpx.get(echo.url + "/health").status_code == 200  # as vLLM answers it: load balancers probe it
     assert httpx.get(echo.url + "/health/live").json()["status"] == "alive"
     assert httpx.get(echo.url + "/health/ready").json()["status"] == "ready"
     for _ in range(3):
@@ -62,6 +63,14 @@ def test_bad_json_unknown_route_and_method(echo):
     assert r.status_code == 404 and _error(r)["type"] == "not_found_error"
     r = httpx.get(echo.url + "/predict")
     assert r.status_code == 405 and _error(r)["code"] == "method_not_allowed"
+    assert r.headers["allow"] == "POST"
+    # Documents that json.loads takes but that would break later: 5,000 levels deep, lone surrogates.
+    for body in (b"[" * 5000 + b"]" * 5000, b'{"a": {"b": ["\\ud800"]}}', b'"\\udfff"'):
+        r = httpx.post(echo.url + "/predict", content=body)
+        assert r.status_code == 400 and _error(r)["code"] == "invalid_json", body[:40]
+    # A surrogate pair is one valid character, and 100 levels are fine.
+    assert httpx.post(echo.url + "/predict", content=b'"\\ud83d\\ude00"').json() == {"echo": "\U0001f600"}
+    assert httpx.post(echo.url + "/predict", content=b"[" * 100 + b"]" * 100).status_code == 200
     # A model without OpenAI methods does not serve /v1 routes.
     r = httpx.post(echo.url + "/v1/chat/completions", json={})
     assert r.status_code == 404

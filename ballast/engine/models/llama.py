@@ -7,6 +7,9 @@ Qwen2 adds q/k/v biases, Qwen3 per-head q/k RMSNorm; tied embeddings share the e
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,7 +37,7 @@ class Attention(nn.Module):
         q = q.view(t, self.h, self.d)
         k = k.view(t, self.kvh, self.d)
         v = v.view(t, self.kvh, self.d)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = paged_attention(q, k, v, kv_cache, batch, self.scale)
@@ -63,6 +66,8 @@ class Layer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    inv_freq: torch.Tensor  # a registered buffer
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -85,7 +90,7 @@ class LlamaModel(nn.Module):
         """Returns logits (float32) for `logits_rows` of the flat batch only."""
         h = self.embed_tokens(input_ids)
         cos, sin = self.rope(positions, h.dtype)
-        for layer, kv in zip(self.layers, kv_caches, strict=True):
+        for layer, kv in zip(cast("Sequence[Layer]", self.layers), kv_caches, strict=True):
             h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, kv, batch)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         h = self.norm(h[logits_rows])

@@ -100,9 +100,10 @@ def import_gguf(out: str | Path | None = None, *, gguf_file: str | Path | None =
                 arr = _unpermute(arr, n_kv)
             name = f"model.layers.{idx}.{names[rest]}"
         else:
-            name = names.get(t.name)
-            if name is None:
+            mapped = names.get(t.name)
+            if mapped is None:
                 continue
+            name = mapped
         tensors[name] = torch.from_numpy(np.ascontiguousarray(arr))
     tied = "lm_head.weight" not in tensors
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -7,7 +7,7 @@ import signal
 import httpx
 
 from tests.control.platform import Platform, kill_leftovers, pid_alive
-from tests.control.test_platform import versioned
+from tests.platform.test_platform import versioned
 
 
 def test_platform_restart_keeps_everything_and_exits_clean(database_url, tmp_path):
