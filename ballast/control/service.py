@@ -110,7 +110,7 @@ class ControlPlane:
             raise ControlError(400, str(e), "invalid_package", "path") from None
 
     def deploy(self, path: str | Path, name: str | None = None, *, env: str | None = None,
-               actor: str = "system") -> dict[str, Any]:
+               actor: str = "system", source: str | None = None) -> dict[str, Any]:
         """Validate the package, store a content-addressed copy, create (or reuse) a numbered version."""
         package = self.load(path)
         name = check_name(name or package.name)
@@ -141,7 +141,7 @@ class ControlPlane:
                                       created_at=utcnow(), min_replicas=auto.min_replicas,
                                       max_replicas=auto.max_replicas, desired=0))
                         reused = False
-                        add_event(s, name, "deploy", f"version {number} created from {package.path}", actor,
+                        add_event(s, name, "deploy", f"version {number} created from {source or package.path}", actor,
                                   version=number, fingerprint=package.fingerprint)
                     has_env = s.scalar(select(func.count()).select_from(Environment)
                                        .where(Environment.deployment_id == dep_id)) or 0

@@ -147,7 +147,8 @@ def upload_router(changed: Callable[[Any], Any]) -> APIRouter:
                 root.mkdir()
                 pkg = unpack(archive, root, limit)
                 try:
-                    return changed(control.deploy(pkg, name, env=env, actor=who))
+                    source = f"an upload (sha256 {actual[:12]})"
+                    return changed(control.deploy(pkg, name, env=env, actor=who, source=source))
                 except ControlError as e:  # name files inside the package, never the server's temporary path
                     e.message = e.message.replace(f"{pkg}/", "").replace(str(pkg), "<package>")
                     raise

@@ -97,6 +97,8 @@ def test_upload_round_trip_names_and_checksum(plat: Platform) -> None:
     assert out["deployment"] == "uploaded" and out["version"] == 1
     assert out["sha256"] == hashlib.sha256(body).hexdigest()
     assert out["promotion"]["environment"] == "staging"
+    events = plat.api("GET", "/deployments/uploaded/events")["data"]
+    assert any("created from an upload (sha256 " in e["message"] for e in events)  # no server path
 
 
 @pytest.mark.parametrize("case, add, code", [
