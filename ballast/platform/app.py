@@ -38,6 +38,7 @@ from ballast.gateway.auth import MISSING_KEY_MESSAGE, api_key_from_headers
 from ballast.gateway.service import Gateway
 from ballast.observe import REQUEST_ID_HEADER, new_request_id, request_id_var
 from ballast.openai import APIError, error_body
+from ballast.platform.async_routes import async_router
 from ballast.platform.auth import lookup
 
 log = logging.getLogger("ballast.platform")
@@ -353,6 +354,7 @@ def create_app(control: ControlPlane, reconciler: Reconciler | None = None, *, g
     def dev_stop(name: str, who: Actor) -> dict[str, Any]:
         return changed(control.dev_stop(name, actor=who))
 
+    app.include_router(async_router())
     app.add_middleware(RequestIdMiddleware)
     if gateway is None:
         return app
@@ -403,7 +405,7 @@ class Front:
     """The platform's ASGI app: inference paths go straight to the gateway's routes, everything else (and the
     lifespan) to the REST API."""
 
-    PREFIXES = ("/v1/", "/deployments/", "/metrics")
+    PREFIXES = ("/v1/", "/deployments/", "/metrics", "/async_requests/")
 
     def __init__(self, api: FastAPI, gateway_app: ASGIApp):
         self.api = api

@@ -1,5 +1,6 @@
 """Platform state in SQL: SQLite by default, PostgreSQL by URL, migrated with Alembic."""
 
+from ballast.store.async_tables import AsyncRequest
 from ballast.store.db import default_url, make_engine, open_store, safe_url, session_factory, upgrade
 from ballast.store.tables import (
     ApiKey,
@@ -18,6 +19,7 @@ from ballast.store.tables import (
 
 __all__ = [
     "ApiKey",
+    "AsyncRequest",
     "Base",
     "Deployment",
     "Environment",

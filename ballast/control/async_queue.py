@@ -1,0 +1,263 @@
+"""The durable async queue in the store: submit, claim, finish, cancel, expire, and webhook bookkeeping.
+
+Claims are conditional updates (`... WHERE id = ? AND status = 'QUEUED'`), so two claimers never take the
+same row on either database; on PostgreSQL the candidate rows are read with `FOR UPDATE SKIP LOCKED` so
+concurrent claimers do not even wait on each other, and SQLite serializes writers by itself. A platform
+that dies with requests IN_PROGRESS puts them back to QUEUED when it starts again (`recover`): a request
+runs at least once, and its webhook carries the same `webhook-id` on every attempt.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from ballast.control.errors import ControlError
+from ballast.control.times import iso
+from ballast.store import AsyncRequest, utcnow
+
+QUEUED, IN_PROGRESS, SUCCEEDED, FAILED = "QUEUED", "IN_PROGRESS", "SUCCEEDED", "FAILED"
+EXPIRED, CANCELED, WEBHOOK_FAILED = "EXPIRED", "CANCELED", "WEBHOOK_FAILED"
+TERMINAL = frozenset({SUCCEEDED, FAILED, EXPIRED, CANCELED, WEBHOOK_FAILED})
+MAX_RUN_ATTEMPTS = 3  # a request whose replica vanished is queued again this many times, then FAILED
+
+
+@dataclass(frozen=True)
+class AsyncPolicy:
+    """A deployment's `async:` section, as the dispatcher applies it."""
+
+    max_queue: int = 1000
+    max_concurrency: int = 8
+    result_ttl_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: str
+    deployment: str
+    target: str
+    kind: str
+    key_id: str
+    payload: dict[str, Any]
+    attempts: int
+    batch_id: str | None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: str
+    webhook_id: str
+    endpoint: str
+    attempts: int
+    body: dict[str, Any]
+
+
+def new_id(prefix: str) -> str:
+    return prefix + os.urandom(12).hex()
+
+
+def view(r: AsyncRequest) -> dict[str, Any]:
+    """The public state of a request (never its input or output)."""
+    return {"request_id": r.id, "deployment": r.deployment, "model": r.target, "version": r.version,
+            "status": r.status, "priority": r.priority, "attempts": r.attempts, "created_at": iso(r.created_at),
+            "expires_at": iso(r.expires_at), "started_at": iso(r.started_at), "finished_at": iso(r.finished_at),
+            "webhook": {"endpoint": r.webhook_endpoint, "state": r.webhook_state, "attempts": r.webhook_attempts,
+                        "delivered_at": iso(r.delivered_at), "last_error": r.webhook_error},
+            "errors": r.errors or [], "result_available": r.result is not None and r.result_expires_at is not None}
+
+
+class AsyncQueue:
+    def __init__(self, sessions: sessionmaker[Session], run_id: str | None = None):
+        self.sessions = sessions
+        self.run_id = run_id or os.urandom(8).hex()
+        self.postgres = sessions.kw["bind"].dialect.name == "postgresql"
+
+    # ---- submission ---------------------------------------------------------------------------
+    def submit(self, *, deployment: str, target: str, kind: str, key_id: str, payload: dict[str, Any],
+               webhook_endpoint: str | None, priority: int, max_time_in_queue_s: float, max_queue: int) -> str:
+        """Queue one request; 429 when the deployment's queue is full."""
+        rid = new_id("req-")
+        now = utcnow()
+        with self.sessions() as s:
+            depth = s.scalar(select(func.count()).select_from(AsyncRequest).where(
+                AsyncRequest.deployment == deployment, AsyncRequest.status == QUEUED)) or 0
+            if depth >= max_queue:
+                raise ControlError(429, f"the async queue of `{deployment}` is full ({max_queue} requests); retry "
+                                   "later", "queue_full")
+            s.add(AsyncRequest(id=rid, deployment=deployment, target=target, kind=kind, key_id=key_id,
+                               priority=priority, status=QUEUED, payload=payload, created_at=now,
+                               expires_at=now + timedelta(seconds=max_time_in_queue_s),
+                               webhook_endpoint=webhook_endpoint,
+                               webhook_id=new_id("msg_") if webhook_endpoint else None,
+                               webhook_state="none", attempts=0, webhook_attempts=0))
+            s.commit()
+        return rid
+
+    # ---- reads --------------------------------------------------------------------------------
+    def get(self, rid: str) -> tuple[str, dict[str, Any]] | None:
+        """(owner key id, public view) of a request."""
+        with self.sessions() as s:
+            r = s.get(AsyncRequest, rid)
+            return (r.key_id, view(r)) if r is not None else None
+
+    def result(self, rid: str) -> dict[str, Any] | None:
+        """The kept output ({status, body}) while its `result_ttl_s` lasts."""
+        with self.sessions() as s:
+            r = s.get(AsyncRequest, rid)
+            if r is None or r.result is None or r.result_expires_at is None:
+                return None
+            return r.result
+
+    def depths(self) -> dict[str, int]:
+        """Queued requests per target (`chat`, `chat@staging`, `chat:3`): load for the autoscaler."""
+        with self.sessions() as s:
+            rows = s.execute(select(AsyncRequest.target, func.count()).where(AsyncRequest.status == QUEUED)
+                             .group_by(AsyncRequest.target)).all()
+        return {t: int(n) for t, n in rows}
+
+    # ---- state changes ------------------------------------------------------------------------
+    def cancel(self, rid: str) -> dict[str, Any]:
+        with self.sessions() as s:
+            n = s.execute(update(AsyncRequest).where(AsyncRequest.id == rid, AsyncRequest.status == QUEUED)
+                          .values(status=CANCELED, finished_at=utcnow(), payload=None)).rowcount  # type: ignore[attr-defined]
+            s.commit()
+            r = s.get(AsyncRequest, rid)
+            assert r is not None
+            if not n:
+                raise ControlError(409, f"request {rid} is {r.status}: only a QUEUED request can be canceled",
+                                   "not_cancelable")
+            return view(r)
+
+    def recover(self) -> int:
+        """Requests a dead platform had claimed go back to the queue (run at startup, before dispatching)."""
+        with self.sessions() as s:
+            n = s.execute(update(AsyncRequest).where(AsyncRequest.status == IN_PROGRESS)
+                          .values(status=QUEUED, claimed_by=None)).rowcount  # type: ignore[attr-defined]
+            s.commit()
+        return int(n or 0)
+
+    def claim(self, deployment: str, n: int) -> list[Claimed]:
+        """Take up to `n` queued requests of a deployment, highest priority (0) and oldest first."""
+        if n <= 0:
+            return []
+        now = utcnow()
+        with self.sessions() as s:
+            q = (select(AsyncRequest.id).where(AsyncRequest.deployment == deployment, AsyncRequest.status == QUEUED,
+                                               AsyncRequest.expires_at > now)
+                 .order_by(AsyncRequest.priority, AsyncRequest.created_at).limit(n))
+            if self.postgres:
+                q = q.with_for_update(skip_locked=True)
+            ids = list(s.scalars(q))
+            got: list[Claimed] = []
+            for rid in ids:
+                done = s.execute(update(AsyncRequest).where(AsyncRequest.id == rid, AsyncRequest.status == QUEUED)
+                                 .values(status=IN_PROGRESS, claimed_by=self.run_id, started_at=now,
+                                         attempts=AsyncRequest.attempts + 1)).rowcount  # type: ignore[attr-defined]
+                if done:
+                    r = s.get(AsyncRequest, rid)
+                    assert r is not None
+                    s.refresh(r)
+                    got.append(Claimed(r.id, r.deployment, r.target, r.kind, r.key_id, r.payload or {}, r.attempts,
+                                       r.batch_id))
+            s.commit()
+        return got
+
+    def requeue(self, rid: str) -> None:
+        """The request did not reach a replica (none ready, replica gone): back to the queue."""
+        with self.sessions() as s:
+            s.execute(update(AsyncRequest).where(AsyncRequest.id == rid, AsyncRequest.status == IN_PROGRESS)
+                      .values(status=QUEUED, claimed_by=None))
+            s.commit()
+
+    def finish(self, rid: str, *, ok: bool, version: int | None, result: dict[str, Any] | None,
+               errors: list[dict[str, Any]], result_ttl_s: float) -> None:
+        """Record the outcome; the input is dropped, the output kept only for the webhook or the TTL."""
+        now = utcnow()
+        with self.sessions() as s:
+            r = s.get(AsyncRequest, rid)
+            if r is None or r.status != IN_PROGRESS:
+                return
+            r.status = SUCCEEDED if ok else FAILED
+            r.version, r.errors, r.finished_at, r.payload = version, errors or None, now, None
+            keep = result_ttl_s > 0 or r.webhook_endpoint is not None or r.batch_id is not None
+            r.result = result if keep else None
+            r.result_expires_at = now + timedelta(seconds=result_ttl_s) if result_ttl_s > 0 else None
+            if r.webhook_endpoint:
+                r.webhook_state, r.webhook_next_at = "pending", now
+            s.commit()
+
+    def expire_due(self) -> int:
+        """Queued requests past `max_time_in_queue_s` leave the queue unrun (their webhook says so)."""
+        now = utcnow()
+        with self.sessions() as s:
+            rows = list(s.scalars(select(AsyncRequest).where(AsyncRequest.status == QUEUED,
+                                                             AsyncRequest.expires_at <= now).limit(500)))
+            for r in rows:
+                r.status, r.finished_at, r.payload = EXPIRED, now, None
+                r.errors = [{"code": "expired", "message": "the request was not started within max_time_in_queue_s"}]
+                if r.webhook_endpoint:
+                    r.webhook_state, r.webhook_next_at = "pending", now
+            s.commit()
+        return len(rows)
+
+    # ---- webhooks -----------------------------------------------------------------------------
+    def due_deliveries(self, limit: int = 32) -> list[Delivery]:
+        now = utcnow()
+        with self.sessions() as s:
+            rows = s.scalars(select(AsyncRequest).where(AsyncRequest.webhook_state == "pending",
+                                                        AsyncRequest.webhook_next_at <= now)
+                             .order_by(AsyncRequest.webhook_next_at).limit(limit)).all()
+            return [Delivery(r.id, r.webhook_id or r.id, r.webhook_endpoint or "", r.webhook_attempts,
+                             webhook_body(r)) for r in rows]
+
+    def delivered(self, rid: str) -> None:
+        self._delivery_done(rid, "delivered", None)
+
+    def delivery_failed(self, rid: str, error: str, retry_at: datetime | None) -> None:
+        """One attempt failed: try again at `retry_at`, or (None) give up: WEBHOOK_FAILED."""
+        if retry_at is None:
+            self._delivery_done(rid, "failed", error)
+            return
+        with self.sessions() as s:
+            s.execute(update(AsyncRequest).where(AsyncRequest.id == rid).values(
+                webhook_attempts=AsyncRequest.webhook_attempts + 1, webhook_next_at=retry_at, webhook_error=error))
+            s.commit()
+
+    def _delivery_done(self, rid: str, state: str, error: str | None) -> None:
+        now = utcnow()
+        with self.sessions() as s:
+            r = s.get(AsyncRequest, rid)
+            if r is None or r.webhook_state != "pending":
+                return
+            r.webhook_state, r.webhook_attempts, r.webhook_error = state, r.webhook_attempts + 1, error
+            if state == "delivered":
+                r.delivered_at = now
+            else:
+                r.status = WEBHOOK_FAILED
+            if r.result_expires_at is None and r.batch_id is None:
+                r.result = None  # delivered or given up: the output is not kept
+            s.commit()
+
+    def sweep_results(self) -> int:
+        """Drop outputs whose `result_ttl_s` has passed (once no webhook still needs them)."""
+        now = utcnow()
+        with self.sessions() as s:
+            n = s.execute(update(AsyncRequest).where(AsyncRequest.result_expires_at <= now,
+                                                     AsyncRequest.webhook_state != "pending")
+                          .values(result=None, result_expires_at=None)).rowcount  # type: ignore[attr-defined]
+            s.commit()
+        return int(n or 0)
+
+
+def webhook_body(r: AsyncRequest) -> dict[str, Any]:
+    """The Standard Webhooks payload of a finished request."""
+    res = r.result or {}
+    data = res.get("body") if r.status == SUCCEEDED else None
+    return {"request_id": r.id, "deployment": r.deployment, "version": r.version,
+            "type": "async_request.completed" if r.status == SUCCEEDED else f"async_request.{r.status.lower()}",
+            "time": iso(r.finished_at or utcnow()), "data": data, "errors": r.errors or []}
