@@ -41,7 +41,11 @@ def parse_allow(values: Iterable[str]) -> list[IPNet]:
     for v in values:
         for part in v.split(","):
             if part.strip():
-                nets.append(ipaddress.ip_network(part.strip(), strict=False))
+                try:
+                    nets.append(ipaddress.ip_network(part.strip(), strict=False))
+                except ValueError:
+                    raise ValueError(f"webhook allow-list: `{part.strip()}` is not a CIDR (as in 127.0.0.1/32)") \
+                        from None
     return nets
 
 

@@ -20,7 +20,7 @@ from ballast.control.async_queue import AsyncPolicy, AsyncQueue
 from ballast.control.autoscaler import Autoscaler
 from ballast.control.keys import KeyRecord, KeyStore
 from ballast.control.snapshot import DeploymentTargets
-from ballast.control.webhooks import WebhookSecrets, WebhookSender, allow_from_env
+from ballast.control.webhooks import WebhookSecrets, WebhookSender, allow_from_env, parse_allow
 from ballast.gateway.async_api import AsyncAPI
 from ballast.gateway.async_dispatch import Dispatcher
 from ballast.gateway.metering import UsageCounts, UsageKey
@@ -78,20 +78,21 @@ def _route(d: DeploymentTargets) -> DeploymentRoute:
                            concurrency_target=cfg.autoscaling.concurrency_target if cfg is not None else 1.0)
 
 
-def assemble(control: ControlPlane, backend: Backend, registry: CollectorRegistry) -> tuple[Reconciler, Gateway]:
+def assemble(control: ControlPlane, backend: Backend, registry: CollectorRegistry,
+             webhook_allow: list[str] | None = None) -> tuple[Reconciler, Gateway]:
     """Build the reconciler and the gateway of one platform process, each knowing what it needs of the other."""
     autoscaler = Autoscaler()
     reconciler = Reconciler(control, backend, autoscaler=autoscaler, registry=registry)
     gateway = Gateway(StoreSource(control, reconciler.wake), registry)
-    autoscaler.signal = install_async(control, gateway)
+    autoscaler.signal = install_async(control, gateway, webhook_allow or [])
     return reconciler, gateway
 
 
-def install_async(control: ControlPlane, gateway: Gateway) -> Dispatcher:
+def install_async(control: ControlPlane, gateway: Gateway, webhook_allow: list[str]) -> Dispatcher:
     """The async queue's dispatcher (a gateway companion, and the autoscaler's load signal: in-flight plus queued)
     and its routes on the gateway."""
     queue = AsyncQueue(control.sessions)
-    allow = allow_from_env()
+    allow = allow_from_env() + parse_allow(webhook_allow)
     dispatcher = Dispatcher(gateway, queue, WebhookSender(queue, WebhookSecrets(control.sessions), allow))
     gateway.companions.append(dispatcher)
     gateway.extra_routes += AsyncAPI(gateway, queue, dispatcher, allow).routes()
