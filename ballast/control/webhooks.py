@@ -171,7 +171,9 @@ class WebhookSender:
 
     async def _attempt(self, d: Delivery) -> str | None:
         """None when delivered, else why not (`refused...` when retrying cannot help)."""
-        secret = self.secrets.current() or await asyncio.to_thread(self.secrets.rotate)
+        secret = self.secrets.current()
+        if secret is None:  # no one asked for the secret yet: create it (POST /api/v1/webhook_secret rotates it)
+            secret = await asyncio.to_thread(self.secrets.rotate)
         try:
             await asyncio.to_thread(check_target, d.endpoint, self.allow)  # again: DNS may have changed
         except ControlError as e:
