@@ -85,7 +85,8 @@ class AsyncQueue:
         now = utcnow()
         with self.sessions() as s:
             depth = s.scalar(select(func.count()).select_from(AsyncRequest).where(
-                AsyncRequest.deployment == deployment, AsyncRequest.status == QUEUED)) or 0
+                AsyncRequest.deployment == deployment, AsyncRequest.status == QUEUED,
+                AsyncRequest.batch_id.is_(None))) or 0  # batch lines have their own bound (MAX_LINES a batch)
             if depth >= max_queue:
                 raise ControlError(429, f"the async queue of `{deployment}` is full ({max_queue} requests); retry "
                                    "later", "queue_full")

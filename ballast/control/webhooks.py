@@ -171,7 +171,7 @@ class WebhookSender:
 
     async def _attempt(self, d: Delivery) -> str | None:
         """None when delivered, else why not (`refused...` when retrying cannot help)."""
-        secret = self.secrets.current()
+        secret = await asyncio.to_thread(self.secrets.current)
         if secret is None:  # no one asked for the secret yet: create it (POST /api/v1/webhook_secret rotates it)
             secret = await asyncio.to_thread(self.secrets.rotate)
         try:

@@ -16,6 +16,7 @@ import logging
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from starlette.responses import Response, StreamingResponse
@@ -83,6 +84,7 @@ class Dispatcher:
         self._deliveries: asyncio.Task[int] | None = None
         self._wake = asyncio.Event()
         self._housekept = 0.0
+        self.chores: list[Callable[[], object]] = []  # blocking store work run about once a second (batches)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -139,6 +141,8 @@ class Dispatcher:
             self._housekept = now
             await asyncio.to_thread(self.queue.expire_due)
             await asyncio.to_thread(self.queue.sweep_results)
+            for chore in self.chores:
+                await asyncio.to_thread(chore)
         if self._deliveries is None or self._deliveries.done():
             self._deliveries = asyncio.create_task(self.sender.run_due())
         self.depths = await asyncio.to_thread(self.queue.depths)

@@ -18,11 +18,13 @@ from ballast.config import BallastConfig
 from ballast.control import ControlPlane, Reconciler
 from ballast.control.async_queue import AsyncPolicy, AsyncQueue
 from ballast.control.autoscaler import Autoscaler
+from ballast.control.batches import BatchStore
 from ballast.control.keys import KeyRecord, KeyStore
 from ballast.control.snapshot import DeploymentTargets
 from ballast.control.webhooks import WebhookSecrets, WebhookSender, allow_from_env, parse_allow
 from ballast.gateway.async_api import AsyncAPI
 from ballast.gateway.async_dispatch import Dispatcher
+from ballast.gateway.batches import BatchAPI
 from ballast.gateway.metering import UsageCounts, UsageKey
 from ballast.gateway.routing import Endpoint
 from ballast.gateway.service import DeploymentRoute, Gateway, VersionRoute
@@ -96,4 +98,7 @@ def install_async(control: ControlPlane, gateway: Gateway, webhook_allow: list[s
     dispatcher = Dispatcher(gateway, queue, WebhookSender(queue, WebhookSecrets(control.sessions), allow))
     gateway.companions.append(dispatcher)
     gateway.extra_routes += AsyncAPI(gateway, queue, dispatcher, allow).routes()
+    batches = BatchStore(control.sessions)
+    dispatcher.chores.append(batches.progress)
+    gateway.extra_routes += BatchAPI(gateway, batches, dispatcher).routes()
     return dispatcher
