@@ -187,14 +187,14 @@ class Dispatcher:
             outcome = (False, None, None, [{"code": "internal_error", "message": type(e).__name__}])
         finally:
             self.inflight[c.deployment] -= 1
-            self._wake.set()
         ok, version, result, errors = outcome
         if ok is None:
             await asyncio.to_thread(self.queue.requeue, c.id)
-            return
-        policy = self.gateway.routes[c.deployment].async_policy if c.deployment in self.gateway.routes else None
-        await asyncio.to_thread(self.queue.finish, c.id, ok=ok, version=version, result=result, errors=errors,
-                                result_ttl_s=policy.result_ttl_s if policy else 0.0)
+        else:
+            policy = self.gateway.routes[c.deployment].async_policy if c.deployment in self.gateway.routes else None
+            await asyncio.to_thread(self.queue.finish, c.id, ok=ok, version=version, result=result, errors=errors,
+                                    result_ttl_s=policy.result_ttl_s if policy else 0.0)
+        self._wake.set()  # room for the next request, and a webhook to send: the next tick now, not in interval_s
 
     async def _call(self, c: Claimed) -> tuple[bool | None, int | None, dict[str, Any] | None, list[dict[str, Any]]]:
         """(ok, version, {status, body}, errors); ok None: not run, queue it again."""
