@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -198,6 +199,21 @@ def test_webhook_retries_keep_the_id_then_fail(plat: Platform) -> None:
     finally:
         flaky.close()
         dead.close()
+
+
+def test_queued_work_wakes_a_deployment_scaled_to_zero(plat: Platform, receiver: Receiver, tmp_path: Path) -> None:
+    cold = write_package(tmp_path / "cold", """
+        name: cold
+        autoscaling: {min_replicas: 0, max_replicas: 1, scale_down_delay_s: 0, window_s: 1}
+        """, MODEL)
+    plat.api("POST", "/deployments", expect=201, json={"path": str(cold)})
+    plat.wait("cold scaled to zero", lambda: not plat.show("cold")["replicas"], timeout=90)
+    rid = _submit(plat, "cold", {"i": "cold"}, receiver.url)
+    (payload,) = receiver.wait_for(1, timeout=120)[rid]  # the queued request was the load that started a replica
+    assert payload["data"]["echo"] == {"i": "cold"}
+    ups = [e for e in plat.api("GET", "/deployments/cold/events")["data"] if e["kind"] == "autoscale"
+           and e["data"].get("previous") == 0 and e["data"].get("desired") == 1]
+    assert ups, "the queued request did not scale the deployment up from zero"
 
 
 def test_kill_9_mid_queue_loses_nothing(plat: Platform, receiver: Receiver) -> None:
