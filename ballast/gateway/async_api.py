@@ -16,7 +16,7 @@ from ballast.control.async_queue import AsyncQueue
 from ballast.control.errors import ControlError
 from ballast.control.keys import KeyRecord
 from ballast.control.webhooks import IPNet, check_target
-from ballast.gateway.async_dispatch import Dispatcher
+from ballast.gateway.async_dispatch import Dispatcher, queued_deployment
 from ballast.gateway.service import Gateway, _read_body
 from ballast.openai import APIError
 
@@ -76,7 +76,7 @@ class AsyncAPI:
         if unknown:
             raise APIError(400, f"unknown field(s) {', '.join(unknown)}", param=unknown[0])
         hook, priority, wait = parse_options(body)
-        dep, _ = gw.resolve(model, key)
+        dep = queued_deployment(gw, model, key)
         limiter = gw.limiters.get(key.id)
         if limiter is not None:
             limiter.admit()

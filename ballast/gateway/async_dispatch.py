@@ -22,6 +22,7 @@ from typing import Any
 from starlette.responses import Response, StreamingResponse
 
 from ballast.control.async_queue import MAX_RUN_ATTEMPTS, AsyncQueue, Claimed
+from ballast.control.keys import KeyRecord
 from ballast.control.webhooks import WebhookSender
 from ballast.gateway.service import DeploymentRoute, Gateway
 from ballast.openai import APIError
@@ -47,6 +48,27 @@ def target_version(dep: DeploymentRoute, target: str) -> int | None:
         return version if version in dep.versions else None
     weights = dep.environments.get(env or "production") or []
     return max(weights, key=lambda w: w[1])[0] if weights else None
+
+
+def queued_deployment(gateway: Gateway, model: object, key: KeyRecord) -> DeploymentRoute:
+    """The deployment a submitted target names, refused as `Gateway.resolve` would refuse it, but without taking a
+    canary split's turn: the split applies when the request runs, not when it is queued."""
+    if not isinstance(model, str) or not model:
+        raise APIError(400, "`model` is required: a deployment name (chat, chat@staging, chat:3)", param="model",
+                       code="missing_model")
+    name, env, version = split_target(model)
+    if ":" in model and "@" not in model and version is None:
+        raise APIError(400, f"`{model}`: a version is a number, as in {name}:3", param="model")
+    dep = gateway.routes.get(name)
+    if dep is None:
+        raise APIError(404, f"the model `{model}` does not exist", param="model", code="model_not_found")
+    if not key.may_use(name):
+        raise APIError(403, f"this key may not use deployment `{name}`", param="model", code="deployment_not_allowed")
+    if version is not None and version not in dep.versions:
+        raise APIError(404, f"deployment `{name}` has no version {version}", param="model", code="model_not_found")
+    if env is not None and not dep.environments.get(env):
+        raise APIError(404, f"deployment `{name}` has no environment `{env}`", param="model", code="model_not_found")
+    return dep
 
 
 async def _content(resp: Response) -> bytes:

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 from ballast.control.batches import WINDOWS, BatchStore, Line
 from ballast.control.errors import ControlError
 from ballast.control.keys import KeyRecord
-from ballast.gateway.async_dispatch import Dispatcher
+from ballast.gateway.async_dispatch import Dispatcher, queued_deployment
 from ballast.gateway.service import MAX_BODY, Gateway, _read_body
 from ballast.openai import APIError
 
@@ -114,7 +114,7 @@ class BatchAPI:
                 raise APIError(400, f"request {n} (custom_id `{line.custom_id}`) is for {line.url}, not the batch's "
                                f"endpoint {endpoint}", param="endpoint")
             try:
-                dep, _ = self.gateway.resolve(line.body["model"], key)
+                dep = queued_deployment(self.gateway, line.body["model"], key)
             except APIError as e:
                 raise APIError(400, f"request {n} (custom_id `{line.custom_id}`): {e.message}", param="input_file_id",
                                code=e.code) from None

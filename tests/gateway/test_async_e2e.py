@@ -161,6 +161,15 @@ def test_bad_requests_are_refused_naming_the_problem(plat: Platform, receiver: R
                    headers={"Authorization": f"Bearer {plat.key}"})
     _error(r, 400, "invalid_json")
     _error(_req(plat, "GET", "/async_requests/req-doesnotexist"), 404)
+    body = {"model_input": 1, "webhook_endpoint": receiver.url}
+    _error(_req(plat, "POST", "/deployments/work/environments/nope/async_predict", json=body), 404, "model_not_found")
+    _error(_req(plat, "POST", "/deployments/work/versions/9/async_predict", json=body), 404, "model_not_found")
+    paths = ["/deployments/work/environments/production/async_predict", "/deployments/work/versions/1/async_predict"]
+    for path in paths:
+        r = _req(plat, "POST", path, json={"model_input": {"via": path}, "webhook_endpoint": receiver.url})
+        assert r.status_code == 201, r.text
+    got = receiver.wait_for(2)
+    assert sorted(p[0]["data"]["echo"]["via"] for p in got.values()) == sorted(paths)
 
 
 def test_queue_limit_cancel_and_expiry(plat: Platform, receiver: Receiver) -> None:
