@@ -3,8 +3,10 @@
 Claims are conditional updates (`... WHERE id = ? AND status = 'QUEUED'`), so two claimers never take the
 same row on either database; on PostgreSQL the candidate rows are read with `FOR UPDATE SKIP LOCKED` so
 concurrent claimers do not even wait on each other, and SQLite serializes writers by itself. A platform
-that dies with requests IN_PROGRESS puts them back to QUEUED when it starts again (`recover`): a request
-runs at least once, and its webhook carries the same `webhook-id` on every attempt.
+that dies with requests IN_PROGRESS loses none: each claim holds a lease that the running dispatcher renews,
+and a request whose lease ran out goes back to QUEUED (`recover`; on SQLite, whose store belongs to one platform
+process, at once when the platform starts again). A request runs at least once, and its webhook carries the
+same `webhook-id` on every attempt.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ballast.store import AsyncRequest, utcnow
 QUEUED, IN_PROGRESS, SUCCEEDED, FAILED = "QUEUED", "IN_PROGRESS", "SUCCEEDED", "FAILED"
 EXPIRED, CANCELED, WEBHOOK_FAILED = "EXPIRED", "CANCELED", "WEBHOOK_FAILED"
 TERMINAL = frozenset({SUCCEEDED, FAILED, EXPIRED, CANCELED, WEBHOOK_FAILED})
+LEASE_S = float(os.environ.get("BALLAST_ASYNC_LEASE_S") or 30.0)  # a claim lapses this long after its last renewal
 MAX_RUN_ATTEMPTS = 3  # a request whose replica vanished is queued again this many times, then FAILED
 
 
@@ -72,9 +75,10 @@ def view(r: AsyncRequest) -> dict[str, Any]:
 
 
 class AsyncQueue:
-    def __init__(self, sessions: sessionmaker[Session], run_id: str | None = None):
+    def __init__(self, sessions: sessionmaker[Session], run_id: str | None = None, lease_s: float = LEASE_S):
         self.sessions = sessions
         self.run_id = run_id or os.urandom(8).hex()
+        self.lease_s = lease_s
         self.postgres = sessions.kw["bind"].dialect.name == "postgresql"
 
     # ---- submission ---------------------------------------------------------------------------
@@ -134,11 +138,32 @@ class AsyncQueue:
                                    "not_cancelable")
             return view(r)
 
-    def recover(self) -> int:
-        """Requests a dead platform had claimed go back to the queue (run at startup, before dispatching)."""
+    def recover(self, startup: bool = False) -> int:
+        """Claims whose lease ran out (their dispatcher died) go back to the queue. At startup on SQLite every claim
+        does: the file belongs to this home's one platform process, so no other run can be holding one."""
+        cond = [AsyncRequest.status == IN_PROGRESS]
+        if self.postgres or not startup:
+            cond.append((AsyncRequest.lease_until < utcnow()) | AsyncRequest.lease_until.is_(None))
         with self.sessions() as s:
-            n = s.execute(update(AsyncRequest).where(AsyncRequest.status == IN_PROGRESS)
-                          .values(status=QUEUED, claimed_by=None)).rowcount  # type: ignore[attr-defined]
+            n = s.execute(update(AsyncRequest).where(*cond)
+                          .values(status=QUEUED, claimed_by=None, lease_until=None)).rowcount  # type: ignore[attr-defined]
+            s.commit()
+        return int(n or 0)
+
+    def renew(self) -> None:
+        """Extend the leases of this run's claims (the dispatcher calls this well within `lease_s`)."""
+        with self.sessions() as s:
+            s.execute(update(AsyncRequest).where(AsyncRequest.claimed_by == self.run_id,
+                                                 AsyncRequest.status == IN_PROGRESS)
+                      .values(lease_until=utcnow() + timedelta(seconds=self.lease_s)))
+            s.commit()
+
+    def release(self) -> int:
+        """This run stops: its unfinished claims go back to the queue at once (no one waits for their leases)."""
+        with self.sessions() as s:
+            n = s.execute(update(AsyncRequest).where(AsyncRequest.claimed_by == self.run_id,
+                                                     AsyncRequest.status == IN_PROGRESS)
+                          .values(status=QUEUED, claimed_by=None, lease_until=None)).rowcount  # type: ignore[attr-defined]
             s.commit()
         return int(n or 0)
 
@@ -158,6 +183,7 @@ class AsyncQueue:
             for rid in ids:
                 done = s.execute(update(AsyncRequest).where(AsyncRequest.id == rid, AsyncRequest.status == QUEUED)
                                  .values(status=IN_PROGRESS, claimed_by=self.run_id, started_at=now,
+                                         lease_until=now + timedelta(seconds=self.lease_s),
                                          attempts=AsyncRequest.attempts + 1)).rowcount  # type: ignore[attr-defined]
                 if done:
                     r = s.get(AsyncRequest, rid)
@@ -171,8 +197,9 @@ class AsyncQueue:
     def requeue(self, rid: str) -> None:
         """The request did not reach a replica (none ready, replica gone): back to the queue."""
         with self.sessions() as s:
-            s.execute(update(AsyncRequest).where(AsyncRequest.id == rid, AsyncRequest.status == IN_PROGRESS)
-                      .values(status=QUEUED, claimed_by=None))
+            s.execute(update(AsyncRequest).where(AsyncRequest.id == rid, AsyncRequest.status == IN_PROGRESS,
+                                                 AsyncRequest.claimed_by == self.run_id)
+                      .values(status=QUEUED, claimed_by=None, lease_until=None))
             s.commit()
 
     def finish(self, rid: str, *, ok: bool, version: int | None, result: dict[str, Any] | None,
@@ -181,9 +208,10 @@ class AsyncQueue:
         now = utcnow()
         with self.sessions() as s:
             r = s.get(AsyncRequest, rid)
-            if r is None or r.status != IN_PROGRESS:
-                return
+            if r is None or r.status != IN_PROGRESS or r.claimed_by != self.run_id:
+                return  # canceled meanwhile, or its lease lapsed and another run has it now
             r.status = SUCCEEDED if ok else FAILED
+            r.lease_until = None
             r.version, r.errors, r.finished_at, r.payload = version, errors or None, now, None
             keep = result_ttl_s > 0 or r.webhook_endpoint is not None or r.batch_id is not None
             r.result = result if keep else None

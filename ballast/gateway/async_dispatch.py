@@ -106,11 +106,12 @@ class Dispatcher:
         self._deliveries: asyncio.Task[int] | None = None
         self._wake = asyncio.Event()
         self._housekept = 0.0
+        self._renewed = 0.0
         self.chores: list[Callable[[], object]] = []  # blocking store work run about once a second (batches)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        recovered = await asyncio.to_thread(self.queue.recover)
+        recovered = await asyncio.to_thread(self.queue.recover, True)
         if recovered:
             log.warning("%d async request(s) claimed by a previous run went back to the queue", recovered)
         self._wake = asyncio.Event()
@@ -122,8 +123,8 @@ class Dispatcher:
                 t.cancel()
         await asyncio.gather(*[t for t in [self._loop_task, self._deliveries, *self._tasks] if t is not None],
                              return_exceptions=True)
-        # Requests cut short by the shutdown run again after the next start.
-        await asyncio.to_thread(self.queue.recover)
+        # Requests cut short by the shutdown go back to the queue now (this run's only: another may share the store).
+        await asyncio.to_thread(self.queue.release)
         await self.sender.aclose()
 
     def wake(self) -> None:
@@ -162,6 +163,11 @@ class Dispatcher:
         if now - self._housekept >= 1.0:
             self._housekept = now
             await asyncio.to_thread(self.queue.expire_due)
+            if now - self._renewed >= self.queue.lease_s / 3:
+                self._renewed = now
+                await asyncio.to_thread(self.queue.renew)
+            if await asyncio.to_thread(self.queue.recover):
+                log.warning("async request(s) whose dispatcher stopped renewing its claim went back to the queue")
             await asyncio.to_thread(self.queue.sweep_results)
             for chore in self.chores:
                 await asyncio.to_thread(chore)

@@ -36,7 +36,8 @@ class AsyncRequest(Base):
     errors: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
     version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    claimed_by: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    claimed_by: Mapped[str | None] = mapped_column(String(40), nullable=True)  # the dispatcher run holding it
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)  # renewed while run
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # leaves the queue unrun after this
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

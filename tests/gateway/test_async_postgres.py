@@ -27,6 +27,7 @@ def pg_url():
 def test_kill_9_mid_queue_on_postgresql(tmp_path: Path, pg_url: str) -> None:
     p = Platform(tmp_path / "home", database_url=pg_url)
     p.env["BALLAST_WEBHOOK_ALLOW"] = "127.0.0.1/32"
+    p.env["BALLAST_ASYNC_LEASE_S"] = "3"  # PostgreSQL may be shared by platforms: a dead run's claims lapse first
     p.start()
     pids: list[int] = []
     receiver = None

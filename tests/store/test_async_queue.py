@@ -47,16 +47,31 @@ def test_concurrent_claims_take_each_request_once(database_url: str) -> None:
 
 
 def test_priority_then_age_and_recovery(database_url: str) -> None:
-    q = _queue(database_url)
+    q = AsyncQueue(open_store(database_url)[1], "run-a", lease_s=0.5)
     low = _submit(q, 0, priority=2)
     mid = _submit(q, 1, priority=1)
     high = _submit(q, 2, priority=0)
     assert [c.id for c in q.claim("svc", 2)] == [high, mid]
     assert q.depths() == {"svc": 1}
-    # the run dies with two claimed: the next start puts them back, and they run again (attempt 2)
-    assert AsyncQueue(q.sessions, "run-b").recover() == 2
-    again = q.claim("svc", 5)
+    other = AsyncQueue(q.sessions, "run-b")
+    assert other.recover() == 0  # run-a's leases are live: another run never takes its work
+    q.renew()
+    # run-a dies: once its leases lapse, its claims go back and run again (attempt 2), in priority order
+    time.sleep(0.7)
+    assert other.recover() == 2
+    again = other.claim("svc", 5)
     assert [c.id for c in again] == [high, mid, low] and [c.attempts for c in again] == [2, 2, 1]
+    q.finish(high, ok=True, version=1, result=None, errors=[], result_ttl_s=0)  # the dead run's late answer
+    assert (q.get(high) or ("", {}))[1]["status"] == "IN_PROGRESS"  # is not recorded: run-b has it now
+    assert other.release() == 3 and q.depths() == {"svc": 3}  # a clean stop hands its claims back at once
+
+
+def test_sqlite_startup_takes_back_every_claim(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    q = _queue(f"sqlite:///{tmp_path / 'state.db'}")
+    _submit(q, 0)
+    q.claim("svc", 1)
+    restarted = AsyncQueue(q.sessions, "run-b")
+    assert restarted.recover() == 0 and restarted.recover(startup=True) == 1  # one platform per SQLite store
 
 
 def test_finish_keeps_output_only_for_the_webhook_or_ttl(database_url: str) -> None:

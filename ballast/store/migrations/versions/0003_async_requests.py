@@ -33,6 +33,7 @@ def upgrade() -> None:
         sa.Column('version', sa.Integer(), nullable=True),
         sa.Column('attempts', sa.Integer(), nullable=False),
         sa.Column('claimed_by', sa.String(length=40), nullable=True),
+        sa.Column('lease_until', sa.DateTime(timezone=True), nullable=True),
         sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
         sa.Column('expires_at', sa.DateTime(timezone=True), nullable=False),
         sa.Column('started_at', sa.DateTime(timezone=True), nullable=True),
