@@ -12,6 +12,7 @@ same `webhook-id` on every attempt.
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -167,8 +168,9 @@ class AsyncQueue:
             s.commit()
         return int(n or 0)
 
-    def claim(self, deployment: str, n: int) -> list[Claimed]:
-        """Take up to `n` queued requests of a deployment, highest priority (0) and oldest first."""
+    def claim(self, deployment: str, n: int, skip_keys: Collection[str] = ()) -> list[Claimed]:
+        """Take up to `n` queued requests of a deployment, highest priority (0) and oldest first (none of the
+        batch lines of `skip_keys`, keys over a limit for now)."""
         if n <= 0:
             return []
         now = utcnow()
@@ -176,6 +178,8 @@ class AsyncQueue:
             q = (select(AsyncRequest.id).where(AsyncRequest.deployment == deployment, AsyncRequest.status == QUEUED,
                                                AsyncRequest.expires_at > now)
                  .order_by(AsyncRequest.priority, AsyncRequest.created_at).limit(n))
+            if skip_keys:
+                q = q.where(AsyncRequest.batch_id.is_(None) | AsyncRequest.key_id.not_in(list(skip_keys)))
             if self.postgres:
                 q = q.with_for_update(skip_locked=True)
             ids = list(s.scalars(q))
@@ -194,12 +198,14 @@ class AsyncQueue:
             s.commit()
         return got
 
-    def requeue(self, rid: str) -> None:
-        """The request did not reach a replica (none ready, replica gone): back to the queue."""
+    def requeue(self, rid: str, tried: bool = True) -> None:
+        """The request did not reach a replica (none ready, replica gone), or (`tried` False) was not sent at all:
+        back to the queue."""
         with self.sessions() as s:
             s.execute(update(AsyncRequest).where(AsyncRequest.id == rid, AsyncRequest.status == IN_PROGRESS,
                                                  AsyncRequest.claimed_by == self.run_id)
-                      .values(status=QUEUED, claimed_by=None, lease_until=None))
+                      .values(status=QUEUED, claimed_by=None, lease_until=None,
+                              attempts=AsyncRequest.attempts - (0 if tried else 1)))
             s.commit()
 
     def finish(self, rid: str, *, ok: bool, version: int | None, result: dict[str, Any] | None,

@@ -32,6 +32,14 @@ MAX_RESULT_BYTES = 32 * 2**20
 RETRYABLE_STATUS = (429, 502, 503, 504)  # the request did not run (or may run again safely): queue it again
 
 
+class _Limited(Exception):
+    """A batch line's key is over a limit: put the line back, untried, and leave the key's lines for a while."""
+
+    def __init__(self, retry_after_s: float):
+        super().__init__(retry_after_s)
+        self.retry_after_s = retry_after_s
+
+
 def split_target(target: str) -> tuple[str, str | None, int | None]:
     """`chat` -> (chat, production, None); `chat@staging` -> (chat, staging, None); `chat:3` -> (chat, None, 3)."""
     if "@" in target:
@@ -107,6 +115,7 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._housekept = 0.0
         self._renewed = 0.0
+        self.limited: dict[str, float] = {}  # key id -> monotonic time its batch lines may run again (over a limit)
         self.chores: list[Callable[[], object]] = []  # blocking store work run about once a second (batches)
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -181,7 +190,9 @@ class Dispatcher:
             room = self._room(name, targets)
             if room <= 0:
                 continue
-            for c in await asyncio.to_thread(self.queue.claim, name, room):
+            now = time.monotonic()
+            self.limited = {k: t for k, t in self.limited.items() if t > now}
+            for c in await asyncio.to_thread(self.queue.claim, name, room, set(self.limited)):
                 self.inflight[name] += 1
                 task = asyncio.create_task(self._run(c))
                 self._tasks.add(task)
@@ -209,12 +220,17 @@ class Dispatcher:
         try:
             outcome = await self._call(c)
         except asyncio.CancelledError:
+            self.inflight[c.deployment] -= 1
             raise
+        except _Limited as e:
+            self.inflight[c.deployment] -= 1
+            self.limited[c.key_id] = time.monotonic() + e.retry_after_s
+            await asyncio.to_thread(self.queue.requeue, c.id, False)
+            return
         except Exception as e:
             log.exception("async request %s failed in the dispatcher", c.id)
             outcome = (False, None, None, [{"code": "internal_error", "message": type(e).__name__}])
-        finally:
-            self.inflight[c.deployment] -= 1
+        self.inflight[c.deployment] -= 1
         ok, version, result, errors = outcome
         if ok is None:
             await asyncio.to_thread(self.queue.requeue, c.id)
@@ -230,6 +246,13 @@ class Dispatcher:
         if key is None:
             return False, None, None, [{"code": "invalid_api_key", "message": "the key that submitted the request "
                                         "was revoked"}]
+        limiter = self.gateway.limiters.get(key.id)
+        if c.batch_id is not None and limiter is not None:
+            # Batch lines were not admitted one by one at submission: the key's limits apply as each one runs.
+            try:
+                limiter.admit()
+            except APIError as e:
+                raise _Limited(float(e.headers.get("Retry-After", "5"))) from None
         body_obj = c.payload.get("body")
         version: int | None = None
         try:

@@ -235,8 +235,11 @@ def test_kill_9_mid_queue_loses_nothing(plat: Platform, receiver: Receiver) -> N
         Platform.start(plat)
         got = receiver.wait_for(10, timeout=120)
         assert set(got) == set(ids)
-        assert all(len(v) == 1 for v in got.values())  # every request's webhook, once
-        assert all(len(v) == 1 for v in receiver.delivered.values())
+        # Every request's webhook, under one webhook-id: a receiver deduplicating on it processes each exactly once.
+        # A delivery the kill cut off between the receiver's 2xx and the platform recording it is sent again (same
+        # id): at most the deliveries in flight at that moment.
+        assert all(len(w) == 1 for w in receiver.ids_by_request().values())
+        assert receiver.duplicates() <= 2 and receiver.bad_signatures == 0
         assert all(_status(plat, rid)["status"] == "SUCCEEDED" for rid in ids)
     finally:
         kill_leftovers([pid for pid in pids if pid not in plat.replica_pids()])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from typing import Any
 
 import httpx
@@ -25,8 +26,14 @@ def plat(tmp_path_factory: pytest.TempPathFactory):
             name: echo
             autoscaling: {min_replicas: 1, max_replicas: 1, concurrency_target: 4}
             """, MODEL)
-        p.api("POST", "/deployments", expect=201, json={"path": str(echo)})
-        p.wait_serving("echo", 1, timeout=120)
+        one = write_package(root / "one", """
+            name: one
+            autoscaling: {min_replicas: 1, max_replicas: 1, concurrency_target: 1}
+            """, MODEL)
+        for pkg in (echo, one):
+            p.api("POST", "/deployments", expect=201, json={"path": str(pkg)})
+        for name in ("echo", "one"):
+            p.wait_serving(name, 1, timeout=120)
         yield p
     finally:
         pids = p.replica_pids() if p.proc and p.proc.poll() is None else []
@@ -139,3 +146,18 @@ def test_batches_refused_before_anything_is_queued(plat: Platform) -> None:
     assert r.status_code == 400 and r.json()["error"]["param"] == "file"
     with pytest.raises(openai.BadRequestError, match="purpose"):
         c.files.create(file=("in.jsonl", io.BytesIO(_jsonl([_line("a", "x")]))), purpose="assistants")
+
+
+def test_batch_lines_obey_the_keys_token_budget(plat: Platform) -> None:
+    key = plat.api("POST", "/keys", expect=201, json={"scopes": ["inference"], "token_budget": 5})["key"]
+    c = _client(plat, key)  # each line uses 5 tokens: the first spends the budget, the rest wait for the next period
+    f = c.files.create(file=("in.jsonl", io.BytesIO(_jsonl([_line(f"b{i}", "x", "one") for i in range(3)]))),
+                       purpose="batch")
+    b = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    plat.wait("first line done", lambda: c.batches.retrieve(b.id).request_counts.completed >= 1, timeout=60)
+    time.sleep(1.5)
+    now = c.batches.retrieve(b.id)
+    assert now.status == "in_progress" and now.request_counts.completed == 1 and now.request_counts.failed == 0
+    c.batches.cancel(b.id)
+    final = plat.wait("cancelled", lambda: (x := c.batches.retrieve(b.id)).status == "cancelled" and x, timeout=60)
+    assert [json.loads(x)["custom_id"] for x in c.files.content(final.output_file_id).text.splitlines()] == ["b0"]

@@ -59,6 +59,20 @@ class Receiver:
                 out.setdefault(payloads[0]["request_id"], []).extend(payloads)
             return out
 
+    def ids_by_request(self) -> dict[str, set[str]]:
+        """request id -> the webhook-ids its deliveries carried (exactly one each: the idempotency key)."""
+        with self._lock:
+            out: dict[str, set[str]] = {}
+            for wid, payloads in self.delivered.items():
+                for p in payloads:
+                    out.setdefault(p["request_id"], set()).add(wid)
+            return out
+
+    def duplicates(self) -> int:
+        """Deliveries beyond the first of one webhook-id (a receiver deduplicating on webhook-id ignores them)."""
+        with self._lock:
+            return sum(len(v) - 1 for v in self.delivered.values())
+
     def wait_for(self, n: int, timeout: float = 60) -> dict[str, list[dict[str, Any]]]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
