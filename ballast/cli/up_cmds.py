@@ -71,6 +71,9 @@ def up(
         "--no-isolation", help="Replicas use this Python environment instead of per-package ones.")] = False,
     retire_grace_s: Annotated[float, typer.Option(
         help="A version that leaves every environment keeps its replicas this long (instant rollback).")] = 300.0,
+    webhook_allow: Annotated[list[str] | None, typer.Option(
+        "--webhook-allow", metavar="CIDR", help="CIDR that async webhooks may target although private or "
+        "loopback (repeatable; also BALLAST_WEBHOOK_ALLOW, comma-separated).")] = None,
 ) -> None:
     """Start the platform: REST API, gateway, reconciler, replicas on this machine. Ctrl-C stops it all.
 
@@ -79,7 +82,8 @@ def up(
     from ballast.platform import PlatformOptions, run_platform
 
     run_platform(PlatformOptions(host=host, port=port, database_url=database_url, no_isolation=no_isolation,
-                                 retire_grace_s=retire_grace_s), announce=_Announcer())
+                                 retire_grace_s=retire_grace_s, webhook_allow=webhook_allow or []),
+                 announce=_Announcer())
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:

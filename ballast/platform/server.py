@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvicorn
@@ -41,6 +41,7 @@ class PlatformOptions:
     no_isolation: bool = False
     retire_grace_s: float = 300.0
     replica_command: list[str] | None = None
+    webhook_allow: list[str] = field(default_factory=list)  # CIDRs webhooks may target although private
 
 
 def _env_float(name: str, default: float) -> float:
@@ -112,7 +113,7 @@ def run_platform(opts: PlatformOptions, announce: Callable[[str], None] = print)
                            extra_args=["--no-isolation"] if opts.no_isolation else [])
     control = ControlPlane(sessions, home, settings)
     registry = CollectorRegistry()
-    reconciler, gateway = assemble(control, backend, registry)
+    reconciler, gateway = assemble(control, backend, registry, webhook_allow=opts.webhook_allow)
     app = create_app(control, reconciler, gateway=gateway, registry=registry)
     sock = bind_socket(opts.host, opts.port)
     port = sock.getsockname()[1]
