@@ -72,6 +72,10 @@ class AsyncEngine:
     def sampling_params(self, **given: Any) -> SamplingParams:
         return self.core.sampling_params(**given)
 
+    def compile_grammar(self, spec: Any) -> Any:
+        """A `guided.Grammar` for `params.guided`; call it off the event loop (it may compile)."""
+        return self.core.grammars.compile(spec)
+
     def stats(self) -> dict[str, float]:
         return self.core.stats()
 

@@ -115,8 +115,6 @@ class ChatCompletionRequest(_Sampling):
                 out.append(key)
         if extra.get("tool_choice") not in (None, "none"):
             out.append("tool_choice")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            out.append(f"response_format.type={self.response_format.get('type')}")
         return out
 
     def max_new_tokens(self) -> int | None:

@@ -32,6 +32,7 @@ from ballast.openai.schemas import (
 from ballast.package import Package
 from ballast.runtime.engine_args import engine_args
 from ballast.runtime.llm_format import Formatter
+from ballast.runtime.llm_guided import attach
 from ballast.runtime.llm_metrics import LLMMetrics
 from ballast.runtime.model import LoadState
 
@@ -241,7 +242,8 @@ class EngineHost:
             prompts, logprobs, chat = req.prompts(), req.logprobs, False
         else:
             raise APIError(404, f"{name} is not served by an LLM replica")
-        streams = self._submit(prompts, self._params(req, logprobs), chat=chat)
+        params = await attach(self.engine, req, self._params(req, logprobs))  # structured outputs
+        streams = self._submit(prompts, params, chat=chat)
         fmt = Formatter(req, self.model_name, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
                         int(time.time()), chat=chat)
         if req.stream:
