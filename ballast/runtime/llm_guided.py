@@ -117,9 +117,12 @@ async def compile_spec(engine: Any, spec: GuidedSpec) -> Any:
         raise APIError(400, str(e), param=e.param or spec.param, code=e.code) from None
 
 
-async def attach(engine: Any, req: Any, params: Any) -> Any:
-    """Set `params.guided` from the request's constraint, if any; returns params."""
+async def attach(engine: Any, req: Any, params: Any, forced: GuidedSpec | None = None) -> Any:
+    """Set `params.guided` from the request's constraint (or `forced`, a tool call grammar); returns params."""
     spec = guided_spec(req)
+    if spec is not None and forced is not None:
+        raise _bad("a forced `tool_choice` cannot be combined with a response format", "tool_choice")
+    spec = spec or forced
     if spec is not None:
         params.guided = await compile_spec(engine, spec)
     return params
