@@ -31,6 +31,7 @@ from ballast.openai.schemas import (
 )
 from ballast.openai.tools import ToolRequest, parse_tools
 from ballast.package import Package
+from ballast.runtime import responses
 from ballast.runtime.engine_args import engine_args
 from ballast.runtime.llm_format import Formatter
 from ballast.runtime.llm_guided import attach
@@ -142,7 +143,7 @@ class EngineHost:
             await self.engine.shutdown()
 
     def has(self, name: str) -> bool:
-        return name in ("chat_completions", "completions")
+        return name in ("chat_completions", "completions", "responses")
 
     def cancellable(self, name: str) -> bool:
         """A cancelled call aborts its engine request and frees its KV blocks."""
@@ -237,6 +238,8 @@ class EngineHost:
 
     async def call(self, name: str, body: Any) -> Any:
         self._require_ready()
+        if name == "responses":  # the Responses API, run as a chat completion
+            return await responses.create(body, lambda chat: self.call("chat_completions", chat), self.model_name)
         req: ChatCompletionRequest | CompletionRequest
         if name == "chat_completions":
             req = parse_request(ChatCompletionRequest, body)
