@@ -72,7 +72,7 @@ class LLMEngine:
         defaults = {**generation_defaults(path), **args.default_sampling}
         self.default_max_tokens = int(defaults.pop("max_tokens", args.default_max_tokens))
         self.default_sampling: dict[str, Any] = defaults
-        self.grammars = GrammarCompiler(self.tokenizer.hf.to_str(), mc.vocab_size, sorted(eos))
+        self.grammars = GrammarCompiler(self.tokenizer.hf.to_str, mc.vocab_size, sorted(eos))
         self.blocks = BlockManager(num_blocks, bs, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, args.max_num_seqs, max(args.max_num_batched_tokens, 1))
         self.requests: dict[str, Request] = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,8 +70,9 @@ def _grammar_text(spec: GuidedSpec) -> str:
 class GrammarCompiler:
     """Compiles specs to `Grammar`s for one tokenizer; an LRU cache keyed by the spec. Thread-safe."""
 
-    def __init__(self, tokenizer_json: str, vocab_size: int, eos_ids: list[int], cache_size: int = CACHE_SIZE):
-        self._tokenizer_json = tokenizer_json
+    def __init__(self, tokenizer_json: Callable[[], str], vocab_size: int, eos_ids: list[int],
+                 cache_size: int = CACHE_SIZE):
+        self._tokenizer_json = tokenizer_json  # called once, on first use
         self.vocab_size = vocab_size
         self._eos = eos_ids
         self._tok: Any = None
@@ -82,7 +84,7 @@ class GrammarCompiler:
     def _tokenizer(self) -> Any:
         with self._lock:
             if self._tok is None:  # built on first use: replicas that never constrain never pay for it
-                self._tok = llg.LLTokenizer(self._tokenizer_json, n_vocab=self.vocab_size, eos_token=self._eos)
+                self._tok = llg.LLTokenizer(self._tokenizer_json(), n_vocab=self.vocab_size, eos_token=self._eos)
             return self._tok
 
     def compile(self, spec: GuidedSpec) -> Grammar:

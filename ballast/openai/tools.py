@@ -25,7 +25,7 @@ class FunctionDef(BaseModel):
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
-    def schema(self) -> dict[str, Any]:
+    def params_schema(self) -> dict[str, Any]:
         return self.parameters if self.parameters is not None else {"type": "object", "properties": {}}
 
 

@@ -86,7 +86,7 @@ def template_messages(messages: list[Any], tools: ToolRequest | None, template: 
 
 # ---- forced calls ------------------------------------------------------------------------------
 def _call_schema(fn: Any, parser: str) -> dict[str, Any]:
-    params = copy.deepcopy(fn.schema())
+    params = copy.deepcopy(fn.params_schema())
     if params.get("type") == "object" and "additionalProperties" not in params:
         params["additionalProperties"] = False  # the arguments are the declared ones, as strict mode has it
     key = "parameters" if parser == "llama3_json" else "arguments"
@@ -100,7 +100,7 @@ def forced_spec(tools: ToolRequest, parser: str) -> GuidedSpec | None:
         return None
     fns = [f for f in tools.functions if tools.choice == "required" or f.name == tools.named]
     schemas = [_call_schema(f, parser) for f in fns]
-    call = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+    call: dict[str, Any] = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
     call["x-guidance"] = {"whitespace_flexible": False}
     body = "%json " + json.dumps(call)
     if parser == "llama3_json":
@@ -159,7 +159,7 @@ class HermesParser:
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
         self.buf += text
-        content, calls = "", []
+        content, calls = "", list[ToolCall]()
         while True:
             if not self.in_call:
                 i = self.buf.find(OPEN)
