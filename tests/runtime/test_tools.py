@@ -135,6 +135,25 @@ def test_tool_errors_are_400s(llm):
                                   response_format={"type": "json_object"}, max_tokens=4)
 
 
+def test_configured_llama3_json_parser(tiny_checkpoint: Path, tmp_path: Path, replica_factory):
+    """`engine.tool_parser: llama3_json` overrides the template's format: calls are bare JSON objects."""
+    pkg = write_package(tmp_path / "l3", f"""
+        name: l3
+        engine: {{kind: native, checkpoint: {tiny_checkpoint}, served_model_name: l3, max_model_len: 2048,
+                  kv_cache_memory: 64Mi, tool_parser: llama3_json}}
+        """)
+    c = client_for(replica_factory(pkg))
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    kw = dict(model="l3", messages=MSGS, tools=[WEATHER], tool_choice=named, temperature=0, max_tokens=120)
+    r = c.chat.completions.create(**kw)
+    ch = r.choices[0]
+    assert ch.finish_reason == "tool_calls" and len(ch.message.tool_calls) == 1
+    valid_call(ch.message.tool_calls[0], WEATHER)
+    args = "".join(d.function.arguments or "" for chunk in c.chat.completions.create(**kw, stream=True)
+                   for choice in chunk.choices for d in choice.delta.tool_calls or [] if d.function)
+    assert args == ch.message.tool_calls[0].function.arguments
+
+
 # ---- parsers, no model -------------------------------------------------------------------------
 HERMES = 'Sure.\n<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>\n<tool_call>{"name": "g", ' \
          '"arguments": {"b": "x<y"}}</tool_call>\n'
