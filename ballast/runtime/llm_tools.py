@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -141,8 +142,27 @@ def _as_call(text: str, args_key: str) -> ToolCall | None:
     return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
 
 
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+
+
+def _hermes_call(text: str) -> ToolCall | None:
+    """A call whose JSON starts with name then arguments keeps its arguments' text as written, so the
+    arguments streamed while the call was forming are a prefix of them; any other order is normalized."""
+    m = _HEAD.match(text)
+    if m:
+        try:
+            args, end = json.JSONDecoder().raw_decode(text, m.end())
+            name = json.loads(f'"{m.group(1)}"')
+        except ValueError:
+            args = None
+        if isinstance(args, dict) and text[end:].strip() == "}":
+            return ToolCall(name, text[m.end():end])
+    return _as_call(text.strip(), "arguments")
+
+
 class HermesParser:
-    """Incremental: text in, (content, completed calls) out; holds back what may be a tag forming."""
+    """Incremental: text in, (content, completed calls) out; holds back what may be a tag forming.
+    `progress()` tells the name and the arguments so far of a call still forming."""
 
     def __init__(self) -> None:
         self.buf = ""
@@ -175,7 +195,7 @@ class HermesParser:
             j = self.buf.find(CLOSE)
             if j < 0:
                 return content, calls
-            call = _as_call(self.buf[:j].strip(), "arguments")
+            call = _hermes_call(self.buf[:j])
             if call is None:
                 content += self._content(OPEN + self.buf[: j + len(CLOSE)])
             else:
@@ -183,11 +203,25 @@ class HermesParser:
                 self.ncalls += 1
             self.buf, self.in_call = self.buf[j + len(CLOSE):], False
 
+    def progress(self) -> tuple[str, str] | None:
+        """(name, arguments so far) of the call forming, once its name is known; holds back the end that
+        may be the call's closing brace or tag, so what it gives is a prefix of the final arguments."""
+        m = _HEAD.match(self.buf) if self.in_call else None
+        if m is None:
+            return None
+        try:
+            name = json.loads(f'"{m.group(1)}"')
+        except ValueError:
+            return None
+        args = self.buf[m.end():]
+        hold = next((k for k in range(min(len(CLOSE) - 1, len(args)), 0, -1) if args.endswith(CLOSE[:k])), 0)
+        return name, args[: len(args) - hold].rstrip("} \t\r\n")
+
     def finish(self) -> tuple[str, list[ToolCall]]:
         """The end of the output: an unterminated last call still counts if its JSON is whole."""
         buf, self.buf = self.buf, ""
         if self.in_call:
-            call = _as_call(buf.strip(), "arguments")
+            call = _hermes_call(buf)
             if call is not None:
                 self.ncalls += 1
                 return "", [call]
@@ -261,9 +295,11 @@ def apply_to_response(resp: dict[str, Any], parser: str) -> dict[str, Any]:
 
 
 async def apply_to_stream(chunks: AsyncIterator[dict[str, Any]], parser: str) -> AsyncIterator[dict[str, Any]]:
-    """Streamed chunks with calls sent as `tool_calls` deltas (id and name, then arguments) as each closes."""
+    """Streamed chunks with calls sent as `tool_calls` deltas: id and name once the name is known, then
+    the arguments as they form (Hermes), or each whole call as it closes (Llama-3 JSON)."""
     states: dict[int, Any] = {}
     counts: dict[int, int] = {}
+    live: dict[int, list[Any]] = {}  # choice index → [call index, arguments sent] of the call forming
     first = True
     async for chunk in chunks:
         if first or not chunk["choices"]:  # the role chunk and the usage chunk pass through
@@ -283,15 +319,37 @@ async def apply_to_stream(chunks: AsyncIterator[dict[str, Any]], parser: str) ->
                     env: dict[str, Any] = chunk) -> dict[str, Any]:
                 return {**env, "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": fin}]}
 
+            def args(k: int, text: str) -> dict[str, Any]:
+                return one({"tool_calls": [{"index": k, "function": {"arguments": text}}]})
+
             if content:
                 yield one({"content": content}, lp=part.get("logprobs"))
             for call in calls:
+                forming = live.pop(idx, None)
+                if forming is not None:  # its name and the start of its arguments are out already
+                    k, sent = forming
+                    if call.arguments.startswith(sent) and call.arguments != sent:
+                        yield args(k, call.arguments[len(sent):])
+                    continue
                 k = counts.get(idx, 0)
                 counts[idx] = k + 1
                 head = call.openai(k)
-                args = head["function"]["arguments"]
                 head["function"]["arguments"] = ""
                 yield one({"tool_calls": [head]})
-                yield one({"tool_calls": [{"index": k, "function": {"arguments": args}}]})
+                yield args(k, call.arguments)
+            if idx in live and not getattr(st, "in_call", False):  # it closed unparseable: it was text
+                live.pop(idx)
+            now = st.progress() if isinstance(st, HermesParser) and not finish else None
+            if now is not None:
+                name, so_far = now
+                if idx not in live:
+                    k = counts.get(idx, 0)
+                    counts[idx] = k + 1
+                    live[idx] = [k, ""]
+                    yield one({"tool_calls": [ToolCall(name, "").openai(k)]})
+                k, sent = live[idx]
+                if len(so_far) > len(sent) and so_far.startswith(sent):
+                    yield args(k, so_far[len(sent):])
+                    live[idx][1] = so_far
             if finish:
                 yield one({}, "tool_calls" if counts.get(idx) and finish == "stop" else finish)

@@ -171,16 +171,19 @@ def test_hermes_parse_whole_and_streamed_agree():
                 yield {"choices": [{"index": 0, "delta": {"content": HERMES[i:i + step]}, "finish_reason": None}]}
             yield {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
 
-        text, acc, fin = "", {}, None
+        text, acc, fin, pieces = "", {}, None, 0
         async for ch in apply_to_stream(chunks(), "hermes"):
             for part in ch["choices"]:
                 text += part["delta"].get("content") or ""
                 fin = part.get("finish_reason") or fin
                 for d in part["delta"].get("tool_calls") or []:
+                    pieces += bool(d.get("function", {}).get("arguments"))
                     a = acc.setdefault(d["index"], ["", ""])
                     a[0] += d.get("function", {}).get("name") or ""
                     a[1] += d.get("function", {}).get("arguments") or ""
         assert fin == "tool_calls"
+        if step == 1:  # the arguments stream as they form, not in one piece at the end
+            assert pieces > 10
         return text, [tuple(acc[k]) for k in sorted(acc)]
 
     for step in (1, 3, 7, len(HERMES)):
