@@ -83,8 +83,10 @@ def guided_spec(req: Any) -> GuidedSpec | None:
     """The one constraint a request asks for, or None; asking for two is a 400."""
     extra = req.model_extra or {}
     specs: list[GuidedSpec] = []
-    rf = getattr(req, "response_format", None)
+    rf = getattr(req, "response_format", None) or extra.get("response_format")  # completions: an extra
     if rf:
+        if not isinstance(rf, dict):
+            raise _bad("`response_format` must be an object", "response_format")
         spec = _response_format(rf)
         if spec is not None:
             specs.append(spec)

@@ -101,6 +101,9 @@ def test_guided_choice_and_regex(llm):
     r = c.completions.create(model="tiny-chat", prompt="A code:", n=3, temperature=1.0, max_tokens=20,
                              extra_body={"guided_regex": r"[A-Z]{2}-[0-9]{3}"})
     assert all(re.fullmatch(r"[A-Z]{2}-[0-9]{3}", ch.text) for ch in r.choices)
+    r = c.completions.create(model="tiny-chat", prompt="A person:", max_tokens=200, temperature=1.0,
+                             extra_body={"response_format": RF})
+    check_person(r.choices[0].text)
 
 
 def test_unsupported_keyword_is_a_400_naming_it(llm):
