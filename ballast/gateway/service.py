@@ -36,7 +36,7 @@ log = logging.getLogger("ballast.gateway")
 
 MAX_BODY = 32 * 2**20
 INFERENCE_PATHS = {"chat_completions": "/v1/chat/completions", "completions": "/v1/completions",
-                   "embeddings": "/v1/embeddings", "predict": "/predict"}
+                   "embeddings": "/v1/embeddings", "responses": "/v1/responses", "predict": "/predict"}
 
 
 @dataclass
@@ -369,6 +369,7 @@ class Gateway:
             ("/v1/chat/completions", openai_route("chat_completions"), ["POST"]),
             ("/v1/completions", openai_route("completions"), ["POST"]),
             ("/v1/embeddings", openai_route("embeddings"), ["POST"]),
+            ("/v1/responses", openai_route("responses"), ["POST"]),
             ("/v1/models", models, ["GET"]),
             ("/deployments/{name}/predict", predict_prod, ["POST"]),
             ("/deployments/{name}/environments/{env}/predict", predict_env, ["POST"]),
