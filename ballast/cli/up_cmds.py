@@ -79,6 +79,9 @@ def up(
         = "local",
     ray_address: Annotated[str | None, typer.Option(
         "--ray-address", help="Ray cluster address for --backend ray (default: RAY_ADDRESS or auto).")] = None,
+    webhook_allow: Annotated[list[str] | None, typer.Option(
+        "--webhook-allow", metavar="CIDR", help="CIDR that async webhooks may target although private or "
+        "loopback (repeatable; also BALLAST_WEBHOOK_ALLOW, comma-separated).")] = None,
 ) -> None:
     """Start the platform: REST API, gateway, reconciler, replicas on this machine. Ctrl-C stops it all.
 
@@ -87,8 +90,9 @@ def up(
     from ballast.platform import PlatformOptions, run_platform
 
     run_platform(PlatformOptions(host=host, port=port, database_url=database_url, no_isolation=no_isolation,
-                                 retire_grace_s=retire_grace_s, tls_cert=tls_cert, tls_key=tls_key,
-                                 max_package_bytes=max_package_bytes, backend=backend, ray_address=ray_address),
+                                 retire_grace_s=retire_grace_s, webhook_allow=webhook_allow or [], tls_cert=tls_cert,
+                                 tls_key=tls_key, max_package_bytes=max_package_bytes, backend=backend,
+                                 ray_address=ray_address),
                  announce=_Announcer())
 
 

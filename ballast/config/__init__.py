@@ -6,6 +6,7 @@ runtime, the control plane and the JSON schema that editors use.
 
 from ballast.config.loader import CONFIG_FILENAME, ConfigError, json_schema, load_config, parse_config
 from ballast.config.models import (
+    AsyncConfig,
     AutoscalingConfig,
     BallastConfig,
     EngineConfig,
@@ -18,6 +19,7 @@ from ballast.config.models import (
 
 __all__ = [
     "CONFIG_FILENAME",
+    "AsyncConfig",
     "AutoscalingConfig",
     "BallastConfig",
     "ConfigError",

@@ -130,6 +130,17 @@ class RoutingConfig(_Strict):
     max_wait_s: float = Field(120.0, gt=0, description="Longest a held request waits for a replica before a 503.")
 
 
+class AsyncConfig(_Strict):
+    """Async requests (`/async_predict`, `/v1/async/...`, batches): a durable queue in the store."""
+
+    max_queue: int = Field(1000, ge=0, description="Queued async requests of this deployment; beyond it 429.")
+    max_concurrency: int = Field(8, ge=1, description="Async requests of this deployment in flight at once.")
+    result_ttl_s: float = Field(
+        0.0, ge=0, description="Keep outputs this long for GET /async_requests/{id}/result (0: drop after the "
+        "webhook is delivered).",
+    )
+
+
 class DefaultSampling(_Strict):
     """A package's sampling defaults, in the OpenAI/vLLM request's ranges (unset: the checkpoint's or 1.0)."""
 
@@ -173,6 +184,9 @@ class NativeEngineConfig(_Strict):
     stall_timeout_s: float = Field(
         120.0, gt=0, description="No engine step for this long while requests wait: the replica is unhealthy."
     )
+    tool_parser: Literal["auto", "hermes", "llama3_json"] = Field(
+        "auto", description="How tool calls are written and parsed; auto reads the chat template."
+    )
 
     @field_validator("kv_cache_memory")
     @classmethod
@@ -206,6 +220,9 @@ EngineConfig = Annotated[NativeEngineConfig | CommandEngineConfig, Field(discrim
 class BallastConfig(_Strict):
     """The whole `ballast.yaml`."""
 
+    # `async` is a Python keyword: the field is `async_`, read as `async` (and as `async_` from stored configs).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
     name: str = Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", description="Lowercase, digits, dashes.")
     description: str = ""
     model: ModelRef = Field(default_factory=ModelRef, description='"file.py:Class" or {module, class_name}.')
@@ -219,6 +236,7 @@ class BallastConfig(_Strict):
     health: HealthConfig = Field(default_factory=HealthConfig)
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    async_: AsyncConfig = Field(default_factory=AsyncConfig, alias="async")
     engine: EngineConfig | None = Field(None, description="Serve an LLM with an engine instead of model.py.")
 
     @field_validator("model", mode="before")

@@ -4,7 +4,8 @@ One concept per module, nano-vllm style: `config` (engine args, model config), `
 params, sequences, outputs), `block_manager` (paged KV cache bookkeeping and prefix caching),
 `scheduler` (token-budget continuous batching), `layers` (RMSNorm, RoPE, paged attention),
 `models/llama` (the Llama family), `loader` (safetensors), `model_runner` (KV cache tensors, batch
-layout, forward, sampling), `sampler`, `tokenizer` (chat template, incremental detokenization),
+layout, forward, sampling), `sampler`, `guided` (constrained decoding: grammars and batch token masks),
+`tokenizer` (chat template, incremental detokenization),
 `engine` (the step loop), `llm` (offline API), `async_engine` (streaming API), `errors` and
 `checkpoints` (name resolution). `tools` (make-tiny, GGUF import) sits outside the core.
 """

@@ -66,11 +66,16 @@ class AsyncEngine:
             return False, f"engine stuck: no step for {idle:.0f}s with {len(self._queues)} requests waiting"
         return True, None
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            **extra: Any) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt, **extra)
 
     def sampling_params(self, **given: Any) -> SamplingParams:
         return self.core.sampling_params(**given)
+
+    def compile_grammar(self, spec: Any) -> Any:
+        """A `guided.Grammar` for `params.guided`; call it off the event loop (it may compile)."""
+        return self.core.grammars.compile(spec)
 
     def stats(self) -> dict[str, float]:
         return self.core.stats()

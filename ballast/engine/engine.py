@@ -18,6 +18,7 @@ from ballast.engine.block_manager import BlockManager
 from ballast.engine.checkpoints import resolve_checkpoint
 from ballast.engine.config import EngineArgs, ModelConfig, generation_defaults
 from ballast.engine.errors import EngineError
+from ballast.engine.guided import GrammarCompiler, accept
 from ballast.engine.model_runner import ModelRunner, StepResult
 from ballast.engine.scheduler import ScheduledSeq, Scheduler
 from ballast.engine.sequence import (
@@ -71,6 +72,7 @@ class LLMEngine:
         defaults = {**generation_defaults(path), **args.default_sampling}
         self.default_max_tokens = int(defaults.pop("max_tokens", args.default_max_tokens))
         self.default_sampling: dict[str, Any] = defaults
+        self.grammars = GrammarCompiler(self.tokenizer.hf.to_str, mc.vocab_size, sorted(eos))
         self.blocks = BlockManager(num_blocks, bs, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, args.max_num_seqs, max(args.max_num_batched_tokens, 1))
         self.requests: dict[str, Request] = {}
@@ -274,9 +276,10 @@ class LLMEngine:
             seq.pending_logprobs.append(Logprob(token, self.tokenizer.decode([token], skip_special_tokens=False),
                                                 float(logprobs[token]), top))
         stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)
+        grammar_done = seq.matcher is not None and not stop_token and accept(seq.matcher, token)
         if not stop_token:
             seq.text += seq.detok.add(token)
-        if stop_token or (p.stop and self._check_stop_strings(seq)):
+        if stop_token or grammar_done or (p.stop and self._check_stop_strings(seq)):
             self._finish(seq, "stop")
         elif seq.num_tokens >= seq.max_len:  # max_tokens (or its default) and the context
             self._finish(seq, "length")

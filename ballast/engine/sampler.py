@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ballast.engine.guided import apply_masks
 from ballast.engine.sequence import Sequence
 
 
@@ -66,6 +67,8 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], torch
         for i, seq in enumerate(seqs):
             if seq.params.penalized:
                 logits[i] = _apply_penalties(logits[i], seq)
+    if any(s.matcher is not None for s in seqs):  # constrained rows: one bitmask for the batch
+        logits = apply_masks(logits, [s.matcher for s in seqs])
     tokens = [0] * len(seqs)
     greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
     if greedy:

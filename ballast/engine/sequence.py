@@ -28,6 +28,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
+    guided: Any = None  # a compiled `guided.Grammar`: every sequence decodes under its own copy
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> EngineError:
@@ -132,6 +133,7 @@ class Sequence:
         self.emitted_chars = 0
         self.emitted_tokens = 0
         self.pending_logprobs: list[Logprob] = []
+        self.matcher: Any = params.guided.matcher() if params.guided is not None else None
 
     @property
     def num_tokens(self) -> int:

@@ -48,7 +48,9 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            **extra: Any) -> str:
+        """`extra`: more template variables, such as `tools`."""
         if not self.chat_template:
             raise EngineError("this checkpoint has no chat template; use /v1/completions with a prompt")
         if self._compiled is None:
@@ -64,7 +66,7 @@ class Tokenizer:
             self._compiled = env.from_string(self.chat_template)
         return self._compiled.render(
             messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
+            eos_token=self.eos_token or "", **extra,
         )
 
 

@@ -38,11 +38,11 @@ def hour_of(now: datetime | None = None) -> datetime:
 
 def counts_from_usage(usage: dict[str, Any] | None, error: bool) -> UsageCounts:
     u = usage or {}
-    details = u.get("prompt_tokens_details") or {}
+    details = u.get("prompt_tokens_details") or u.get("input_tokens_details") or {}  # chat / Responses API
     return UsageCounts(
         requests=1,
-        prompt_tokens=int(u.get("prompt_tokens") or 0),
-        completion_tokens=int(u.get("completion_tokens") or 0),
+        prompt_tokens=int(u.get("prompt_tokens") or u.get("input_tokens") or 0),
+        completion_tokens=int(u.get("completion_tokens") or u.get("output_tokens") or 0),
         cached_tokens=int(details.get("cached_tokens") or 0),
         errors=1 if error else 0,
     )

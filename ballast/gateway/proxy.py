@@ -201,7 +201,13 @@ class Proxy:
                     if not chunk:
                         continue
                 elif extract_usage:
-                    tail = (tail + chunk)[-4096:]
+                    # Whole events only: a Responses API stream carries usage in a final event of any size.
+                    tail += chunk
+                    cut = tail.rfind(b"\n\n")
+                    if cut >= 0:
+                        events, tail = tail[: cut + 2], tail[cut + 2:]
+                        if b'"usage":{' in events or b'"usage": {' in events:
+                            outcome.usage = _usage_from_sse(events) or outcome.usage
                 yield chunk
             if stripper is not None and stripper.pending:
                 yield stripper.pending
@@ -220,7 +226,7 @@ class Proxy:
             if first:
                 outcome.stream_s = time.monotonic() - first
             if extract_usage and tail:
-                outcome.usage = _usage_from_sse(tail)
+                outcome.usage = _usage_from_sse(tail) or outcome.usage
             on_done(outcome)
 
 
@@ -273,15 +279,19 @@ def _usage_from_json(content: bytes) -> dict[str, Any] | None:
 
 
 def _usage_from_sse(tail: bytes) -> dict[str, Any] | None:
-    """The usage chunk (choices: []) is the last data event before [DONE]."""
+    """The last usage in these events: a chat usage chunk (choices: []), or a Responses API
+    `response.completed` event (`event:` line, usage under `response`)."""
     for event in reversed(tail.split(b"\n\n")):
-        event = event.strip()
-        if not event.startswith(b"data: {") or b'"usage"' not in event:
+        data = next((ln[6:] for ln in event.strip().split(b"\n") if ln.startswith(b"data: {")), None)
+        if data is None or b'"usage"' not in data:
             continue
         try:
-            u = json.loads(event[6:]).get("usage")
+            obj = json.loads(data)
         except ValueError:
             continue
+        u = obj.get("usage")
+        if u is None and isinstance(obj.get("response"), dict):
+            u = obj["response"].get("usage")
         if isinstance(u, dict):
             return u
     return None

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from ballast.control.async_queue import AsyncPolicy
 from ballast.control.keys import KeyRecord
 from ballast.gateway.auth import MISSING_KEY_MESSAGE, api_key_from_headers
 from ballast.gateway.limits import KeyLimiter
@@ -35,7 +36,7 @@ log = logging.getLogger("ballast.gateway")
 
 MAX_BODY = 32 * 2**20
 INFERENCE_PATHS = {"chat_completions": "/v1/chat/completions", "completions": "/v1/completions",
-                   "embeddings": "/v1/embeddings", "predict": "/predict"}
+                   "embeddings": "/v1/embeddings", "responses": "/v1/responses", "predict": "/predict"}
 
 
 @dataclass
@@ -54,6 +55,8 @@ class DeploymentRoute:
     prefix_routing: bool = False  # route by prompt prefix (KV-cache affinity) rather than least outstanding
     max_queue: int = 256  # requests held while no replica is ready
     max_wait_s: float = 120.0
+    async_policy: AsyncPolicy = field(default_factory=AsyncPolicy)  # the `async:` section
+    concurrency_target: float = 1.0  # in-flight requests per replica the async dispatcher fills up to
 
 
 class GatewaySource(Protocol):
@@ -107,6 +110,9 @@ class Gateway:
         self._task: asyncio.Task[None] | None = None
         self._generation = -1  # of the snapshot applied last
         self._refreshing = asyncio.Lock()
+        # Companions started and stopped with the gateway, and the routes they add (the async dispatcher).
+        self.companions: list[Any] = []
+        self.extra_routes: list[tuple[str, Callable[[Request], Awaitable[Response]], list[str]]] = []
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -114,8 +120,12 @@ class Gateway:
         self.refresh()
         self.meter.start()
         self._task = asyncio.create_task(self._refresh_loop())
+        for c in self.companions:
+            await c.start()
 
     async def stop(self) -> None:
+        for c in reversed(self.companions):
+            await c.stop()
         if self._task:
             self._task.cancel()
         await self.meter.stop()
@@ -277,13 +287,19 @@ class Gateway:
         body, parsed = await _read_body(request, parse=kind != "predict" or model is None)
         if parsed is not None:
             model = parsed.get("model")
+        return await self.forward(key, kind, model, body, parsed, request.headers.get("x-ballast-session"), started)
+
+    async def forward(self, key: KeyRecord, kind: str, model: str | None, body: bytes, parsed: Any,
+                      session: str | None, started: float, admit: bool = True) -> Response:
+        """Resolve, admit (unless the caller was admitted already: async requests are, at submission), route,
+        proxy and meter one authenticated request."""
         dep, version = self.resolve(model, key)
         limiter = self.limiters.get(key.id)
-        if limiter is not None:
+        if limiter is not None and admit:
             limiter.admit()
         endpoints = await self._endpoints(dep, version)
         is_llm_call = kind != "predict"
-        prefix = affinity_key(dep.prefix_routing and is_llm_call, parsed, request.headers.get("x-ballast-session"))
+        prefix = affinity_key(dep.prefix_routing and is_llm_call, parsed, session)
         headers = {"content-type": "application/json", REQUEST_ID_HEADER: current_request_id()}
         served = dep.versions[version].model_name if is_llm_call else None
         body, strip_usage = rewrite_body(body, parsed, kind, served)
@@ -353,8 +369,10 @@ class Gateway:
             ("/v1/chat/completions", openai_route("chat_completions"), ["POST"]),
             ("/v1/completions", openai_route("completions"), ["POST"]),
             ("/v1/embeddings", openai_route("embeddings"), ["POST"]),
+            ("/v1/responses", openai_route("responses"), ["POST"]),
             ("/v1/models", models, ["GET"]),
             ("/deployments/{name}/predict", predict_prod, ["POST"]),
             ("/deployments/{name}/environments/{env}/predict", predict_env, ["POST"]),
             ("/deployments/{name}/versions/{version:int}/predict", predict_version, ["POST"]),
+            *self.extra_routes,
         ]

@@ -110,13 +110,9 @@ class ChatCompletionRequest(_Sampling):
     def unsupported(self) -> list[str]:
         out = []
         extra = self.model_extra or {}
-        for key in ("tools", "functions", "logit_bias", "audio", "prediction"):
+        for key in ("functions", "logit_bias", "audio", "prediction"):  # tools: see ballast.openai.tools
             if extra.get(key):
                 out.append(key)
-        if extra.get("tool_choice") not in (None, "none"):
-            out.append("tool_choice")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            out.append(f"response_format.type={self.response_format.get('type')}")
         return out
 
     def max_new_tokens(self) -> int | None:

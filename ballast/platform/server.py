@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ class PlatformOptions:
     no_isolation: bool = False
     retire_grace_s: float = 300.0
     replica_command: list[str] | None = None
+    webhook_allow: list[str] = field(default_factory=list)  # CIDRs webhooks may target although private
     tls_cert: str | None = None
     tls_key: str | None = None
     max_package_bytes: int | None = None
@@ -129,7 +130,7 @@ def run_platform(opts: PlatformOptions, announce: Callable[[str], None] = print)
         raise ValueError(f"unknown backend {opts.backend!r} (local or ray)")
     control = ControlPlane(sessions, home, settings)
     registry = CollectorRegistry()
-    reconciler, gateway = assemble(control, backend, registry)
+    reconciler, gateway = assemble(control, backend, registry, webhook_allow=opts.webhook_allow)
     app = create_app(control, reconciler, gateway=gateway, registry=registry)
     if opts.max_package_bytes:
         rest: Any = getattr(app, "api", app)  # the FastAPI app behind the platform's front

@@ -16,9 +16,15 @@ from prometheus_client import CollectorRegistry
 from ballast.backends import Backend
 from ballast.config import BallastConfig
 from ballast.control import ControlPlane, Reconciler
+from ballast.control.async_queue import AsyncPolicy, AsyncQueue
 from ballast.control.autoscaler import Autoscaler
+from ballast.control.batches import BatchStore
 from ballast.control.keys import KeyRecord, KeyStore
 from ballast.control.snapshot import DeploymentTargets
+from ballast.control.webhooks import WebhookSecrets, WebhookSender, allow_from_env, parse_allow
+from ballast.gateway.async_api import AsyncAPI
+from ballast.gateway.async_dispatch import Dispatcher
+from ballast.gateway.batches import BatchAPI
 from ballast.gateway.metering import UsageCounts, UsageKey
 from ballast.gateway.routing import Endpoint
 from ballast.gateway.service import DeploymentRoute, Gateway, VersionRoute
@@ -68,13 +74,31 @@ def _route(d: DeploymentTargets) -> DeploymentRoute:
     return DeploymentRoute(name=d.name, llm=llm, versions=versions, environments=environments,
                            prefix_routing=policy == "prefix" or (policy == "auto" and llm),
                            max_queue=cfg.routing.max_queue if cfg is not None else 256,
-                           max_wait_s=cfg.routing.max_wait_s if cfg is not None else 120.0)
+                           max_wait_s=cfg.routing.max_wait_s if cfg is not None else 120.0,
+                           async_policy=AsyncPolicy(cfg.async_.max_queue, cfg.async_.max_concurrency,
+                                                    cfg.async_.result_ttl_s) if cfg is not None else AsyncPolicy(),
+                           concurrency_target=cfg.autoscaling.concurrency_target if cfg is not None else 1.0)
 
 
-def assemble(control: ControlPlane, backend: Backend, registry: CollectorRegistry) -> tuple[Reconciler, Gateway]:
+def assemble(control: ControlPlane, backend: Backend, registry: CollectorRegistry,
+             webhook_allow: list[str] | None = None) -> tuple[Reconciler, Gateway]:
     """Build the reconciler and the gateway of one platform process, each knowing what it needs of the other."""
     autoscaler = Autoscaler()
     reconciler = Reconciler(control, backend, autoscaler=autoscaler, registry=registry)
     gateway = Gateway(StoreSource(control, reconciler.wake), registry)
-    autoscaler.signal = gateway
+    autoscaler.signal = install_async(control, gateway, webhook_allow or [])
     return reconciler, gateway
+
+
+def install_async(control: ControlPlane, gateway: Gateway, webhook_allow: list[str]) -> Dispatcher:
+    """The async queue's dispatcher (a gateway companion, and the autoscaler's load signal: in-flight plus queued)
+    and its routes on the gateway."""
+    queue = AsyncQueue(control.sessions)
+    allow = allow_from_env() + parse_allow(webhook_allow)
+    dispatcher = Dispatcher(gateway, queue, WebhookSender(queue, WebhookSecrets(control.sessions), allow))
+    gateway.companions.append(dispatcher)
+    gateway.extra_routes += AsyncAPI(gateway, queue, dispatcher, allow).routes()
+    batches = BatchStore(control.sessions)
+    dispatcher.chores.append(batches.progress)
+    gateway.extra_routes += BatchAPI(gateway, batches, dispatcher).routes()
+    return dispatcher

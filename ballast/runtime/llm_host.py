@@ -29,10 +29,20 @@ from ballast.openai.schemas import (
     TokenizeRequest,
     parse_request,
 )
+from ballast.openai.tools import ToolRequest, parse_tools
 from ballast.package import Package
+from ballast.runtime import responses
 from ballast.runtime.engine_args import engine_args
 from ballast.runtime.llm_format import Formatter
+from ballast.runtime.llm_guided import attach
 from ballast.runtime.llm_metrics import LLMMetrics
+from ballast.runtime.llm_tools import (
+    apply_to_response,
+    apply_to_stream,
+    choose_parser,
+    forced_spec,
+    template_messages,
+)
 from ballast.runtime.model import LoadState
 
 log = logging.getLogger("ballast.runtime.llm")
@@ -148,7 +158,7 @@ class EngineHost:
             await self.engine.shutdown()
 
     def has(self, name: str) -> bool:
-        return name in ("chat_completions", "completions")
+        return name in ("chat_completions", "completions", "responses")
 
     def cancellable(self, name: str) -> bool:
         """A cancelled call aborts its engine request and frees its KV blocks."""
@@ -216,10 +226,10 @@ class EngineHost:
             raise APIError(404, f"the model `{name}` does not exist; this replica serves `{self.model_name}`",
                            param="model", code="model_not_found")
 
-    def _render(self, messages: list[Any]) -> str:
-        msgs = [{"role": m.role, "content": m.text()} for m in messages]
+    def _render(self, messages: list[Any], tools: ToolRequest | None = None, parser: str = "hermes") -> str:
+        msgs, extra = template_messages(messages, tools, self.engine.tokenizer.chat_template, parser)
         try:
-            return self.engine.apply_chat_template(msgs, add_generation_prompt=True)
+            return self.engine.apply_chat_template(msgs, add_generation_prompt=True, **extra)
         except Exception as e:
             raise APIError(400, f"the chat template could not render these messages: {e}", param="messages") from None
 
@@ -238,25 +248,33 @@ class EngineHost:
 
     async def call(self, name: str, body: Any) -> Any:
         self._require_ready()
+        if name == "responses":  # the Responses API, run as a chat completion
+            return await responses.create(body, lambda chat: self.call("chat_completions", chat), self.model_name)
         req: ChatCompletionRequest | CompletionRequest
         if name == "chat_completions":
             req = chat_req = parse_request(ChatCompletionRequest, body)
             self._check_model(req.model)
-            prompts: list[str | list[int]] = [self._render(chat_req.messages)]
+            x = chat_req.model_extra or {}
+            tools = parse_tools(x.get("tools"), x.get("tool_choice"), x.get("parallel_tool_calls"))
+            parser = choose_parser(self.engine.tokenizer.chat_template, self.cfg.tool_parser)
+            prompts: list[str | list[int]] = [self._render(chat_req.messages, tools, parser)]
             logprobs = (chat_req.top_logprobs or 0) if req.logprobs else None
             chat = True
         elif name == "completions":
             req = comp_req = parse_request(CompletionRequest, body)
             self._check_model(req.model)
             prompts, logprobs, chat = comp_req.prompts(), comp_req.logprobs, False
+            tools, parser = ToolRequest(), "hermes"
         else:
             raise APIError(404, f"{name} is not served by an LLM replica")
-        streams = self._submit(prompts, self._params(req, logprobs), chat=chat)
+        params = await attach(self.engine, req, self._params(req, logprobs), forced_spec(tools, parser))
+        streams = self._submit(prompts, params, chat=chat)
         fmt = Formatter(req, self.model_name, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
                         int(time.time()), chat=chat)
         if req.stream:
-            return fmt.stream(streams)
-        return await fmt.collect(streams)
+            return apply_to_stream(fmt.stream(streams), parser) if tools.active else fmt.stream(streams)
+        resp = await fmt.collect(streams)
+        return apply_to_response(resp, parser) if tools.active else resp
 
     def _submit(self, prompts: list[str | list[int]], params: Any, *, chat: bool) -> list[EngineStream]:
         """Every prompt goes to the engine at once (they batch together); any refused → none stays."""

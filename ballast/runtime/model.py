@@ -32,6 +32,7 @@ OPENAI_METHODS = {
     "chat_completions": "/v1/chat/completions",
     "completions": "/v1/completions",
     "embeddings": "/v1/embeddings",
+    "responses": "/v1/responses",
 }
 
 

@@ -95,10 +95,11 @@ def _llm_body(model: type[BaseModel], components: dict[str, Any]) -> dict[str, A
     props = schema["properties"]
     props["stop"] = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4},
                                {"type": "null"}]}
-    for name in ("tools", "functions", "logit_bias", "audio", "prediction"):
+    for name in ("functions", "logit_bias", "audio", "prediction"):
         props.setdefault(name, _FALSY)
-    if model is ChatCompletionRequest:
-        props["tool_choice"] = {"enum": [None, "none"]}
+    if model is ChatCompletionRequest:  # validated in ballast.openai.tools
+        props["tools"] = {"type": ["array", "null"], "items": {"type": "object"}}
+        props["tool_choice"] = {"anyOf": [{"enum": [None, "none", "auto", "required"]}, {"type": "object"}]}
     return schema
 
 

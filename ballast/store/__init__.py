@@ -1,5 +1,7 @@
 """Platform state in SQL: SQLite by default, PostgreSQL by URL, migrated with Alembic."""
 
+from ballast.store.async_tables import AsyncRequest
+from ballast.store.batch_tables import Batch, BatchFile
 from ballast.store.db import default_url, make_engine, open_store, safe_url, session_factory, upgrade
 from ballast.store.tables import (
     ApiKey,
@@ -18,7 +20,10 @@ from ballast.store.tables import (
 
 __all__ = [
     "ApiKey",
+    "AsyncRequest",
     "Base",
+    "Batch",
+    "BatchFile",
     "Deployment",
     "Environment",
     "Event",

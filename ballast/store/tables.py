@@ -1,4 +1,5 @@
-"""The platform's state: SQLAlchemy 2 tables. Inference inputs and outputs are never stored."""
+"""The platform's state: SQLAlchemy 2 tables. Synchronous inference inputs and outputs are never stored (async
+ones only until delivered: see async_tables.py)."""
 
 from __future__ import annotations
 

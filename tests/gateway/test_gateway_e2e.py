@@ -399,6 +399,11 @@ def test_usage_is_exact_after_a_restart(plat: Platform) -> None:
     assert streamed
     prompt += 2 * ref.usage.prompt_tokens
     completion += 2 * ref.usage.completion_tokens
+    # The Responses API passes through and is metered, whole and streamed (usage in its final event).
+    rref = c.responses.create(model="chat", input="q", max_output_tokens=5, temperature=0)
+    assert list(c.responses.create(model="chat", input="q", max_output_tokens=5, temperature=0, stream=True))
+    prompt += 2 * rref.usage.input_tokens
+    completion += 2 * rref.usage.output_tokens
     for _ in range(3):
         assert _post(plat, "/deployments/work/predict", key=k["key"], json={}).status_code == 200
     bad = _post(plat, "/v1/chat/completions", key=k["key"], json={"model": "chat", "messages": MSGS,
@@ -411,9 +416,9 @@ def test_usage_is_exact_after_a_restart(plat: Platform) -> None:
     rows = json.loads(again.cli("usage", "--key", k["id"], "--group", "key", "--json").stdout)
     assert len(rows) == 1
     row = rows[0]
-    assert row["requests"] == 4 + 2 + 3 + 1
+    assert row["requests"] == 4 + 2 + 2 + 3 + 1
     assert (row["prompt_tokens"], row["completion_tokens"]) == (prompt, completion)
     assert row["errors"] == 1
     rows = again.api("GET", f"/usage?key={k['id']}&group=deployment")["data"]
     by_dep = {r["deployment"]: r["requests"] for r in rows}
-    assert by_dep == {"chat": 7, "work": 3}
+    assert by_dep == {"chat": 9, "work": 3}

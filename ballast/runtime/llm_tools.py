@@ -1,0 +1,355 @@
+"""Tool calling on the native engine: prompt rendering, forced calls by grammar, and parsing calls out of
+the model's text (whole, or streamed as OpenAI `tool_calls` deltas).
+
+Two call formats: Hermes (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, SmolLM2/Qwen
+style) and Llama-3 JSON (`{"name": ..., "parameters": {...}}`). Which one is read from the chat
+template's text unless `engine.tool_parser` says. A template that does not know tools (SmolLM2's)
+gets the tools described in the system message, and past calls and results written in the format.
+Parsing is post-processing of the formatter's output, so plain completions pay nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from ballast.engine.guided import GuidedSpec
+from ballast.openai.tools import ToolRequest, message_tool_calls
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+
+def choose_parser(template: str | None, configured: str = "auto") -> str:
+    if configured != "auto":
+        return configured
+    t = template or ""
+    if "<|python_tag|>" in t or ("ipython" in t and "parameters" in t):
+        return "llama3_json"
+    return "hermes"
+
+
+# ---- prompt ----------------------------------------------------------------------------------
+def _tools_prompt(tools: ToolRequest, parser: str) -> str:
+    specs = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools.openai_tools())
+    if parser == "llama3_json":
+        return ("You can call these functions:\n" + specs + "\nTo call one, answer with only a JSON object "
+                '{"name": <function name>, "parameters": <arguments object>}.')
+    return ("You can call functions. Their signatures, as JSON schemas, are:\n<tools>\n" + specs + "\n</tools>\n"
+            f"To call a function, answer with one {OPEN}{CLOSE} block per call, each holding a JSON object:\n"
+            f'{OPEN}{{"name": <function name>, "arguments": <arguments object>}}{CLOSE}')
+
+
+def _call_text(call: dict[str, Any], parser: str) -> str:
+    fn = call["function"]
+    if parser == "llama3_json":
+        return json.dumps({"name": fn["name"], "parameters": fn["arguments"]}, ensure_ascii=False)
+    return OPEN + json.dumps({"name": fn["name"], "arguments": fn["arguments"]}, ensure_ascii=False) + CLOSE
+
+
+def template_messages(messages: list[Any], tools: ToolRequest | None, template: str | None,
+                      parser: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Messages and extra template variables. A template that knows tools gets them as HF templates
+    expect (`tools=`, `tool_calls` with object arguments); any other gets them written as text."""
+    knows = "tools" in (template or "")
+    msgs: list[dict[str, Any]] = []
+    for i, m in enumerate(messages):
+        extra = m.model_extra or {}
+        msg: dict[str, Any] = {"role": m.role, "content": m.text()}
+        calls = message_tool_calls(extra, i) if m.role == "assistant" else []
+        if m.role == "tool" and extra.get("tool_call_id"):
+            msg["tool_call_id"] = extra["tool_call_id"]
+        if m.name:
+            msg["name"] = m.name
+        if knows:
+            if calls:
+                msg["tool_calls"] = calls
+        elif calls:
+            msg["content"] = "\n".join(filter(None, [msg["content"]] + [_call_text(c, parser) for c in calls]))
+        elif m.role == "tool" and parser == "hermes":
+            msg["content"] = f"<tool_response>\n{msg['content']}\n</tool_response>"
+        msgs.append(msg)
+    if tools is None or not tools.active:
+        return msgs, {}
+    if knows:
+        return msgs, {"tools": tools.openai_tools()}
+    prompt = _tools_prompt(tools, parser)
+    if msgs and msgs[0]["role"] in ("system", "developer"):
+        msgs[0] = {**msgs[0], "content": (msgs[0]["content"] + "\n\n" + prompt).strip()}
+    else:
+        msgs.insert(0, {"role": "system", "content": prompt})
+    return msgs, {}
+
+
+# ---- forced calls ------------------------------------------------------------------------------
+def _call_schema(fn: Any, parser: str) -> dict[str, Any]:
+    params = copy.deepcopy(fn.params_schema())
+    if params.get("type") == "object" and "additionalProperties" not in params:
+        params["additionalProperties"] = False  # the arguments are the declared ones, as strict mode has it
+    key = "parameters" if parser == "llama3_json" else "arguments"
+    return {"type": "object", "properties": {"name": {"const": fn.name}, key: params},
+            "required": ["name", key], "additionalProperties": False}
+
+
+def forced_spec(tools: ToolRequest, parser: str) -> GuidedSpec | None:
+    """`required` or a named `tool_choice`: a grammar that only admits calls with schema-valid arguments."""
+    if not tools.forced:
+        return None
+    fns = [f for f in tools.functions if tools.choice == "required" or f.name == tools.named]
+    schemas = [_call_schema(f, parser) for f in fns]
+    call: dict[str, Any] = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+    call["x-guidance"] = {"whitespace_flexible": False}
+    body = "%json " + json.dumps(call)
+    if parser == "llama3_json":
+        return GuidedSpec("lark", f"start: call\ncall: {body}", "tools")
+    many = tools.parallel and tools.choice == "required"
+    return GuidedSpec("lark", f'start: tc{"+" if many else ""}\ntc: "{OPEN}" call "{CLOSE}"\ncall: {body}', "tools")
+
+
+# ---- parsing -----------------------------------------------------------------------------------
+@dataclass
+class ToolCall:
+    name: str
+    arguments: str  # JSON text
+
+    def openai(self, index: int | None = None) -> dict[str, Any]:
+        d: dict[str, Any] = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                             "function": {"name": self.name, "arguments": self.arguments}}
+        if index is not None:
+            d["index"] = index
+        return d
+
+
+def _as_call(text: str, args_key: str) -> ToolCall | None:
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get(args_key, obj.get("arguments", obj.get("parameters", {})))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
+
+
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+
+
+def _hermes_call(text: str) -> ToolCall | None:
+    """A call whose JSON starts with name then arguments keeps its arguments' text as written, so the
+    arguments streamed while the call was forming are a prefix of them; any other order is normalized."""
+    m = _HEAD.match(text)
+    if m:
+        try:
+            args, end = json.JSONDecoder().raw_decode(text, m.end())
+            name = json.loads(f'"{m.group(1)}"')
+        except ValueError:
+            args = None
+        if isinstance(args, dict) and text[end:].strip() == "}":
+            return ToolCall(name, text[m.end():end])
+    return _as_call(text.strip(), "arguments")
+
+
+class HermesParser:
+    """Incremental: text in, (content, completed calls) out; holds back what may be a tag forming.
+    `progress()` tells the name and the arguments so far of a call still forming."""
+
+    def __init__(self) -> None:
+        self.buf = ""
+        self.in_call = False
+        self.pending_ws = ""
+        self.ncalls = 0
+
+    def _content(self, text: str) -> str:
+        """Trailing whitespace waits: it is dropped when a call follows, so every chunking gives one text."""
+        s = self.pending_ws + text
+        body = s.rstrip()
+        self.pending_ws = s[len(body):]
+        return body
+
+    def feed(self, text: str) -> tuple[str, list[ToolCall]]:
+        self.buf += text
+        content, calls = "", list[ToolCall]()
+        while True:
+            if not self.in_call:
+                i = self.buf.find(OPEN)
+                if i >= 0:
+                    content += self._content(self.buf[:i])
+                    self.buf, self.in_call = self.buf[i + len(OPEN):], True
+                    continue
+                hold = next((k for k in range(min(len(OPEN) - 1, len(self.buf)), 0, -1)
+                             if self.buf.endswith(OPEN[:k])), 0)
+                content += self._content(self.buf[: len(self.buf) - hold])
+                self.buf = self.buf[len(self.buf) - hold:]
+                return content, calls
+            j = self.buf.find(CLOSE)
+            if j < 0:
+                return content, calls
+            call = _hermes_call(self.buf[:j])
+            if call is None:
+                content += self._content(OPEN + self.buf[: j + len(CLOSE)])
+            else:
+                calls.append(call)
+                self.ncalls += 1
+            self.buf, self.in_call = self.buf[j + len(CLOSE):], False
+
+    def progress(self) -> tuple[str, str] | None:
+        """(name, arguments so far) of the call forming, once its name is known; holds back the end that
+        may be the call's closing brace or tag, so what it gives is a prefix of the final arguments."""
+        m = _HEAD.match(self.buf) if self.in_call else None
+        if m is None:
+            return None
+        try:
+            name = json.loads(f'"{m.group(1)}"')
+        except ValueError:
+            return None
+        args = self.buf[m.end():]
+        hold = next((k for k in range(min(len(CLOSE) - 1, len(args)), 0, -1) if args.endswith(CLOSE[:k])), 0)
+        return name, args[: len(args) - hold].rstrip("} \t\r\n")
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        """The end of the output: an unterminated last call still counts if its JSON is whole."""
+        buf, self.buf = self.buf, ""
+        if self.in_call:
+            call = _hermes_call(buf)
+            if call is not None:
+                self.ncalls += 1
+                return "", [call]
+            buf = OPEN + buf
+        out = self._content(buf)
+        if not self.ncalls:
+            out, self.pending_ws = out + self.pending_ws, ""
+        return out, []
+
+
+class Llama3JsonParser:
+    """The whole output is one call (or several joined by `;`) when it starts with `{`; else it is text."""
+
+    def __init__(self) -> None:
+        self.buf = ""
+        self.mode: str | None = None  # None (deciding), "json" or "text"
+        self.ncalls = 0
+
+    def feed(self, text: str) -> tuple[str, list[ToolCall]]:
+        if self.mode == "text":
+            return text, []
+        self.buf += text
+        head = self.buf.lstrip()
+        if not head:
+            return "", []
+        self.mode = "json" if head.startswith("{") else "text"
+        if self.mode == "text":
+            out, self.buf = self.buf, ""
+            return out, []
+        return "", []
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        buf, self.buf = self.buf, ""
+        if self.mode != "json":
+            return buf, []
+        parts = [p for p in buf.strip().split(";") if p.strip()]
+        calls = [_as_call(p.strip(), "parameters") for p in parts]
+        if not calls or any(c is None for c in calls):
+            whole = _as_call(buf.strip(), "parameters")
+            if whole is None:
+                return buf, []
+            calls = [whole]
+        self.ncalls = len(calls)
+        return "", [c for c in calls if c is not None]
+
+
+def new_parser(parser: str) -> HermesParser | Llama3JsonParser:
+    return Llama3JsonParser() if parser == "llama3_json" else HermesParser()
+
+
+def parse_text(text: str, parser: str) -> tuple[str | None, list[ToolCall]]:
+    """A whole output → (content or None, calls), with the same code the stream uses."""
+    p = new_parser(parser)
+    content, calls = p.feed(text)
+    rest, more = p.finish()
+    content += rest
+    return (content if content or not (calls + more) else None), calls + more
+
+
+def apply_to_response(resp: dict[str, Any], parser: str) -> dict[str, Any]:
+    """A chat completion with its calls moved from the text into `tool_calls`."""
+    for choice in resp["choices"]:
+        msg = choice["message"]
+        content, calls = parse_text(msg.get("content") or "", parser)
+        if calls:
+            msg["content"] = content
+            msg["tool_calls"] = [c.openai() for c in calls]
+            if choice["finish_reason"] == "stop":
+                choice["finish_reason"] = "tool_calls"
+    return resp
+
+
+async def apply_to_stream(chunks: AsyncIterator[dict[str, Any]], parser: str) -> AsyncIterator[dict[str, Any]]:
+    """Streamed chunks with calls sent as `tool_calls` deltas: id and name once the name is known, then
+    the arguments as they form (Hermes), or each whole call as it closes (Llama-3 JSON)."""
+    states: dict[int, Any] = {}
+    counts: dict[int, int] = {}
+    live: dict[int, list[Any]] = {}  # choice index → [call index, arguments sent] of the call forming
+    first = True
+    async for chunk in chunks:
+        if first or not chunk["choices"]:  # the role chunk and the usage chunk pass through
+            first = False
+            yield chunk
+            continue
+        for part in chunk["choices"]:
+            idx = part["index"]
+            st = states.setdefault(idx, new_parser(parser))
+            content, calls = st.feed((part.get("delta") or {}).get("content") or "")
+            finish = part.get("finish_reason")
+            if finish:
+                rest, more = st.finish()
+                content, calls = content + rest, calls + more
+
+            def one(delta: dict[str, Any], fin: str | None = None, lp: Any = None, i: int = idx,
+                    env: dict[str, Any] = chunk) -> dict[str, Any]:
+                return {**env, "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": fin}]}
+
+            def args(k: int, text: str) -> dict[str, Any]:
+                return one({"tool_calls": [{"index": k, "function": {"arguments": text}}]})
+
+            if content:
+                yield one({"content": content}, lp=part.get("logprobs"))
+            for call in calls:
+                forming = live.pop(idx, None)
+                if forming is not None:  # its name and the start of its arguments are out already
+                    k, sent = forming
+                    if call.arguments.startswith(sent) and call.arguments != sent:
+                        yield args(k, call.arguments[len(sent):])
+                    continue
+                k = counts.get(idx, 0)
+                counts[idx] = k + 1
+                head = call.openai(k)
+                head["function"]["arguments"] = ""
+                yield one({"tool_calls": [head]})
+                yield args(k, call.arguments)
+            if idx in live and not getattr(st, "in_call", False):  # it closed unparseable: it was text
+                live.pop(idx)
+            now = st.progress() if isinstance(st, HermesParser) and not finish else None
+            if now is not None:
+                name, so_far = now
+                if idx not in live:
+                    k = counts.get(idx, 0)
+                    counts[idx] = k + 1
+                    live[idx] = [k, ""]
+                    yield one({"tool_calls": [ToolCall(name, "").openai(k)]})
+                k, sent = live[idx]
+                if len(so_far) > len(sent) and so_far.startswith(sent):
+                    yield args(k, so_far[len(sent):])
+                    live[idx][1] = so_far
+            if finish:
+                yield one({}, "tool_calls" if counts.get(idx) and finish == "stop" else finish)

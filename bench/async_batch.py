@@ -1,0 +1,229 @@
+"""Async requests: how fast queued work starts at idle, and how many submissions/s the durable queue accepts,
+with the store on SQLite and on PostgreSQL, side by side.
+
+One command: `python bench/async_batch.py [--quick]`. It starts two platforms (`ballast up`): one on SQLite
+(the default store), one on a fresh PostgreSQL database on 127.0.0.1:5432 (dropped afterwards), each with
+an OpenAI-shaped echo deployment (bench/peers/echo_chat, one replica, async max_queue raised so that no
+submission is refused), and a loopback webhook receiver. Each round, for each store in turn:
+
+  idle      one `POST /v1/async/chat/completions` at a time, the next after the previous webhook arrived:
+            submit -> start (the request's started_at - created_at, both stamped by the platform) and
+            submit -> webhook (seen by the client) p50 over the round's requests
+  accepted  8 client threads submit as fast as they can for a few seconds: 201s per second; then the
+            queue drains (every webhook arrives) and the drain rate is recorded too
+
+Rows are median (min-max) over rounds; ratios are PostgreSQL / SQLite per round.
+Results: bench/results/async_batch.json and a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import (
+    ROOT,
+    Proc,
+    ballast_cli,
+    free_port,
+    print_ratios,
+    print_table,
+    ratio_stats,
+    running,
+    stop_on_sigterm,
+    summarize,
+    versions,
+    write_results,
+)
+
+PACKAGE = ROOT / "bench" / "peers" / "echo_chat"
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+BODY = {"model": "echo", "messages": [{"role": "user", "content": "hello async"}]}
+THREADS = 8
+
+
+class Hooks:
+    """Loopback webhook receiver: arrival time (time.time()) per request id."""
+
+    def __init__(self) -> None:
+        self.arrived: dict[str, float] = {}
+        self.lock = threading.Lock()
+        hooks = self
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *_a: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
+                with hooks.lock:
+                    hooks.arrived.setdefault(body["request_id"], time.time())
+                self.send_response(204)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait(self, ids: list[str], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if all(i in self.arrived for i in ids):
+                    return True
+            time.sleep(0.005)
+        return False
+
+
+@contextmanager
+def postgres_db() -> Iterator[str]:
+    import psycopg
+
+    name = f"ballast_bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3) as c:
+        c.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3) as c:
+            c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def start(tmp: Path, store: str, database_url: str | None, hooks: Hooks, procs: list[Proc]) -> tuple[str, str]:
+    home = tmp / store
+    home.mkdir()
+    pkg = tmp / f"pkg-{store}"
+    shutil.copytree(PACKAGE, pkg)
+    with (pkg / "ballast.yaml").open("a") as f:
+        f.write("async: {max_queue: 1000000, max_concurrency: 64}\n")
+    port = free_port()
+    cmd = [ballast_cli(), "up", "--port", str(port), "--no-isolation", "--webhook-allow", "127.0.0.1/32"]
+    if database_url:
+        cmd += ["--database-url", database_url]
+    procs.append(Proc(cmd, env={"BALLAST_HOME": str(home)}, log=tmp / f"{store}.log"))
+    url = f"http://127.0.0.1:{port}"
+    procs[-1].wait_http(url + "/api/v1/health", timeout=120)
+    key = json.loads((home / "credentials.json").read_text())["api_key"]
+    api = httpx.Client(base_url=url + "/api/v1", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    api.post("/deployments", json={"path": str(pkg), "name": "echo"}).raise_for_status()
+    deadline = time.monotonic() + 180
+    while not any(r["state"] == "ready" for r in api.get("/deployments/echo").json()["replicas"]):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"echo did not become ready; see {tmp / f'{store}.log'}")
+        time.sleep(0.2)
+    return url, key
+
+
+def _submit(client: httpx.Client, url: str, hook: str) -> str | None:
+    r = client.post(url + "/v1/async/chat/completions", json={**BODY, "webhook_endpoint": hook})
+    return r.json()["request_id"] if r.status_code == 201 else None
+
+
+def idle_round(url: str, key: str, hooks: Hooks, n: int) -> tuple[float, float]:
+    """p50 of submit -> start and submit -> webhook (ms), one request at a time."""
+    to_start, to_hook = [], []
+    with httpx.Client(headers={"Authorization": f"Bearer {key}"}, timeout=30) as c:
+        for _ in range(n):
+            t0 = time.time()
+            rid = _submit(c, url, hooks.url)
+            if rid is None or not hooks.wait([rid], 30):
+                raise RuntimeError(f"async request {rid} did not complete within 30 s")
+            to_hook.append((hooks.arrived[rid] - t0) * 1000)
+            st = c.get(f"{url}/async_requests/{rid}").json()
+            started, created = (datetime.fromisoformat(st[k].replace("Z", "+00:00")) for k in ("started_at",
+                                                                                            "created_at"))
+            to_start.append((started - created).total_seconds() * 1000)
+    return statistics.median(to_start), statistics.median(to_hook)
+
+
+def accepted_round(url: str, key: str, hooks: Hooks, seconds: float) -> tuple[float, float]:
+    """(submissions accepted per second, completions per second while draining)."""
+    ids: list[str] = []
+    lock = threading.Lock()
+    stop_at = time.monotonic() + seconds
+
+    def worker() -> None:
+        with httpx.Client(headers={"Authorization": f"Bearer {key}"}, timeout=30) as c:
+            for _ in range(100_000):  # bounded
+                if time.monotonic() >= stop_at:
+                    return
+                rid = _submit(c, url, hooks.url)
+                if rid:
+                    with lock:
+                        ids.append(rid)
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=worker) for _ in range(THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - t0
+    if not hooks.wait(ids, 600):
+        raise RuntimeError("the queue did not drain within 600 s")
+    drained = time.monotonic() - t0
+    return len(ids) / elapsed, len(ids) / drained
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="2 rounds, 10 idle requests, 3 s of submissions")
+    args = ap.parse_args()
+    stop_on_sigterm()
+    rounds, n_idle, seconds = (2, 10, 3.0) if args.quick else (5, 30, 10.0)
+    stores = ("sqlite", "postgresql")
+    metrics: dict[tuple[str, str], list[float]] = {(s, m): [] for s in stores for m in
+                                                   ("start", "hook", "accepted", "drained")}
+    hooks = Hooks()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-async-"))
+    try:
+        with postgres_db() as pg_url, running([]) as procs:
+            targets = {s: start(tmp, s, pg_url if s == "postgresql" else None, hooks, procs) for s in stores}
+            for s in stores:  # warm up: connections, first dispatch
+                idle_round(*targets[s], hooks, 3)
+            for r in range(rounds):
+                for s in stores:
+                    a, b = idle_round(*targets[s], hooks, n_idle)
+                    acc, drn = accepted_round(*targets[s], hooks, seconds)
+                    for m, v in (("start", a), ("hook", b), ("accepted", acc), ("drained", drn)):
+                        metrics[(s, m)].append(v)
+                    print(f"round {r + 1} {s}: submit->start p50 {a:.1f} ms, submit->webhook p50 {b:.1f} ms, "
+                          f"{acc:.0f} submissions/s accepted, {drn:.0f} completions/s draining", flush=True)
+    finally:
+        hooks.server.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+    units = {"start": ("submit_to_start_p50_idle", "ms"), "hook": ("submit_to_webhook_p50_idle", "ms"),
+             "accepted": ("submissions_accepted", "1/s"), "drained": ("completions_while_draining", "1/s")}
+    rows = [{"system": f"ballast-{s}", "metric": units[m][0], "unit": units[m][1], **summarize(metrics[(s, m)])}
+            for s in stores for m in units]
+    ratios = {f"postgresql/sqlite {units[m][0]}": ratio_stats(metrics[("postgresql", m)], metrics[("sqlite", m)])
+              for m in units}
+    params = {"rounds": rounds, "idle_requests": n_idle, "submit_seconds": seconds, "threads": THREADS,
+              "quick": args.quick, **versions("ballast", "sqlalchemy", "psycopg")}
+    out = write_results("async_batch", params, rows, ratios)
+    print()
+    print_table(rows)
+    print_ratios(ratios, {})
+    print(f"\nresults: {out}")
+
+
+if __name__ == "__main__":
+    main()
