@@ -60,6 +60,34 @@ def _is_zombie(pid: int) -> bool:
     return stat.rsplit(") ", 1)[1].startswith(("Z", "X"))
 
 
+def tail_file(path: str | None, n: int) -> list[str]:
+    """The last `n` lines of a replica's log file (none when it does not exist)."""
+    if not path or not Path(path).exists():
+        return []
+    with open(path, errors="replace") as f:
+        return [line.rstrip("\n") for line in deque(f, maxlen=n)]
+
+
+def rotate_file(path_: str | None, max_bytes: int = LOG_MAX_BYTES) -> None:
+    """Copy-and-truncate a replica's log once it is over `max_bytes` (keeps LOG_BACKUPS old files), so the
+    writer (a replica process, or the Ray backend's copy) keeps appending to the same file."""
+    if not path_:
+        return
+    path = Path(path_)
+    try:
+        if path.stat().st_size <= max_bytes:
+            return
+    except OSError:
+        return
+    for i in range(LOG_BACKUPS - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{i}")
+        if older.exists():
+            older.replace(path.with_name(f"{path.name}.{i + 1}"))
+    shutil.copyfile(path, path.with_name(f"{path.name}.1"))
+    with open(path, "r+b") as f:
+        f.truncate(0)
+
+
 class LocalBackend:
     """Replicas as subprocesses of this machine, listening on free loopback ports."""
 
@@ -186,29 +214,11 @@ class LocalBackend:
         return ReplicaStatus(True)
 
     def logs(self, handle: ReplicaHandle, tail: int) -> builtins.list[str]:  # `list` is a method here
-        if not handle.log_path or not Path(handle.log_path).exists():
-            return []
-        with open(handle.log_path, errors="replace") as f:
-            return [line.rstrip("\n") for line in deque(f, maxlen=tail)]
+        return tail_file(handle.log_path, tail)
 
     # ---- local extras --------------------------------------------------------------------------
     def rotate(self, handle: ReplicaHandle, max_bytes: int = LOG_MAX_BYTES) -> None:
-        """Copy-and-truncate a replica's log once it is over `max_bytes` (keeps LOG_BACKUPS old files)."""
-        if not handle.log_path:
-            return
-        path = Path(handle.log_path)
-        try:
-            if path.stat().st_size <= max_bytes:
-                return
-        except OSError:
-            return
-        for i in range(LOG_BACKUPS - 1, 0, -1):
-            older = path.with_name(f"{path.name}.{i}")
-            if older.exists():
-                older.replace(path.with_name(f"{path.name}.{i + 1}"))
-        shutil.copyfile(path, path.with_name(f"{path.name}.1"))
-        with open(path, "r+b") as f:
-            f.truncate(0)
+        rotate_file(handle.log_path, max_bytes)
 
     def _signal(self, handle: ReplicaHandle, sig: int) -> None:
         if not handle.pid:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ballast.backends.base import ReplicaHandle, ReplicaSpec, ReplicaStatus
-from ballast.backends.local import LocalBackend, default_command
+from ballast.backends.local import default_command, rotate_file, tail_file
 from ballast.backends.ray_actor import ReplicaActor
 from ballast.backends.resources import GENERIC_ACCELERATORS
 from ballast.config import ResourcesConfig
@@ -256,8 +256,8 @@ class RayBackend:
                 return [str(line) for line in self._ray.get(actor.tail.remote(tail), timeout=CALL_TIMEOUT_S)]
             except self._ray.exceptions.RayError:
                 pass
-        return LocalBackend.logs(self, handle, tail)  # type: ignore[arg-type]  # the copy made here
+        return tail_file(handle.log_path, tail)  # the copy made here
 
     def rotate(self, handle: ReplicaHandle) -> None:
         """The copied log is rotated as a local replica's is."""
-        LocalBackend.rotate(self, handle)  # type: ignore[arg-type]
+        rotate_file(handle.log_path)
