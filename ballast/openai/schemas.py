@@ -149,7 +149,7 @@ class CompletionRequest(_Sampling):
         if self.echo:
             out.append("echo")
         extra = self.model_extra or {}
-        out += [key for key in ("tools", "functions", "tool_choice", "logit_bias", "response_format") if extra.get(key)]
+        out += [key for key in ("tools", "functions", "tool_choice", "logit_bias") if extra.get(key)]
         return out
 
     def prompts(self) -> list[str | list[int]]:

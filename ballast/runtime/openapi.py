@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from ballast.openai.responses import ResponsesRequest
 from ballast.openai.schemas import ChatCompletionRequest, CompletionRequest
 from ballast.runtime.model import OPENAI_METHODS
 
@@ -103,6 +104,17 @@ def _llm_body(model: type[BaseModel], components: dict[str, Any]) -> dict[str, A
     return schema
 
 
+def _responses_body(components: dict[str, Any]) -> dict[str, Any]:
+    """The Responses request: nothing is stored, so nothing can be continued or kept."""
+    schema = _pydantic(ResponsesRequest, components)
+    props = schema["properties"]
+    props["previous_response_id"] = {"type": "null"}
+    props["store"] = {"enum": [None, False]}
+    for name in ("background", "conversation", "prompt", "reasoning"):
+        props.setdefault(name, _FALSY)
+    return schema
+
+
 def _llm_paths(vocab_size: int | None) -> dict[str, Any]:
     item: dict[str, Any] = {"type": "integer", "minimum": 0}
     if vocab_size:
@@ -158,7 +170,10 @@ def replica_openapi(host: Any, *, engine_kind: str | None, served: set[str]) -> 
     for method, path in OPENAI_METHODS.items():
         if method not in served:
             continue
-        if llm and method in bodies:
+        if llm and method == "responses":
+            paths[path] = _inference("OpenAI Responses API (nothing is stored).", _responses_body(components),
+                                     stream=True, extra=(404,))
+        elif llm and method in bodies:
             paths[path] = _inference(f"OpenAI {path}.", _llm_body(bodies[method], components), stream=True,
                                      extra=(404,))
         else:

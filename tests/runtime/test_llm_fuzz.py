@@ -114,7 +114,12 @@ def shape_cases() -> list[tuple[str, Any]]:
                       {"max_tokens": 512}, {"\ud800": 1}, {"extra": {"deep": deep}}):
             c.append((route, {**base, **extra}))
     c.append((chat, {**CHAT, "logprobs": "true"}))
-    c.append((chat, {**CHAT, "response_format": {"type": "json_object"}}))
+    # Structured outputs are served; what they refuse is a malformed or unenforceable constraint.
+    c.append((chat, {**CHAT, "response_format": {"type": "json_schema"}}))
+    c.append((chat, {**CHAT, "response_format": {"type": "yaml"}}))
+    c.append((chat, {**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": 5}}}))
+    c.append((chat, {**CHAT, "guided_regex": "("}))
+    c.append((chat, {**CHAT, "guided_choice": []}))
     c.append((comp, {**COMPLETION, "logprobs": True}))
     c.append((comp, {**COMPLETION, "echo": True}))
     c.append((comp, {**COMPLETION, "suffix": "x"}))

@@ -93,7 +93,8 @@ def test_python_model_replica_matches_its_openapi(case: schemathesis.Case) -> No
 # - /detokenize and the integer parameters above: JSON Schema's "integer" includes 1.0, which the engine refuses
 #   where it takes token ids and counts (integers only, as OpenAI's API).
 # Every other check runs on them.
-_TOKEN_DEPENDENT = {"/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"}
+# - /v1/responses: as chat completions (it runs as one), and its input items are checked by their `type`.
+_TOKEN_DEPENDENT = {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/tokenize", "/detokenize"}
 
 
 @llm_api.parametrize()
