@@ -53,6 +53,45 @@ def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return logits
 
 
+def _penalize(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Penalties on a copy (the raw logits may still back the logprobs), only for rows that ask."""
+    logits = logits.clone()
+    for i, seq in enumerate(seqs):
+        if seq.params.penalized:
+            logits[i] = _apply_penalties(logits[i], seq)
+    return logits
+
+
+def _pick_greedy(logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> None:
+    """Greedy rows: one argmax for all of them (the whole batch without indexing when every row is greedy)."""
+    greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
+    if not greedy:
+        return
+    picked = torch.argmax(logits[greedy] if len(greedy) < len(seqs) else logits, dim=-1).tolist()
+    for i, t in zip(greedy, picked, strict=True):
+        tokens[i] = t
+
+
+def _draw(logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> None:
+    """Sampled rows: one filter pass; unseeded rows drawn together, seeded rows each from their generator."""
+    sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
+    if not sampled:
+        return
+    rows = [seqs[i] for i in sampled]
+    temps = torch.tensor([s.params.temperature for s in rows], device=logits.device, dtype=logits.dtype)
+    x = _filter(logits[sampled] / temps[:, None], rows)
+    probs = torch.softmax(x, dim=-1)
+    free = [j for j, s in enumerate(rows) if s.generator is None]
+    if free:
+        drawn = torch.multinomial(probs[free], 1).view(-1).tolist()
+        for j, t in zip(free, drawn, strict=True):
+            tokens[sampled[j]] = t
+    for j, s in enumerate(rows):
+        if s.generator is not None:
+            # Seeded generators live on the CPU, so a seed gives the same tokens on any device.
+            tokens[sampled[j]] = int(torch.multinomial(probs[j].float().cpu(), 1, generator=s.generator))
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor | None]:
     """One token per row; also returns log-softmax of the raw logits when any row wants logprobs.
 
@@ -63,31 +102,10 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], torch
     if any(s.params.logprobs is not None for s in seqs):
         raw_logprobs = torch.log_softmax(logits, dim=-1)
     if any(s.params.penalized for s in seqs):
-        logits = logits.clone()
-        for i, seq in enumerate(seqs):
-            if seq.params.penalized:
-                logits[i] = _apply_penalties(logits[i], seq)
+        logits = _penalize(logits, seqs)
     if any(s.matcher is not None for s in seqs):  # constrained rows: one bitmask for the batch
         logits = apply_masks(logits, [s.matcher for s in seqs])
     tokens = [0] * len(seqs)
-    greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
-    if greedy:
-        picked = torch.argmax(logits[greedy] if len(greedy) < len(seqs) else logits, dim=-1).tolist()
-        for i, t in zip(greedy, picked, strict=True):
-            tokens[i] = t
-    sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
-    if sampled:
-        rows = [seqs[i] for i in sampled]
-        temps = torch.tensor([s.params.temperature for s in rows], device=logits.device, dtype=logits.dtype)
-        x = _filter(logits[sampled] / temps[:, None], rows)
-        probs = torch.softmax(x, dim=-1)
-        free = [j for j, s in enumerate(rows) if s.generator is None]
-        if free:
-            drawn = torch.multinomial(probs[free], 1).view(-1).tolist()
-            for j, t in zip(free, drawn, strict=True):
-                tokens[sampled[j]] = t
-        for j, s in enumerate(rows):
-            if s.generator is not None:
-                # Seeded generators live on the CPU, so a seed gives the same tokens on any device.
-                tokens[sampled[j]] = int(torch.multinomial(probs[j].float().cpu(), 1, generator=s.generator))
+    _pick_greedy(logits, seqs, tokens)
+    _draw(logits, seqs, tokens)
     return tokens, raw_logprobs

@@ -60,8 +60,13 @@ class Scheduler:
         self.num_preemptions += 1
 
     def schedule(self) -> list[ScheduledSeq]:
-        budget = self.max_tokens
         out: list[ScheduledSeq] = []
+        budget = self._schedule_running(out, self.max_tokens)
+        self._admit_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: list[ScheduledSeq], budget: int) -> int:
+        """Running sequences into `out`, preempting the newest when blocks run out; returns the budget left."""
         # Decodes before continuing prefills, each group oldest first.
         order = sorted(self.running, key=lambda s: (s.num_tokens - s.num_computed > 1, s.arrival))
         scheduled: set[int] = set()
@@ -71,18 +76,27 @@ class Scheduler:
             if seq not in self.running:  # preempted earlier in this loop
                 continue
             n = min(seq.num_tokens - seq.num_computed, budget)
-            while not self.blocks.allocate(seq, seq.num_computed + n):
-                victim = next((s for s in reversed(self.running) if id(s) not in scheduled and s is not seq), None)
-                if victim is None:
-                    victim = seq
-                self._preempt(victim)
-                if victim is seq:
-                    break
-            if seq.status is not Status.RUNNING:
+            if not self._allocate_or_preempt(seq, n, scheduled):
                 continue
             out.append(ScheduledSeq(seq, n))
             scheduled.add(id(seq))
             budget -= n
+        return budget
+
+    def _allocate_or_preempt(self, seq: Sequence, n: int, scheduled: set[int]) -> bool:
+        """Blocks for `n` more tokens of `seq`, preempting the newest unscheduled others until they fit;
+        False when `seq` itself had to go."""
+        while not self.blocks.allocate(seq, seq.num_computed + n):
+            victim = next((s for s in reversed(self.running) if id(s) not in scheduled and s is not seq), None)
+            if victim is None:
+                victim = seq
+            self._preempt(victim)
+            if victim is seq:
+                break
+        return seq.status is Status.RUNNING
+
+    def _admit_waiting(self, out: list[ScheduledSeq], budget: int) -> None:
+        """Waiting sequences in arrival order while the budget, `max_num_seqs` and the block pool allow."""
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             # A waiting sequence holds no blocks: take its cached prefix now, give it back if it can't run.
@@ -103,4 +117,3 @@ class Scheduler:
             self.running.append(seq)
             out.append(ScheduledSeq(seq, n))
             budget -= n
-        return out

@@ -31,33 +31,41 @@ class SamplingParams:
     guided: Any = None  # a compiled `guided.Grammar`: every sequence decodes under its own copy
 
     def __post_init__(self) -> None:
-        def bad(msg: str) -> EngineError:
-            return EngineError(msg, "invalid_sampling_params")
-
-        if not 1 <= self.n <= 64:
-            raise bad(f"n must be between 1 and 64, got {self.n}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise bad(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if not 0 <= self.temperature <= 100:
-            raise bad(f"temperature must be between 0 and 100, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise bad(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k == 0:
             self.top_k = -1
-        if self.top_k < -1:
-            raise bad(f"top_k must be -1 (off) or positive, got {self.top_k}")
-        if not 0 <= self.min_p <= 1:
-            raise bad(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise bad(f"repetition_penalty must be positive, got {self.repetition_penalty}")
-        if not -2 <= self.frequency_penalty <= 2 or not -2 <= self.presence_penalty <= 2:
-            raise bad("frequency_penalty and presence_penalty must be between -2 and 2")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise bad(f"logprobs must be between 0 and 20, got {self.logprobs}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        problem = self._sampling_problem() or self._penalty_problem()
+        if problem:
+            raise EngineError(problem, "invalid_sampling_params")
+
+    def _sampling_problem(self) -> str | None:
+        """The first out-of-range length or sampling setting, as the client's error message."""
+        if not 1 <= self.n <= 64:
+            return f"n must be between 1 and 64, got {self.n}"
+        if self.max_tokens is not None and self.max_tokens < 1:
+            return f"max_tokens must be at least 1, got {self.max_tokens}"
+        if not 0 <= self.temperature <= 100:
+            return f"temperature must be between 0 and 100, got {self.temperature}"
+        if not 0 < self.top_p <= 1:
+            return f"top_p must be in (0, 1], got {self.top_p}"
+        if self.top_k < -1:
+            return f"top_k must be -1 (off) or positive, got {self.top_k}"
+        if not 0 <= self.min_p <= 1:
+            return f"min_p must be in [0, 1], got {self.min_p}"
+        return None
+
+    def _penalty_problem(self) -> str | None:
+        """The first out-of-range penalty, logprobs or stop setting, as the client's error message."""
+        if self.repetition_penalty <= 0:
+            return f"repetition_penalty must be positive, got {self.repetition_penalty}"
+        if not -2 <= self.frequency_penalty <= 2 or not -2 <= self.presence_penalty <= 2:
+            return "frequency_penalty and presence_penalty must be between -2 and 2"
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            return f"logprobs must be between 0 and 20, got {self.logprobs}"
         if any(not s for s in self.stop):
-            raise bad("stop strings must not be empty")
+            return "stop strings must not be empty"
+        return None
 
     @property
     def greedy(self) -> bool:

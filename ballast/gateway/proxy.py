@@ -187,8 +187,8 @@ class Proxy:
     ) -> AsyncIterator[bytes]:
         """Relay chunks as they come. With `strip_usage` (the gateway asked for the usage chunk, the client
         did not) the usage-only event is taken out of the stream, so clients see exactly what they asked for."""
-        tail = b""
         stripper = _UsageStripper(outcome) if strip_usage else None
+        scanner = _UsageScanner(outcome) if extract_usage and stripper is None else None
         first = 0.0
         complete = False
         try:
@@ -200,34 +200,32 @@ class Proxy:
                     chunk = stripper.feed(chunk)
                     if not chunk:
                         continue
-                elif extract_usage:
-                    # Whole events only: a Responses API stream carries usage in a final event of any size.
-                    tail += chunk
-                    cut = tail.rfind(b"\n\n")
-                    if cut >= 0:
-                        events, tail = tail[: cut + 2], tail[cut + 2:]
-                        if b'"usage":{' in events or b'"usage": {' in events:
-                            outcome.usage = _usage_from_sse(events) or outcome.usage
+                elif scanner is not None:
+                    scanner.feed(chunk)
                 yield chunk
             if stripper is not None and stripper.pending:
                 yield stripper.pending
             complete = True
         except _RETRYABLE as e:
-            outcome.error = True
-            self._failed(ep, hard=True)
-            log.warning("replica %s failed mid-stream: %s", ep.replica_id, type(e).__name__)
-            err = APIError(502, "the replica serving this stream failed; the response is incomplete",
-                           code="stream_interrupted")
-            yield sse_event(err.body(), event="error")
+            yield self._interrupted(ep, outcome, e)
         finally:
             ep.outstanding -= 1
             # A stream cut short (client gone, replica failed) leaves unread bytes: drop that connection.
             resp.release() if complete else resp.close()
             if first:
                 outcome.stream_s = time.monotonic() - first
-            if extract_usage and tail:
-                outcome.usage = _usage_from_sse(tail) or outcome.usage
+            if scanner is not None:
+                scanner.flush()
             on_done(outcome)
+
+    def _interrupted(self, ep: Endpoint, outcome: Outcome, e: BaseException) -> bytes:
+        """The replica died mid-stream: eject it and end the stream with an SSE error, never a silent cut."""
+        outcome.error = True
+        self._failed(ep, hard=True)
+        log.warning("replica %s failed mid-stream: %s", ep.replica_id, type(e).__name__)
+        err = APIError(502, "the replica serving this stream failed; the response is incomplete",
+                       code="stream_interrupted")
+        return sse_event(err.body(), event="error")
 
 
 def _no_replica(outcome: Outcome, on_done: Callable[[Outcome], None], busy: Response | None,
@@ -268,6 +266,29 @@ class _UsageStripper:
             elif event:
                 kept.append(event + b"\n\n")
         return b"".join(kept)
+
+
+class _UsageScanner:
+    """Reads the usage out of a stream relayed unchanged. Whole events only: a Responses API stream
+    carries usage in a final event of any size, so an incomplete event waits for its end."""
+
+    def __init__(self, outcome: Outcome):
+        self.outcome = outcome
+        self.tail = b""  # bytes after the last complete event
+
+    def feed(self, chunk: bytes) -> None:
+        self.tail += chunk
+        cut = self.tail.rfind(b"\n\n")
+        if cut < 0:
+            return
+        events, self.tail = self.tail[: cut + 2], self.tail[cut + 2:]
+        if b'"usage":{' in events or b'"usage": {' in events:
+            self.outcome.usage = _usage_from_sse(events) or self.outcome.usage
+
+    def flush(self) -> None:
+        """End of stream: whatever is left may still hold the usage (an event without its final blank line)."""
+        if self.tail:
+            self.outcome.usage = _usage_from_sse(self.tail) or self.outcome.usage
 
 
 def _usage_from_json(content: bytes) -> dict[str, Any] | None:

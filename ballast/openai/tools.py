@@ -63,26 +63,7 @@ def _bad(msg: str, param: str) -> APIError:
 
 def parse_tools(tools: Any, tool_choice: Any, parallel: Any, *, flat: bool = False) -> ToolRequest:
     """Validate the tool fields of a request. `flat`: the Responses API's `{"type": "function", "name": ...}`."""
-    if tools is None:
-        tools = []
-    if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
-        raise _bad(f"`tools` must be a list of at most {MAX_TOOLS} tools", "tools")
-    functions: list[FunctionDef] = []
-    for i, t in enumerate(tools):
-        if not isinstance(t, dict) or t.get("type") != "function":
-            raise _bad(f"`tools.{i}`: only tools of type function are supported", f"tools.{i}.type")
-        try:
-            if flat:
-                functions.append(FunctionDef.model_validate({k: v for k, v in t.items() if k != "type"}))
-            else:
-                functions.append(Tool.model_validate(t).function)
-        except ValidationError as e:
-            err = e.errors()[0]
-            loc = ".".join(str(x) for x in err["loc"])
-            raise _bad(f"invalid value for `tools.{i}.{loc}`: {err['msg']}", f"tools.{i}") from None
-    names = [f.name for f in functions]
-    if len(set(names)) != len(names):
-        raise _bad("tool names must be unique", "tools")
+    functions = _parse_functions(tools, flat)
     req = ToolRequest(functions)
     if parallel is not None:
         if not isinstance(parallel, bool):
@@ -90,23 +71,54 @@ def parse_tools(tools: Any, tool_choice: Any, parallel: Any, *, flat: bool = Fal
         req.parallel = parallel
     if tool_choice is None:
         return req
-    if isinstance(tool_choice, str):
-        if tool_choice not in ("auto", "none", "required"):
-            raise _bad("`tool_choice` must be auto, none, required or a named function", "tool_choice")
-        req.choice = tool_choice
-    elif isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
-        fn = tool_choice.get("function") if not flat else tool_choice
-        name = fn.get("name") if isinstance(fn, dict) else None
-        if not isinstance(name, str):
-            raise _bad("a named `tool_choice` needs the function's name", "tool_choice")
-        if name not in names:
-            raise _bad(f"`tool_choice` names the function {name!r}, which is not in `tools`", "tool_choice")
-        req.choice, req.named = "named", name
-    else:
-        raise _bad("`tool_choice` must be auto, none, required or a named function", "tool_choice")
+    req.choice, req.named = _parse_choice(tool_choice, [f.name for f in functions], flat)
     if req.choice == "required" and not functions:
         raise _bad("`tool_choice` is required but no `tools` were given", "tool_choice")
     return req
+
+
+def _parse_functions(tools: Any, flat: bool) -> list[FunctionDef]:
+    """The `tools` list, each checked, names unique (a call must say unambiguously which it means)."""
+    if tools is None:
+        tools = []
+    if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+        raise _bad(f"`tools` must be a list of at most {MAX_TOOLS} tools", "tools")
+    functions = [_parse_function(i, t, flat) for i, t in enumerate(tools)]
+    names = [f.name for f in functions]
+    if len(set(names)) != len(names):
+        raise _bad("tool names must be unique", "tools")
+    return functions
+
+
+def _parse_function(i: int, t: Any, flat: bool) -> FunctionDef:
+    """Tool `i`; a validation error names the exact field (`tools.3.function.name`)."""
+    if not isinstance(t, dict) or t.get("type") != "function":
+        raise _bad(f"`tools.{i}`: only tools of type function are supported", f"tools.{i}.type")
+    try:
+        if flat:
+            return FunctionDef.model_validate({k: v for k, v in t.items() if k != "type"})
+        return Tool.model_validate(t).function
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        raise _bad(f"invalid value for `tools.{i}.{loc}`: {err['msg']}", f"tools.{i}") from None
+
+
+def _parse_choice(tool_choice: Any, names: list[str], flat: bool) -> tuple[str, str | None]:
+    """`tool_choice` (not None) as (choice, named function): a mode string, or a function that must be in `tools`."""
+    if isinstance(tool_choice, str):
+        if tool_choice not in ("auto", "none", "required"):
+            raise _bad("`tool_choice` must be auto, none, required or a named function", "tool_choice")
+        return tool_choice, None
+    if not (isinstance(tool_choice, dict) and tool_choice.get("type") == "function"):
+        raise _bad("`tool_choice` must be auto, none, required or a named function", "tool_choice")
+    fn = tool_choice.get("function") if not flat else tool_choice
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str):
+        raise _bad("a named `tool_choice` needs the function's name", "tool_choice")
+    if name not in names:
+        raise _bad(f"`tool_choice` names the function {name!r}, which is not in `tools`", "tool_choice")
+    return "named", name
 
 
 def message_tool_calls(extra: dict[str, Any], index: int) -> list[dict[str, Any]]:

@@ -124,14 +124,10 @@ class Formatter:
         include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
 
         def chunk(choices: list[dict[str, Any]]) -> dict[str, Any]:
-            c = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
-            if include_usage:
-                c["usage"] = None
-            return c
+            return self._chunk(obj, choices, include_usage)
 
         if self.chat:
-            yield chunk([{"index": p * n + i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None} for p in range(len(streams)) for i in range(n)])
+            yield chunk(self._role_parts(len(streams)))
         prompt_tokens = completion_tokens = cached = 0
         for p_index, stream in enumerate(streams):
             last = None
@@ -140,16 +136,9 @@ class Formatter:
                 parts = []
                 for c in out.outputs:
                     completion_tokens += len(c.token_ids)
-                    if not c.text and not c.finish_reason:
-                        continue
-                    part: dict[str, Any] = {"index": p_index * n + c.index}
-                    if self.chat:
-                        part["delta"] = {"content": c.text} if c.text else {}
-                    else:
-                        part["text"] = c.text
-                    part["logprobs"] = self._choice_logprobs(c.logprobs)
-                    part["finish_reason"] = c.finish_reason
-                    parts.append(part)
+                    part = self._stream_part(p_index * n + c.index, c)
+                    if part is not None:
+                        parts.append(part)
                 if parts:
                     yield chunk(parts)
             if last is not None:
@@ -158,3 +147,29 @@ class Formatter:
         if include_usage:
             yield {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [],
                    "usage": usage(prompt_tokens, completion_tokens, cached)}
+
+    def _stream_part(self, index: int, c: Any) -> dict[str, Any] | None:
+        """One choice's delta in a chunk; None when it has neither text nor a finish to report."""
+        if not c.text and not c.finish_reason:
+            return None
+        part: dict[str, Any] = {"index": index}
+        if self.chat:
+            part["delta"] = {"content": c.text} if c.text else {}
+        else:
+            part["text"] = c.text
+        part["logprobs"] = self._choice_logprobs(c.logprobs)
+        part["finish_reason"] = c.finish_reason
+        return part
+
+    def _chunk(self, obj: str, choices: list[dict[str, Any]], include_usage: bool) -> dict[str, Any]:
+        """A streamed chunk; with `include_usage` every chunk carries `usage: null`, as OpenAI's do."""
+        c = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+        if include_usage:
+            c["usage"] = None
+        return c
+
+    def _role_parts(self, prompts: int) -> list[dict[str, Any]]:
+        """The first chat chunk's choices: every choice's role, before any content."""
+        n = self.req.n
+        return [{"index": p * n + i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                 "finish_reason": None} for p in range(prompts) for i in range(n)]

@@ -9,12 +9,11 @@ compiled grammars, so a repeated schema costs a dictionary lookup.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from ballast.engine.guided import GuidedSpec
 from ballast.openai import APIError
-
-_VLLM_KEYS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
 
 
 def _bad(msg: str, param: str) -> APIError:
@@ -79,6 +78,24 @@ def _structured_outputs(so: Any) -> GuidedSpec:
     raise _bad(f"`{param}` is not supported; use json, regex or choice", param)
 
 
+def _guided_json(value: Any, key: str) -> GuidedSpec:
+    return GuidedSpec.json_schema(_schema_of(value, key), key)
+
+
+def _guided_grammar(value: Any, key: str) -> GuidedSpec:
+    raise _bad("`guided_grammar` is not supported; use guided_json, guided_regex or guided_choice", key)
+
+
+# vLLM's extra constraint fields, in the order they are read (which decides the one named in a conflict).
+_VLLM_PARSERS: dict[str, Callable[[Any, str], GuidedSpec]] = {
+    "guided_json": _guided_json,
+    "guided_regex": _regex,
+    "guided_choice": _choice,
+    "guided_grammar": _guided_grammar,
+    "structured_outputs": lambda value, key: _structured_outputs(value),
+}
+
+
 def guided_spec(req: Any) -> GuidedSpec | None:
     """The one constraint a request asks for, or None; asking for two is a 400."""
     extra = req.model_extra or {}
@@ -90,20 +107,7 @@ def guided_spec(req: Any) -> GuidedSpec | None:
         spec = _response_format(rf)
         if spec is not None:
             specs.append(spec)
-    for key in _VLLM_KEYS:
-        value = extra.get(key)
-        if value is None:
-            continue
-        if key == "guided_json":
-            specs.append(GuidedSpec.json_schema(_schema_of(value, key), key))
-        elif key == "guided_regex":
-            specs.append(_regex(value, key))
-        elif key == "guided_choice":
-            specs.append(_choice(value, key))
-        elif key == "guided_grammar":
-            raise _bad("`guided_grammar` is not supported; use guided_json, guided_regex or guided_choice", key)
-        else:
-            specs.append(_structured_outputs(value))
+    specs += [parse(extra[key], key) for key, parse in _VLLM_PARSERS.items() if extra.get(key) is not None]
     if len(specs) > 1:
         raise _bad(f"send one constraint, not `{specs[0].param}` and `{specs[1].param}` together", specs[1].param)
     return specs[0] if specs else None

@@ -14,7 +14,7 @@ import copy
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,33 +56,40 @@ def template_messages(messages: list[Any], tools: ToolRequest | None, template: 
     """Messages and extra template variables. A template that knows tools gets them as HF templates
     expect (`tools=`, `tool_calls` with object arguments); any other gets them written as text."""
     knows = "tools" in (template or "")
-    msgs: list[dict[str, Any]] = []
-    for i, m in enumerate(messages):
-        extra = m.model_extra or {}
-        msg: dict[str, Any] = {"role": m.role, "content": m.text()}
-        calls = message_tool_calls(extra, i) if m.role == "assistant" else []
-        if m.role == "tool" and extra.get("tool_call_id"):
-            msg["tool_call_id"] = extra["tool_call_id"]
-        if m.name:
-            msg["name"] = m.name
-        if knows:
-            if calls:
-                msg["tool_calls"] = calls
-        elif calls:
-            msg["content"] = "\n".join(filter(None, [msg["content"]] + [_call_text(c, parser) for c in calls]))
-        elif m.role == "tool" and parser == "hermes":
-            msg["content"] = f"<tool_response>\n{msg['content']}\n</tool_response>"
-        msgs.append(msg)
+    msgs = [_template_message(i, m, knows, parser) for i, m in enumerate(messages)]
     if tools is None or not tools.active:
         return msgs, {}
     if knows:
         return msgs, {"tools": tools.openai_tools()}
-    prompt = _tools_prompt(tools, parser)
+    _add_tools_prompt(msgs, _tools_prompt(tools, parser))
+    return msgs, {}
+
+
+def _template_message(i: int, m: Any, knows: bool, parser: str) -> dict[str, Any]:
+    """Message `i` for the template: tool calls as `tool_calls` if the template knows tools, else as text."""
+    extra = m.model_extra or {}
+    msg: dict[str, Any] = {"role": m.role, "content": m.text()}
+    calls = message_tool_calls(extra, i) if m.role == "assistant" else []
+    if m.role == "tool" and extra.get("tool_call_id"):
+        msg["tool_call_id"] = extra["tool_call_id"]
+    if m.name:
+        msg["name"] = m.name
+    if knows:
+        if calls:
+            msg["tool_calls"] = calls
+    elif calls:
+        msg["content"] = "\n".join(filter(None, [msg["content"]] + [_call_text(c, parser) for c in calls]))
+    elif m.role == "tool" and parser == "hermes":
+        msg["content"] = f"<tool_response>\n{msg['content']}\n</tool_response>"
+    return msg
+
+
+def _add_tools_prompt(msgs: list[dict[str, Any]], prompt: str) -> None:
+    """Append the tools text to the system (or developer) message, or add a system message for it."""
     if msgs and msgs[0]["role"] in ("system", "developer"):
         msgs[0] = {**msgs[0], "content": (msgs[0]["content"] + "\n\n" + prompt).strip()}
     else:
         msgs.insert(0, {"role": "system", "content": prompt})
-    return msgs, {}
 
 
 # ---- forced calls ------------------------------------------------------------------------------
@@ -297,9 +304,7 @@ def apply_to_response(resp: dict[str, Any], parser: str) -> dict[str, Any]:
 async def apply_to_stream(chunks: AsyncIterator[dict[str, Any]], parser: str) -> AsyncIterator[dict[str, Any]]:
     """Streamed chunks with calls sent as `tool_calls` deltas: id and name once the name is known, then
     the arguments as they form (Hermes), or each whole call as it closes (Llama-3 JSON)."""
-    states: dict[int, Any] = {}
-    counts: dict[int, int] = {}
-    live: dict[int, list[Any]] = {}  # choice index → [call index, arguments sent] of the call forming
+    calls = _StreamCalls(parser)
     first = True
     async for chunk in chunks:
         if first or not chunk["choices"]:  # the role chunk and the usage chunk pass through
@@ -307,49 +312,80 @@ async def apply_to_stream(chunks: AsyncIterator[dict[str, Any]], parser: str) ->
             yield chunk
             continue
         for part in chunk["choices"]:
-            idx = part["index"]
-            st = states.setdefault(idx, new_parser(parser))
-            content, calls = st.feed((part.get("delta") or {}).get("content") or "")
-            finish = part.get("finish_reason")
-            if finish:
-                rest, more = st.finish()
-                content, calls = content + rest, calls + more
+            for out in calls.part(chunk, part):
+                yield out
 
-            def one(delta: dict[str, Any], fin: str | None = None, lp: Any = None, i: int = idx,
-                    env: dict[str, Any] = chunk) -> dict[str, Any]:
-                return {**env, "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": fin}]}
 
-            def args(k: int, text: str) -> dict[str, Any]:
-                return one({"tool_calls": [{"index": k, "function": {"arguments": text}}]})
+def _one(env: dict[str, Any], i: int, delta: dict[str, Any], fin: str | None = None,
+         lp: Any = None) -> dict[str, Any]:
+    """A chunk like `env` carrying one delta for choice `i`."""
+    return {**env, "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": fin}]}
 
-            if content:
-                yield one({"content": content}, lp=part.get("logprobs"))
-            for call in calls:
-                forming = live.pop(idx, None)
-                if forming is not None:  # its name and the start of its arguments are out already
-                    k, sent = forming
-                    if call.arguments.startswith(sent) and call.arguments != sent:
-                        yield args(k, call.arguments[len(sent):])
-                    continue
-                k = counts.get(idx, 0)
-                counts[idx] = k + 1
-                head = call.openai(k)
-                head["function"]["arguments"] = ""
-                yield one({"tool_calls": [head]})
-                yield args(k, call.arguments)
-            if idx in live and not getattr(st, "in_call", False):  # it closed unparseable: it was text
-                live.pop(idx)
-            now = st.progress() if isinstance(st, HermesParser) and not finish else None
-            if now is not None:
-                name, so_far = now
-                if idx not in live:
-                    k = counts.get(idx, 0)
-                    counts[idx] = k + 1
-                    live[idx] = [k, ""]
-                    yield one({"tool_calls": [ToolCall(name, "").openai(k)]})
-                k, sent = live[idx]
-                if len(so_far) > len(sent) and so_far.startswith(sent):
-                    yield args(k, so_far[len(sent):])
-                    live[idx][1] = so_far
-            if finish:
-                yield one({}, "tool_calls" if counts.get(idx) and finish == "stop" else finish)
+
+def _args(env: dict[str, Any], i: int, k: int, text: str) -> dict[str, Any]:
+    """More arguments text of call `k` of choice `i`."""
+    return _one(env, i, {"tool_calls": [{"index": k, "function": {"arguments": text}}]})
+
+
+class _StreamCalls:
+    """Per-choice parsing state of one streamed response: the parser, how many calls were sent, and the
+    call still forming (its name and the arguments sent so far), so each byte goes out exactly once."""
+
+    def __init__(self, parser: str):
+        self.parser = parser
+        self.states: dict[int, Any] = {}
+        self.counts: dict[int, int] = {}
+        self.live: dict[int, list[Any]] = {}  # choice index → [call index, arguments sent] of the call forming
+
+    def _next_call(self, idx: int) -> int:
+        k = self.counts.get(idx, 0)
+        self.counts[idx] = k + 1
+        return k
+
+    def part(self, chunk: dict[str, Any], part: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """The chunks to send for one choice of an upstream chunk."""
+        idx = part["index"]
+        st = self.states.setdefault(idx, new_parser(self.parser))
+        content, calls = st.feed((part.get("delta") or {}).get("content") or "")
+        finish = part.get("finish_reason")
+        if finish:
+            rest, more = st.finish()
+            content, calls = content + rest, calls + more
+        if content:
+            yield _one(chunk, idx, {"content": content}, lp=part.get("logprobs"))
+        for call in calls:
+            yield from self._closed(chunk, idx, call)
+        if idx in self.live and not getattr(st, "in_call", False):  # it closed unparseable: it was text
+            self.live.pop(idx)
+        if isinstance(st, HermesParser) and not finish:
+            yield from self._forming(chunk, idx, st.progress())
+        if finish:
+            yield _one(chunk, idx, {}, "tool_calls" if self.counts.get(idx) and finish == "stop" else finish)
+
+    def _closed(self, chunk: dict[str, Any], idx: int, call: ToolCall) -> Iterator[dict[str, Any]]:
+        """A call that closed: the rest of its arguments if it was forming, else its head and arguments."""
+        forming = self.live.pop(idx, None)
+        if forming is not None:  # its name and the start of its arguments are out already
+            k, sent = forming
+            if call.arguments.startswith(sent) and call.arguments != sent:
+                yield _args(chunk, idx, k, call.arguments[len(sent):])
+            return
+        k = self._next_call(idx)
+        head = call.openai(k)
+        head["function"]["arguments"] = ""
+        yield _one(chunk, idx, {"tool_calls": [head]})
+        yield _args(chunk, idx, k, call.arguments)
+
+    def _forming(self, chunk: dict[str, Any], idx: int, now: tuple[str, str] | None) -> Iterator[dict[str, Any]]:
+        """A Hermes call still open: its head once the name is known, then arguments as they grow."""
+        if now is None:
+            return
+        name, so_far = now
+        if idx not in self.live:
+            k = self._next_call(idx)
+            self.live[idx] = [k, ""]
+            yield _one(chunk, idx, {"tool_calls": [ToolCall(name, "").openai(k)]})
+        k, sent = self.live[idx]
+        if len(so_far) > len(sent) and so_far.startswith(sent):
+            yield _args(chunk, idx, k, so_far[len(sent):])
+            self.live[idx][1] = so_far

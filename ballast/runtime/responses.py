@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from ballast.openai import sse_event
@@ -94,81 +94,102 @@ async def create(body: Any, chat: ChatCall, model: str) -> Any:
 
 async def _events(shape: Shape, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
     """Chat chunks → typed Responses events, each framed as SSE with its `event:` name."""
-    seq = 0
-
-    def ev(kind: str, **data: Any) -> bytes:
-        nonlocal seq
-        seq += 1
-        return sse_event({"type": kind, "sequence_number": seq - 1, **data}, event=kind)
-
-    output: list[tuple[int, dict[str, Any]]] = []  # (output_index, item) as items complete
-    items = 0  # output indexes handed out
-    text_item: dict[str, Any] | None = None
-    text_index = 0
-    calls: dict[int, dict[str, Any]] = {}
-    finish: str | None = None
-    usage = None
-    yield ev("response.created", response=shape.response([], "in_progress", None))
-    yield ev("response.in_progress", response=shape.response([], "in_progress", None))
-
-    def close_text() -> list[bytes]:
-        nonlocal text_item
-        if text_item is None:
-            return []
-        i, item = text_index, {**text_item, "status": "completed"}
-        text_item = None
-        text = item["content"][0]["text"]
-        output.append((i, item))
-        part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-        return [ev("response.output_text.done", item_id=item["id"], output_index=i, content_index=0, text=text,
-                   logprobs=[]),
-                ev("response.content_part.done", item_id=item["id"], output_index=i, content_index=0, part=part),
-                ev("response.output_item.done", output_index=i, item=item)]
-
+    st = _EventState(shape)
+    yield st.ev("response.created", response=shape.response([], "in_progress", None))
+    yield st.ev("response.in_progress", response=shape.response([], "in_progress", None))
     try:
         async for chunk in chunks:
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-            for part in chunk["choices"]:
-                delta = part.get("delta") or {}
-                finish = part.get("finish_reason") or finish
-                text = delta.get("content")
-                if text:
-                    if text_item is None:
-                        text_item, text_index, items = _message("", "in_progress"), items, items + 1
-                        yield ev("response.output_item.added", output_index=text_index, item=text_item)
-                        yield ev("response.content_part.added", item_id=text_item["id"], output_index=text_index,
-                                 content_index=0, part={"type": "output_text", "text": "", "annotations": []})
-                    text_item["content"][0]["text"] += text
-                    yield ev("response.output_text.delta", item_id=text_item["id"], output_index=text_index,
-                             content_index=0, delta=text, logprobs=[])
-                for d in delta.get("tool_calls") or []:
-                    fn = d.get("function") or {}
-                    if d.get("id"):  # a new call: the text before it is complete
-                        for b in close_text():
-                            yield b
-                        item = _function_call(d["id"], fn.get("name", ""), "", status="in_progress")
-                        calls[d["index"]] = {"item": item, "output_index": items}
-                        items += 1
-                        yield ev("response.output_item.added", output_index=calls[d["index"]]["output_index"],
-                                 item=item)
-                    st = calls[d["index"]]
-                    if fn.get("arguments"):
-                        st["item"]["arguments"] += fn["arguments"]
-                        yield ev("response.function_call_arguments.delta", item_id=st["item"]["id"],
-                                 output_index=st["output_index"], delta=fn["arguments"])
+            for b in st.chunk(chunk):
+                yield b
     finally:
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:
             await aclose()
-    for b in close_text():
+    for b in st.end():
         yield b
-    for st in calls.values():
-        item = {**st["item"], "status": "completed"}
-        output.append((st["output_index"], item))
-        yield ev("response.function_call_arguments.done", item_id=item["id"], output_index=st["output_index"],
-                 name=item["name"], arguments=item["arguments"])
-        yield ev("response.output_item.done", output_index=st["output_index"], item=item)
-    status = _status(finish)
-    done = [item for _, item in sorted(output, key=lambda x: x[0])]
-    yield ev(f"response.{status}", response=shape.response(done, status, usage, finish))
+
+
+class _EventState:
+    """One streamed response: the next sequence number, the output indexes handed out, the text item and
+    the calls still open; items are completed in the order events promise them."""
+
+    def __init__(self, shape: Shape):
+        self.shape = shape
+        self.seq = 0
+        self.output: list[tuple[int, dict[str, Any]]] = []  # (output_index, item) as items complete
+        self.items = 0  # output indexes handed out
+        self.text_item: dict[str, Any] | None = None
+        self.text_index = 0
+        self.calls: dict[int, dict[str, Any]] = {}
+        self.finish: str | None = None
+        self.usage: Any = None
+
+    def ev(self, kind: str, **data: Any) -> bytes:
+        self.seq += 1
+        return sse_event({"type": kind, "sequence_number": self.seq - 1, **data}, event=kind)
+
+    def chunk(self, chunk: dict[str, Any]) -> Iterator[bytes]:
+        """The events for one chat chunk: text deltas, then tool call deltas, per choice."""
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        for part in chunk["choices"]:
+            delta = part.get("delta") or {}
+            self.finish = part.get("finish_reason") or self.finish
+            text = delta.get("content")
+            if text:
+                yield from self._text(text)
+            for d in delta.get("tool_calls") or []:
+                yield from self._call(d)
+
+    def _text(self, text: str) -> Iterator[bytes]:
+        if self.text_item is None:
+            self.text_item, self.text_index, self.items = _message("", "in_progress"), self.items, self.items + 1
+            yield self.ev("response.output_item.added", output_index=self.text_index, item=self.text_item)
+            yield self.ev("response.content_part.added", item_id=self.text_item["id"], output_index=self.text_index,
+                          content_index=0, part={"type": "output_text", "text": "", "annotations": []})
+        self.text_item["content"][0]["text"] += text
+        yield self.ev("response.output_text.delta", item_id=self.text_item["id"], output_index=self.text_index,
+                      content_index=0, delta=text, logprobs=[])
+
+    def _call(self, d: dict[str, Any]) -> Iterator[bytes]:
+        fn = d.get("function") or {}
+        if d.get("id"):  # a new call: the text before it is complete
+            yield from self.close_text()
+            item = _function_call(d["id"], fn.get("name", ""), "", status="in_progress")
+            self.calls[d["index"]] = {"item": item, "output_index": self.items}
+            self.items += 1
+            yield self.ev("response.output_item.added", output_index=self.calls[d["index"]]["output_index"],
+                          item=item)
+        st = self.calls[d["index"]]
+        if fn.get("arguments"):
+            st["item"]["arguments"] += fn["arguments"]
+            yield self.ev("response.function_call_arguments.delta", item_id=st["item"]["id"],
+                          output_index=st["output_index"], delta=fn["arguments"])
+
+    def close_text(self) -> list[bytes]:
+        """The done events of the text item, if one is open."""
+        if self.text_item is None:
+            return []
+        i, item = self.text_index, {**self.text_item, "status": "completed"}
+        self.text_item = None
+        text = item["content"][0]["text"]
+        self.output.append((i, item))
+        part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+        return [self.ev("response.output_text.done", item_id=item["id"], output_index=i, content_index=0,
+                        text=text, logprobs=[]),
+                self.ev("response.content_part.done", item_id=item["id"], output_index=i, content_index=0,
+                        part=part),
+                self.ev("response.output_item.done", output_index=i, item=item)]
+
+    def end(self) -> Iterator[bytes]:
+        """The stream ended: complete the open items, then the response with every item in output order."""
+        yield from self.close_text()
+        for st in self.calls.values():
+            item = {**st["item"], "status": "completed"}
+            self.output.append((st["output_index"], item))
+            yield self.ev("response.function_call_arguments.done", item_id=item["id"],
+                          output_index=st["output_index"], name=item["name"], arguments=item["arguments"])
+            yield self.ev("response.output_item.done", output_index=st["output_index"], item=item)
+        status = _status(self.finish)
+        done = [item for _, item in sorted(self.output, key=lambda x: x[0])]
+        yield self.ev(f"response.{status}", response=self.shape.response(done, status, self.usage, self.finish))
