@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ballast import __version__
-from ballast.cli import cache_cmds, chat_cmds, keys_cmds, package_cmds, platform_cmds, serve_cmds, up_cmds
+from ballast.cli import cache_cmds, chains_cmds, chat_cmds, keys_cmds, package_cmds, platform_cmds, serve_cmds, up_cmds
 from ballast.cli import models as models_cmds
 from ballast.cli.options import make_console
 
@@ -46,6 +46,7 @@ platform_cmds.register(app)
 chat_cmds.register(app)
 keys_cmds.register(app)
 cache_cmds.register(app)
+chains_cmds.register(app)
 app.add_typer(models_cmds.app, name="models", help="Make and import LLM checkpoints (offline).")
 
 err_console = make_console(stderr=True)
