@@ -70,6 +70,10 @@ class StepHandle:
         self._timeout_s = dep.timeout_s
 
     @property
+    def contract(self) -> Contract:
+        return self._contract
+
+    @property
     def step(self) -> str:
         return self._contract.step
 

@@ -1,14 +1,23 @@
-"""`ballast chains run`: run a chain (a Python file of `Chainlet` steps) in this process."""
+"""`ballast chains run|deploy`: run a chain (a Python file of `Chainlet` steps) here, or deploy one per step."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from ballast.chains import LocalChain, find_entry, load_module
+from ballast.chains.deploy import build_packages
+from ballast.chains.local import chain_steps
+from ballast.chains.serve import deployment_name
+from ballast.cli.options import KeyOpt, UrlOpt, make_console
+from ballast.cli.platform_client import PlatformClient
+from ballast.home import ballast_home
+
+console = make_console()
 
 app = typer.Typer(no_args_is_help=True, rich_markup_mode=None)
 
@@ -41,5 +50,29 @@ def run(
     asyncio.run(_run(chain, inputs, deadline, request_id))
 
 
+@app.command("deploy")
+def deploy(
+    path: Annotated[str, typer.Argument(help="The Python file that defines the chain's steps.")],
+    name: Annotated[str, typer.Option("--name", "-n", help="Chain name; step Embed deploys as NAME-embed.")],
+    out: Annotated[Path | None, typer.Option(help="Where the generated packages go "
+                                             "(default $BALLAST_HOME/chains/NAME).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each step to be ready.")] = 900.0,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+) -> None:
+    """Deploy each step as its own deployment (dependencies first); steps call each other through the gateway."""
+    c = PlatformClient(url, api_key)
+    entry = find_entry(load_module(path))
+    names = [deployment_name(name, s.__name__) for s in chain_steps(entry)]
+    key = c.post("/keys", {"name": f"chain {name}", "scopes": ["inference"], "deployments": names})["key"]
+    packages = build_packages(path, name, (out or ballast_home() / "chains" / name).resolve(), c.url, key)
+    for pkg in packages:
+        r = c.deploy(pkg.path, pkg.deployment, None)
+        c.wait_for(r["deployment"], r["version"], None, timeout)
+        console.print(f"{pkg.step}: {r['deployment']} version {r['version']} ready")
+    entry_pkg = next(p for p in packages if p.entry)
+    console.print(f"call it: POST {c.url}/deployments/{entry_pkg.deployment}/predict")
+
+
 def register(root: typer.Typer) -> None:
-    root.add_typer(app, name="chains", help="Chains of steps (Chainlets): run them locally.")
+    root.add_typer(app, name="chains", help="Chains of steps (Chainlets): run them here or deploy them.")
