@@ -11,11 +11,13 @@ import httpx
 import pytest
 
 from ballast.chains import ChainError, LocalChain, find_entry, load_module
-from ballast.chains.remote import decode_error
+from ballast.chains.remote import decode_error, envelope
 from tests.chains.test_local import PIPELINE
 from tests.control.platform import Platform
 
 SHOUT = textwrap.dedent('''
+    import asyncio
+
     from pydantic import BaseModel
 
     from ballast.chains import Chainlet, ChainletConfig, depends, entrypoint
@@ -30,6 +32,8 @@ SHOUT = textwrap.dedent('''
         config = ChainletConfig(idempotent=True)
 
         async def run(self, word: str) -> str:
+            if word == "zzz":
+                await asyncio.sleep(3600)
             if word == "boom":
                 raise ValueError("cannot shout boom")
             return word.upper()
@@ -41,6 +45,8 @@ SHOUT = textwrap.dedent('''
             self.upper = upper
 
         async def run(self, text: str) -> Loud:
+            if text == "zzz":
+                return Loud(text=await self.upper.run(text), words=1)
             words = await self.upper.map(text.split(), concurrency=4)
             return Loud(text=" ".join(words), words=len(words))
 ''')
@@ -90,3 +96,10 @@ def test_a_deployed_chain_fails_like_the_local_one(platform: Platform, tmp_path:
     remote = decode_error(r.status_code, r.json(), "Shout", "req-e1")
     assert (remote.step, remote.kind, remote.message) == ("UpperWord", "error", "ValueError: cannot shout boom")
     assert str(remote) == str(local.value)
+
+    # A caller's deadline (sent in the envelope) crosses the hop; running out names the step that was running.
+    late = httpx.post(f"{platform.url}/deployments/loud-shout/predict", timeout=60,
+                      headers={"Authorization": f"Bearer {platform.key}"},
+                      json=envelope({"text": "zzz"}, "req-late", 0.5))
+    err = decode_error(late.status_code, late.json(), "Shout", "req-late")
+    assert (err.step, err.kind) == ("UpperWord", "deadline"), late.text
