@@ -12,7 +12,7 @@ import typer
 from ballast.chains import LocalChain, find_entry, load_module
 from ballast.chains.deploy import build_packages
 from ballast.chains.local import chain_steps
-from ballast.chains.serve import deployment_name
+from ballast.chains.serve import KEY_FILE, deployment_name
 from ballast.cli.options import KeyOpt, UrlOpt, make_console
 from ballast.cli.platform_client import PlatformClient
 from ballast.home import ballast_home
@@ -50,6 +50,21 @@ def run(
     asyncio.run(_run(chain, inputs, deadline, request_id))
 
 
+def _chain_key(c: PlatformClient, chain: str, names: list[str], key_file: Path) -> str:
+    """The chain's key from the last deploy while it is still active and fits; else a new one.
+
+    Reusing it keeps unchanged steps' packages identical, so a redeploy of an unchanged chain reuses versions.
+    """
+    label = f"chain {chain}"
+    old = key_file.read_text().strip() if key_file.is_file() else ""
+    if old:
+        for k in c.get("/keys")["data"]:
+            if (k["name"] == label and not k["revoked_at"] and old.startswith(k["prefix"])
+                    and sorted(k["deployments"] or []) == sorted(names)):
+                return old
+    return str(c.post("/keys", {"name": label, "scopes": ["inference"], "deployments": names})["key"])
+
+
 @app.command("deploy")
 def deploy(
     path: Annotated[str, typer.Argument(help="The Python file that defines the chain's steps.")],
@@ -64,8 +79,9 @@ def deploy(
     c = PlatformClient(url, api_key)
     entry = find_entry(load_module(path))
     names = [deployment_name(name, s.__name__) for s in chain_steps(entry)]
-    key = c.post("/keys", {"name": f"chain {name}", "scopes": ["inference"], "deployments": names})["key"]
-    packages = build_packages(path, name, (out or ballast_home() / "chains" / name).resolve(), c.url, key)
+    out_dir = (out or ballast_home() / "chains" / name).resolve()
+    key = _chain_key(c, name, names, out_dir / names[-1] / KEY_FILE)
+    packages = build_packages(path, name, out_dir, c.url, key)
     for pkg in packages:
         r = c.deploy(pkg.path, pkg.deployment, None)
         c.wait_for(r["deployment"], r["version"], None, timeout)

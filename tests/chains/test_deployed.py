@@ -79,6 +79,12 @@ def test_a_deployed_chain_gives_the_local_output(platform: Platform, tmp_path: P
     assert r.status_code == 200, r.text
     assert r.json() == _local(PIPELINE, inputs).model_dump(mode="json")  # type: ignore[attr-defined]
 
+    # Deploying the unchanged chain again reuses its key, hence identical packages and the same versions.
+    again = platform.cli("chains", "deploy", str(PIPELINE), "--name", "demo", "--out", str(tmp_path / "pkgs"),
+                         "--timeout", "120").stdout
+    assert again.count("version 1 ready") == 3, again
+    assert len([k for k in platform.api("GET", "/keys")["data"] if k["name"] == "chain demo"]) == 1
+
 
 @pytest.mark.slow
 def test_a_deployed_chain_fails_like_the_local_one(platform: Platform, tmp_path: Path) -> None:
