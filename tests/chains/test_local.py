@@ -8,6 +8,7 @@ import subprocess
 import sys
 import traceback
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
@@ -345,3 +346,44 @@ def test_the_cli_prints_one_line_for_a_chain_error() -> None:
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [
         "error: step Pipeline broke its contract (request r-9): input field 'text': Input should be a valid string"]
+
+
+STREAMING_FILE = '''
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from ballast.chains import Chainlet
+
+
+class Count(Chainlet):
+    entry = True
+
+    async def run(self, n: int, stall: bool = False) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+        if stall:
+            await asyncio.Event().wait()
+'''
+
+
+def test_the_cli_streams_json_lines_and_keeps_the_deadline(tmp_path: Path) -> None:
+    f = tmp_path / "count.py"
+    f.write_text(STREAMING_FILE)
+    r = _cli(str(f), "--input", '{"n": 3}')
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["0", "1", "2"]
+    r = _cli(str(f), "--input", '{"n": 2, "stall": true}', "--deadline", "0.2", "--request-id", "r-s")
+    assert r.returncode == 1 and r.stdout.splitlines() == ["0", "1"]
+    assert r.stderr.startswith("error: step Count ran out of time (request r-s): exceeded the caller's deadline")
+
+
+def test_a_file_needs_exactly_one_entry_step(tmp_path: Path) -> None:
+    none = tmp_path / "none.py"
+    none.write_text(STREAMING_FILE.replace("    entry = True\n", ""))
+    r = _cli(str(none))
+    assert r.returncode == 1 and "mark exactly one step with @entrypoint (found none)" in r.stderr
+    two = tmp_path / "two.py"
+    two.write_text(STREAMING_FILE + "\n\nclass Again(Count):\n    pass\n")
+    r = _cli(str(two))
+    assert r.returncode == 1 and "(found Count, Again)" in r.stderr
