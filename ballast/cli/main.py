@@ -9,7 +9,17 @@ from typing import Annotated
 import typer
 
 from ballast import __version__
-from ballast.cli import cache_cmds, chat_cmds, keys_cmds, package_cmds, platform_cmds, profiles, serve_cmds, up_cmds
+from ballast.cli import (
+    cache_cmds,
+    chains_cmds,
+    chat_cmds,
+    keys_cmds,
+    package_cmds,
+    platform_cmds,
+    profiles,
+    serve_cmds,
+    up_cmds,
+)
 from ballast.cli import models as models_cmds
 from ballast.cli.options import make_console
 
@@ -52,6 +62,7 @@ chat_cmds.register(app)
 keys_cmds.register(app)
 cache_cmds.register(app)
 profiles.register(app)
+chains_cmds.register(app)
 app.add_typer(models_cmds.app, name="models", help="Make and import LLM checkpoints (offline).")
 
 err_console = make_console(stderr=True)

@@ -1,0 +1,53 @@
+"""`ballast chains deploy`'s packages: one valid package per step, carrying the step's own config."""
+
+from __future__ import annotations
+
+import stat
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ballast.chains import ChainDefinitionError
+from ballast.chains.deploy import build_packages
+from ballast.chains.serve import deployment_name
+from ballast.package.package import load_package
+from tests.chains.test_local import PIPELINE
+
+
+def test_deployment_names_follow_the_platforms_rules() -> None:
+    assert deployment_name("demo", "EmbedText") == "demo-embed-text"
+    assert deployment_name("demo", "Pipeline") == "demo-pipeline"
+
+
+def test_each_step_becomes_a_valid_package_with_its_config(tmp_path: Path) -> None:
+    chain = tmp_path / "chain.py"
+    chain.write_text(PIPELINE.read_text().replace(
+        "config = ChainletConfig(idempotent=True)",
+        "config = ChainletConfig(idempotent=True, resources={'cpu': 0.5}, autoscaling={'max_replicas': 3})"))
+    pkgs = build_packages(chain, "demo", tmp_path / "out", "http://127.0.0.1:9", "bk-secret")
+    assert [(p.step, p.deployment, p.entry) for p in pkgs] == [
+        ("Split", "demo-split", False), ("Embed", "demo-embed", False), ("Pipeline", "demo-pipeline", True)]
+    embed = load_package(pkgs[1].path).config
+    assert (embed.name, embed.resources.cpu, embed.autoscaling.max_replicas) == ("demo-embed", 0.5, 3)
+    assert embed.environment_variables == {"BALLAST_CHAIN_GATEWAY": "http://127.0.0.1:9"}
+    key = pkgs[1].path / ".chain-key"
+    assert key.read_text() == "bk-secret" and stat.S_IMODE(key.stat().st_mode) == 0o600
+
+
+def test_a_streaming_step_is_refused_for_deployment(tmp_path: Path) -> None:
+    chain = tmp_path / "chain.py"
+    chain.write_text(textwrap.dedent('''
+        from collections.abc import AsyncIterator
+
+        from ballast.chains import Chainlet, entrypoint
+
+
+        @entrypoint
+        class Tokens(Chainlet):
+            async def run(self, n: int) -> AsyncIterator[int]:
+                for i in range(n):
+                    yield i
+    '''))
+    with pytest.raises(ChainDefinitionError, match="step Tokens streams"):
+        build_packages(chain, "demo", tmp_path / "out", "http://127.0.0.1:9", "k")
