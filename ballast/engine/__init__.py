@@ -16,10 +16,23 @@ from ballast.engine.config import EngineArgs, ModelConfig
 from ballast.engine.engine import LLMEngine
 from ballast.engine.errors import EngineError, EngineInternalError
 from ballast.engine.llm import LLM
-from ballast.engine.sequence import CompletionOutput, Logprob, RequestOutput, SamplingParams
+from ballast.engine.sequence import (
+    MAX_PRIORITY,
+    PRIORITY_ASYNC,
+    PRIORITY_BATCH,
+    PRIORITY_INTERACTIVE,
+    CompletionOutput,
+    Logprob,
+    RequestOutput,
+    SamplingParams,
+)
 
 __all__ = [
     "LLM",
+    "MAX_PRIORITY",
+    "PRIORITY_ASYNC",
+    "PRIORITY_BATCH",
+    "PRIORITY_INTERACTIVE",
     "SMOLLM2",
     "AsyncEngine",
     "CompletionOutput",

@@ -238,8 +238,8 @@ class LLMEngine:
             if req.request_id not in self.requests or (first.finished and first.finish_reason == "abort"):
                 del self._forking[rid]
             elif first.finished or first.num_computed >= first.num_prompt_tokens:
-                for seq in reversed(req.forks):
-                    self.scheduler.waiting.appendleft(seq)
+                for seq in req.forks:  # earlier arrivals than anything queued since: first in their class
+                    self.scheduler.add(seq)
                 req.forks = []
                 del self._forking[rid]
 

@@ -1,15 +1,24 @@
 """Continuous batching under a token budget, the vLLM V1 way: no prefill or decode phase.
 
 Each step gives every scheduled sequence a number of tokens to compute: one for a decode, a chunk
-of its prompt otherwise. Running sequences go first (decode first, oldest first); waiting ones are
-admitted in arrival order while the budget, `max_num_seqs` and the block pool allow. When blocks
-run out, the newest running sequence is preempted: its blocks are freed and it is recomputed later
-(its full blocks usually come back from the prefix cache).
+of its prompt otherwise. Work is taken one priority class at a time, most important (lowest number)
+first: that class's running sequences (decode first, oldest first), then its waiting ones in arrival
+order while the budget, `max_num_seqs` and the block pool allow. Less important work therefore only
+gets the slots, tokens and blocks left over. When a sequence needs blocks or a slot that isn't there,
+the least important, most recently admitted running sequence is preempted: its blocks are freed and
+it is recomputed later (its full blocks usually come back from the prefix cache; its generated tokens
+are kept, so a greedy continuation is unchanged). A waiting sequence only preempts strictly less
+important running work, so equal priorities never thrash.
+
+Priorities are strict, with no aging: under a sustained flood of more important work, less important
+work waits (or is preempted) indefinitely. That is the point of the classes (interactive traffic is
+bounded by its clients, async and batch work has deadlines of minutes to hours and is retried or
+re-queued by the platform), and aging would let a batch backlog steal interactive latency.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import bisect
 from dataclasses import dataclass
 
 from ballast.engine.block_manager import BlockManager
@@ -27,18 +36,24 @@ class ScheduledSeq:
         return self.seq.num_computed + self.num_tokens == self.seq.num_tokens
 
 
+def _waiting_key(seq: Sequence) -> tuple[int, float]:
+    return (seq.priority, seq.arrival)
+
+
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_tokens = max_num_batched_tokens
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        # Sorted by (priority, arrival): a preempted sequence goes back ahead of later arrivals of its class.
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []  # in admission order: the last is the most recently admitted
         self.num_preemptions = 0
         self.unschedulable: Sequence | None = None
+        self._preempted_now: set[int] = set()  # not readmitted in the step that preempted them
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        bisect.insort(self.waiting, seq, key=_waiting_key)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -56,20 +71,35 @@ class Scheduler:
         self.blocks.free_seq(seq)
         seq.num_computed = 0
         seq.status = Status.WAITING
-        self.waiting.appendleft(seq)
+        self.add(seq)
+        self._preempted_now.add(id(seq))
         self.num_preemptions += 1
+
+    def _victim(self, below: int, scheduled: set[int]) -> Sequence | None:
+        """The least important, most recently admitted unscheduled running sequence with priority >= `below`."""
+        best: Sequence | None = None
+        for s in reversed(self.running):
+            if id(s) not in scheduled and s.priority >= below and (best is None or s.priority > best.priority):
+                best = s
+        return best
 
     def schedule(self) -> list[ScheduledSeq]:
         out: list[ScheduledSeq] = []
-        budget = self._schedule_running(out, self.max_tokens)
-        self._admit_waiting(out, budget)
+        scheduled: set[int] = set()
+        self._preempted_now = set()
+        budget = self.max_tokens
+        admitting = True
+        for prio in sorted({s.priority for s in self.running} | {s.priority for s in self.waiting}):
+            budget = self._schedule_running(out, scheduled, budget, prio)
+            if admitting:
+                budget, admitting = self._admit_waiting(out, scheduled, budget, prio)
         return out
 
-    def _schedule_running(self, out: list[ScheduledSeq], budget: int) -> int:
-        """Running sequences into `out`, preempting the newest when blocks run out; returns the budget left."""
+    def _schedule_running(self, out: list[ScheduledSeq], scheduled: set[int], budget: int, prio: int) -> int:
+        """Running sequences of `prio` into `out`, preempting when blocks run out; returns the budget left."""
         # Decodes before continuing prefills, each group oldest first.
-        order = sorted(self.running, key=lambda s: (s.num_tokens - s.num_computed > 1, s.arrival))
-        scheduled: set[int] = set()
+        order = sorted((s for s in self.running if s.priority == prio),
+                       key=lambda s: (s.num_tokens - s.num_computed > 1, s.arrival))
         for seq in order:
             if budget <= 0:
                 break
@@ -84,21 +114,51 @@ class Scheduler:
         return budget
 
     def _allocate_or_preempt(self, seq: Sequence, n: int, scheduled: set[int]) -> bool:
-        """Blocks for `n` more tokens of `seq`, preempting the newest unscheduled others until they fit;
-        False when `seq` itself had to go."""
+        """Blocks for `n` more tokens of `seq`, preempting unscheduled others (least important, newest
+        first) until they fit; False when `seq` itself had to go."""
         while not self.blocks.allocate(seq, seq.num_computed + n):
-            victim = next((s for s in reversed(self.running) if id(s) not in scheduled and s is not seq), None)
-            if victim is None:
-                victim = seq
+            # Unscheduled running sequences are of this class or a less important one (classes go in order).
+            victim = self._victim(seq.priority, scheduled | {id(seq)}) or seq
             self._preempt(victim)
             if victim is seq:
                 break
         return seq.status is Status.RUNNING
 
-    def _admit_waiting(self, out: list[ScheduledSeq], budget: int) -> None:
-        """Waiting sequences in arrival order while the budget, `max_num_seqs` and the block pool allow."""
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+    def _admit_waiting(self, out: list[ScheduledSeq], scheduled: set[int], budget: int,
+                       prio: int) -> tuple[int, bool]:
+        """Waiting sequences of `prio` in arrival order, preempting less important running work for a slot or
+        blocks; returns the budget left and whether less important classes may still be admitted."""
+        for seq in [s for s in self.waiting if s.priority == prio]:
+            if budget <= 0 or id(seq) in self._preempted_now:
+                return budget, False
+            if not self._free_slot(prio, scheduled):
+                return budget, False
+            n = self._allocate_waiting(seq, budget, scheduled)
+            if n is None:
+                if not self.running and not out:
+                    self.unschedulable = seq  # cannot fit even alone: the engine fails it
+                return budget, False
+            self.waiting.remove(seq)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            out.append(ScheduledSeq(seq, n))
+            scheduled.add(id(seq))
+            budget -= n
+        return budget, True
+
+    def _free_slot(self, prio: int, scheduled: set[int]) -> bool:
+        """A sequence slot for a waiting sequence of `prio`, preempting a less important one if all are taken."""
+        while len(self.running) >= self.max_num_seqs:
+            victim = self._victim(prio + 1, scheduled)
+            if victim is None:
+                return False
+            self._preempt(victim)
+        return True
+
+    def _allocate_waiting(self, seq: Sequence, budget: int, scheduled: set[int]) -> int | None:
+        """Blocks for the next chunk of waiting `seq`, preempting less important running work while short;
+        returns the chunk's size, or None (holding nothing) when it can't fit."""
+        while True:
             # A waiting sequence holds no blocks: take its cached prefix now, give it back if it can't run.
             cached = self.blocks.match_prefix(seq)
             if not seq.admitted:
@@ -106,14 +166,11 @@ class Scheduler:
                 seq.admitted = True
             seq.num_computed = cached
             n = min(seq.num_tokens - seq.num_computed, budget)
-            if not self.blocks.allocate(seq, seq.num_computed + n):
-                self.blocks.free_seq(seq)
-                seq.num_computed = 0
-                if not self.running and not out:
-                    self.unschedulable = seq  # cannot fit even alone: the engine fails it
-                break
-            self.waiting.popleft()
-            seq.status = Status.RUNNING
-            self.running.append(seq)
-            out.append(ScheduledSeq(seq, n))
-            budget -= n
+            if self.blocks.allocate(seq, seq.num_computed + n):
+                return n
+            self.blocks.free_seq(seq)
+            seq.num_computed = 0
+            victim = self._victim(seq.priority + 1, scheduled)
+            if victim is None:
+                return None
+            self._preempt(victim)

@@ -10,6 +10,13 @@ import torch
 
 from ballast.engine.errors import EngineError
 
+# Scheduling classes, lower = more important: interactive traffic, then async work (its own priority 0..2
+# shifted by one), then batch jobs, which only use what the others leave.
+PRIORITY_INTERACTIVE = 0
+PRIORITY_ASYNC = 1  # async requests use 1..3
+PRIORITY_BATCH = 4
+MAX_PRIORITY = PRIORITY_BATCH
+
 
 @dataclass
 class SamplingParams:
@@ -29,6 +36,7 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     guided: Any = None  # a compiled `guided.Grammar`: every sequence decodes under its own copy
+    priority: int = PRIORITY_INTERACTIVE  # scheduling class, 0..MAX_PRIORITY (see the constants above)
 
     def __post_init__(self) -> None:
         if self.top_k == 0:
@@ -65,6 +73,8 @@ class SamplingParams:
             return f"logprobs must be between 0 and 20, got {self.logprobs}"
         if any(not s for s in self.stop):
             return "stop strings must not be empty"
+        if not 0 <= self.priority <= MAX_PRIORITY:
+            return f"priority must be between 0 and {MAX_PRIORITY}, got {self.priority}"
         return None
 
     @property
@@ -121,6 +131,7 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_ids)
         self.params = params
         self.arrival = arrival
+        self.priority = params.priority
         self.status = Status.WAITING
         self.num_computed = 0  # tokens whose K/V are in the cache
         self.block_table: list[int] = []
