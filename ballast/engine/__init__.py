@@ -16,16 +16,8 @@ from ballast.engine.config import EngineArgs, ModelConfig
 from ballast.engine.engine import LLMEngine
 from ballast.engine.errors import EngineError, EngineInternalError
 from ballast.engine.llm import LLM
-from ballast.engine.sequence import (
-    MAX_PRIORITY,
-    PRIORITY_ASYNC,
-    PRIORITY_BATCH,
-    PRIORITY_INTERACTIVE,
-    CompletionOutput,
-    Logprob,
-    RequestOutput,
-    SamplingParams,
-)
+from ballast.engine.sequence import CompletionOutput, Logprob, RequestOutput, SamplingParams
+from ballast.openai.priority import MAX_PRIORITY, PRIORITY_ASYNC, PRIORITY_BATCH, PRIORITY_INTERACTIVE
 
 __all__ = [
     "LLM",

@@ -9,13 +9,7 @@ from typing import Any
 import torch
 
 from ballast.engine.errors import EngineError
-
-# Scheduling classes, lower = more important: interactive traffic, then async work (its own priority 0..2
-# shifted by one), then batch jobs, which only use what the others leave.
-PRIORITY_INTERACTIVE = 0
-PRIORITY_ASYNC = 1  # async requests use 1..3
-PRIORITY_BATCH = 4
-MAX_PRIORITY = PRIORITY_BATCH
+from ballast.openai.priority import MAX_PRIORITY, PRIORITY_INTERACTIVE  # lower first; shared with the wire
 
 
 @dataclass
@@ -36,7 +30,7 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     guided: Any = None  # a compiled `guided.Grammar`: every sequence decodes under its own copy
-    priority: int = PRIORITY_INTERACTIVE  # scheduling class, 0..MAX_PRIORITY (see the constants above)
+    priority: int = PRIORITY_INTERACTIVE  # scheduling class, 0..MAX_PRIORITY (ballast.openai.priority)
 
     def __post_init__(self) -> None:
         if self.top_k == 0:

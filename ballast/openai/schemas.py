@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from ballast.openai.errors import APIError
+from ballast.openai.priority import MAX_PRIORITY
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 MAX_TOKENS_LIMIT = 1 << 20  # far beyond any context; the engine checks the real one
@@ -73,6 +74,8 @@ class _Sampling(_Req):
     # Extensions shared with vLLM.
     top_k: int | None = Field(None, strict=True, ge=-1, le=MAX_TOKENS_LIMIT)
     min_p: float | None = Field(None, strict=True, ge=0, le=1)
+    # vLLM's scheduling priority, lower first; a replica's x-ballast-priority header overrides it.
+    priority: int | None = Field(None, strict=True, ge=0, le=MAX_PRIORITY)
     repetition_penalty: float | None = Field(None, strict=True, ge=0.01, le=10)
     ignore_eos: bool = Field(False, strict=True)
     stop_token_ids: list[StrictInt] | None = Field(None, max_length=64)

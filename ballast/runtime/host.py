@@ -3,6 +3,7 @@ an external engine command. `ReplicaApp` talks to a `Host` only; each host imple
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -15,6 +16,10 @@ from ballast.runtime.model import LoadState
 
 Handler = Callable[[Request], Awaitable[Response]]
 ExtraRoute = tuple[str, Handler, list[str]]
+
+# The x-ballast-priority header of the request being served (None: not sent). A context variable rather than
+# a body field, so a Python model's `chat_completions(body)` sees exactly what the client sent.
+request_priority: contextvars.ContextVar[int | None] = contextvars.ContextVar("ballast_priority", default=None)
 
 
 @runtime_checkable

@@ -33,6 +33,7 @@ from ballast.openai.tools import ToolRequest, parse_tools
 from ballast.package import Package
 from ballast.runtime import responses
 from ballast.runtime.engine_args import engine_args
+from ballast.runtime.host import request_priority
 from ballast.runtime.llm_format import Formatter
 from ballast.runtime.llm_guided import attach
 from ballast.runtime.llm_metrics import LLMMetrics
@@ -46,6 +47,12 @@ from ballast.runtime.llm_tools import (
 from ballast.runtime.model import LoadState
 
 log = logging.getLogger("ballast.runtime.llm")
+
+
+def _priority(req: ChatCompletionRequest | CompletionRequest) -> int | None:
+    """The x-ballast-priority header when sent (the platform's word on queued work), else the body's field."""
+    header = request_priority.get()
+    return header if header is not None else req.priority
 
 
 def _api_error(e: Exception, chat: bool) -> APIError:
@@ -241,7 +248,7 @@ class EngineHost:
                 repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
                 frequency_penalty=req.frequency_penalty, stop=req.stop_list() or None, seed=req.seed,
                 ignore_eos=req.ignore_eos, stop_token_ids=req.stop_token_ids, logprobs=logprobs,
-                max_tokens=req.max_new_tokens(),
+                max_tokens=req.max_new_tokens(), priority=_priority(req),
             )
         except ValueError as e:
             raise APIError(400, str(e), code=getattr(e, "code", None) or "invalid_request") from None

@@ -32,6 +32,7 @@ class LLMMetrics:
             ("ballast_llm_kv_cache_usage", "kv_cache_usage", "Fraction of KV cache blocks in use."),
             ("ballast_llm_prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache."),
             ("ballast_llm_prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in the cache."),
+            ("ballast_llm_preemptions", "num_preemptions", "Sequences preempted (recomputed later) so far."),
         ):
             Gauge(name, doc, registry=r).set_function(functools.partial(_stat, stats, key))
 

@@ -23,8 +23,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ballast.config import RuntimeConfig
 from ballast.observe import RequestIdMiddleware, request_id_var
 from ballast.openai import DONE, APIError, error_body, sse_event
+from ballast.openai.priority import PRIORITY_HEADER, parse_priority_header
 from ballast.runtime.admission import Admission
-from ballast.runtime.host import Handler, Host
+from ballast.runtime.host import Handler, Host, request_priority
 from ballast.runtime.jsonio import parse_json
 from ballast.runtime.metrics import RequestMetrics, RuntimeMetrics
 from ballast.runtime.model import OPENAI_METHODS, LoadState
@@ -230,6 +231,7 @@ class ReplicaApp:
             body = await read_json(request, self.runtime.max_request_bytes)
             if not isinstance(body, dict):
                 raise APIError(400, "the request body must be a JSON object", code="invalid_request")
+            request_priority.set(parse_priority_header(request.headers.get(PRIORITY_HEADER)))
             return await self._run(lambda: self.host.call(method, body), request, ndjson=False, openai_stream=True,
                                    cancellable=self.host.cancellable(method))
 
