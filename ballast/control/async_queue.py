@@ -50,6 +50,7 @@ class Claimed:
     payload: dict[str, Any]
     attempts: int
     batch_id: str | None
+    priority: int = 1  # the request's queue priority, 0 first (batch lines: BATCH_PRIORITY)
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,7 @@ class AsyncQueue:
                     assert r is not None
                     s.refresh(r)
                     got.append(Claimed(r.id, r.deployment, r.target, r.kind, r.key_id, r.payload or {}, r.attempts,
-                                       r.batch_id))
+                                       r.batch_id, r.priority))
             s.commit()
         return got
 

@@ -26,6 +26,7 @@ from ballast.control.keys import KeyRecord
 from ballast.control.webhooks import WebhookSender
 from ballast.gateway.service import DeploymentRoute, Gateway
 from ballast.openai import APIError
+from ballast.openai.priority import PRIORITY_BATCH, async_priority
 
 log = logging.getLogger("ballast.gateway.async")
 MAX_RESULT_BYTES = 32 * 2**20
@@ -258,8 +259,10 @@ class Dispatcher:
         try:
             dep, version = self.gateway.resolve(c.target, key)
             parsed = dict(body_obj) if c.kind != "predict" and isinstance(body_obj, dict) else None
+            # In the replica's engine, interactive traffic (0) goes first, then async (1..3), then batch lines (4).
+            priority = PRIORITY_BATCH if c.batch_id is not None else async_priority(c.priority)
             resp = await self.gateway.forward(key, c.kind, f"{dep.name}:{version}", json.dumps(body_obj).encode(),
-                                              parsed, None, time.monotonic(), admit=False)
+                                              parsed, None, time.monotonic(), admit=False, priority=priority)
             status, content = resp.status_code, await _content(resp)
         except APIError as e:
             if e.status in RETRYABLE_STATUS and c.attempts < MAX_RUN_ATTEMPTS:

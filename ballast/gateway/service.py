@@ -30,6 +30,7 @@ from ballast.gateway.routing import Endpoint, Router, WeightedSplit
 from ballast.gateway.targets import affinity_key, parse_model, rewrite_body
 from ballast.observe import REQUEST_ID_HEADER, current_request_id
 from ballast.openai import APIError
+from ballast.openai.priority import PRIORITY_HEADER
 from ballast.store import hash_key
 
 log = logging.getLogger("ballast.gateway")
@@ -290,9 +291,12 @@ class Gateway:
         return await self.forward(key, kind, model, body, parsed, request.headers.get("x-ballast-session"), started)
 
     async def forward(self, key: KeyRecord, kind: str, model: str | None, body: bytes, parsed: Any,
-                      session: str | None, started: float, admit: bool = True) -> Response:
+                      session: str | None, started: float, admit: bool = True, priority: int | None = None
+                      ) -> Response:
         """Resolve, admit (unless the caller was admitted already: async requests are, at submission), route,
-        proxy and meter one authenticated request."""
+        proxy and meter one authenticated request. `priority` (queued work only) goes to the replica's engine as
+        x-ballast-priority; interactive requests send none, so the engine runs them first (0), and a client's
+        own x-ballast-priority header is not passed on: queued work's priority is the platform's to set."""
         dep, version = self.resolve(model, key)
         limiter = self.limiters.get(key.id)
         if limiter is not None and admit:
@@ -301,6 +305,8 @@ class Gateway:
         is_llm_call = kind != "predict"
         prefix = affinity_key(dep.prefix_routing and is_llm_call, parsed, session)
         headers = {"content-type": "application/json", REQUEST_ID_HEADER: current_request_id()}
+        if priority is not None:
+            headers[PRIORITY_HEADER] = str(priority)
         served = dep.versions[version].model_name if is_llm_call else None
         body, strip_usage = rewrite_body(body, parsed, kind, served)
 

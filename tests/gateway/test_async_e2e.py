@@ -30,8 +30,11 @@ class Model:
         return {"echo": inputs, "pid": os.getpid()}
 
     async def chat_completions(self, request):
+        from ballast.runtime.host import request_priority  # the x-ballast-priority the replica got
+
         text = request["messages"][-1]["content"]
         return {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": request["model"],
+                "system_fingerprint": f"priority-{request_priority.get()}",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text.upper()},
                              "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
@@ -135,6 +138,12 @@ def test_async_chat_completions(plat: Platform, receiver: Receiver) -> None:
     assert r.status_code == 201, r.text
     (payload,) = receiver.wait_for(1)[r.json()["request_id"]]
     assert payload["data"]["choices"][0]["message"]["content"] == "HI"
+    assert payload["data"]["system_fingerprint"] == "priority-1"  # async priority 0 runs at engine priority 1
+    # Interactive: no priority header reaches the replica (the engine's 0), and a client's own is not passed on.
+    direct = httpx.post(plat.url + "/v1/chat/completions", timeout=30,
+                        headers={"Authorization": f"Bearer {plat.key}", "x-ballast-priority": "3"},
+                        json={"model": "work", "messages": [{"role": "user", "content": "hi"}]})
+    assert direct.status_code == 200 and direct.json()["system_fingerprint"] == "priority-None"
     _error(_req(plat, "POST", "/v1/async/chat/completions", json={
         "model": "work", "stream": True, "messages": [], "webhook_endpoint": receiver.url}), 400)
 

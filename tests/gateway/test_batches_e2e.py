@@ -73,6 +73,7 @@ def test_sdk_batch_flow(plat: Platform) -> None:
         resp = by_id[f"r{i}"]["response"]
         assert by_id[f"r{i}"]["error"] is None and resp["status_code"] == 200
         assert resp["body"]["choices"][0]["message"]["content"] == f"HI {i}"
+        assert resp["body"]["system_fingerprint"] == "priority-4"  # batch lines run last in the engine
     assert b.id in [x.id for x in c.batches.list(limit=10).data]
     # another key sees none of it
     other = plat.api("POST", "/keys", expect=201, json={"scopes": ["inference"]})["key"]
