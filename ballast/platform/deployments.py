@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tarfile
-import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -13,9 +9,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
-from ballast.control import ControlError, ControlPlane
+from ballast.control import ControlPlane
 from ballast.control.logs import follow, tail_lines
 from ballast.observe import is_loopback
 from ballast.openai import APIError
@@ -31,8 +26,8 @@ from ballast.platform.schemas import (
     RollbackRequest,
     ScaleRequest,
 )
+from ballast.platform.uploads import deploy_upload
 
-MAX_UPLOAD_BYTES = int(os.environ.get("BALLAST_MAX_UPLOAD_BYTES") or 4 * 2**30)
 Name = Annotated[str, PathParam(pattern=NAME, max_length=63)]
 After = Annotated[int | None, Query(ge=0, le=INT53)]
 Limit = Annotated[int, Query(ge=1, le=10000)]
@@ -76,42 +71,9 @@ def router(control: ControlPlane, changed: Callable[[Any], Any]) -> APIRouter:
               openapi_extra={"requestBody": _ARCHIVE})
     async def upload(name: Name, request: Request, who: Actor,
                      env: Annotated[str | None, Query(pattern=NAME)] = None) -> dict[str, Any]:
-        """Deploy a package uploaded as a gzipped tar archive (the request body)."""
-        declared = request.headers.get("content-length") or "0"
-        if declared.isdigit() and int(declared) > MAX_UPLOAD_BYTES:
-            raise APIError(413, f"package archive is larger than {MAX_UPLOAD_BYTES} bytes", code="too_large")
-        tmp = Path(tempfile.mkdtemp(prefix="upload-", dir=control.home))
-        try:
-            archive = tmp / "package.tar.gz"
-            size = 0
-            with open(archive, "wb") as f:
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > MAX_UPLOAD_BYTES:
-                        raise APIError(413, f"package archive is larger than {MAX_UPLOAD_BYTES} bytes",
-                                       code="too_large")
-                    f.write(chunk)
-
-            def unpack_and_deploy() -> dict[str, Any]:
-                root = tmp / "package"
-                root.mkdir()
-                try:
-                    with tarfile.open(archive, "r:*") as tar:
-                        tar.extractall(root, filter="data")
-                except (tarfile.TarError, OSError, EOFError) as e:
-                    raise APIError(400, f"not a readable tar archive: {type(e).__name__}",
-                                   code="invalid_archive") from None
-                entries = list(root.iterdir())
-                pkg = entries[0] if len(entries) == 1 and entries[0].is_dir() else root
-                try:
-                    return control.deploy(pkg, name, env=env, actor=who)
-                except ControlError as e:  # name files inside the package, never the server's temporary path
-                    e.message = e.message.replace(f"{pkg}/", "").replace(str(pkg), "<package>")
-                    raise
-
-            return await run_in_threadpool(changed, await run_in_threadpool(unpack_and_deploy))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        """Deploy a package uploaded as a gzipped tar archive (the request body); `POST /api/v1/packages`
+        does the same with a sha256 check, and is what the CLI uses."""
+        return await deploy_upload(request, changed, name=name, env=env, who=who)
 
     @api.get("/deployments/{name}", tags=["deployments"], responses=errors(404))
     def show(name: Name, _who: Actor) -> dict[str, Any]:

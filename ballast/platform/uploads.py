@@ -114,6 +114,38 @@ async def receive(request: Request, path: Path, limit: int) -> str:
     return digest.hexdigest()
 
 
+async def deploy_upload(request: Request, changed: Callable[[Any], Any], *, name: str | None, env: str | None,
+                        who: str, verify: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Receive a package archive (streamed, size-limited), `verify` its sha256, unpack it with every member
+    checked, and deploy it: the one path of both upload routes. A refusal leaves nothing behind."""
+    control: ControlPlane = request.app.state.control
+    limit = max_package_bytes(request)
+    control.packages_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".upload-", dir=control.packages_dir))
+    try:
+        archive = tmp / "package.tar.gz"
+        actual = await receive(request, archive, limit)
+        if verify is not None:
+            verify(actual)
+
+        def unpack_and_deploy() -> Any:
+            root = tmp / "package"
+            root.mkdir()
+            pkg = unpack(archive, root, limit)
+            try:
+                source = f"an upload (sha256 {actual[:12]})"
+                return changed(control.deploy(pkg, name, env=env, actor=who, source=source))
+            except ControlError as e:  # name files inside the package, never the server's temporary path
+                e.message = e.message.replace(f"{pkg}/", "").replace(str(pkg), "<package>")
+                raise
+
+        result: dict[str, Any] = await run_in_threadpool(unpack_and_deploy)
+        result["sha256"] = actual
+        return result
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def upload_router(changed: Callable[[Any], Any]) -> APIRouter:
     """The upload route (admin keys, as every REST route); `changed` wakes the reconciler."""
     router = APIRouter(prefix="/api/v1", route_class=CheckedJSONRoute)
@@ -127,36 +159,16 @@ def upload_router(changed: Callable[[Any], Any]) -> APIRouter:
                              who: str = Depends(actor)) -> dict[str, Any]:
         """Deploy a package uploaded as a gzipped tar archive (the body), checked against the sha256 in
         `x-ballast-sha256`; `name` defaults to the package's. The answer is the one of a deploy."""
-        control: ControlPlane = request.app.state.control
         expected = (sha256 or "").strip().lower()
         if not _SHA256.match(expected):
             raise APIError(400, f"send the archive's sha256 (64 hex digits) in the {CHECKSUM_HEADER} header",
                            code="missing_checksum", param=CHECKSUM_HEADER)
-        limit = max_package_bytes(request)
-        control.packages_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".upload-", dir=control.packages_dir))
-        try:
-            archive = tmp / "package.tar.gz"
-            actual = await receive(request, archive, limit)
+
+        def verify(actual: str) -> None:
             if actual != expected:
                 raise APIError(400, f"checksum mismatch: the body's sha256 is {actual}, the header says {expected}",
                                code="checksum_mismatch", param=CHECKSUM_HEADER)
 
-            def unpack_and_deploy() -> Any:
-                root = tmp / "package"
-                root.mkdir()
-                pkg = unpack(archive, root, limit)
-                try:
-                    source = f"an upload (sha256 {actual[:12]})"
-                    return changed(control.deploy(pkg, name, env=env, actor=who, source=source))
-                except ControlError as e:  # name files inside the package, never the server's temporary path
-                    e.message = e.message.replace(f"{pkg}/", "").replace(str(pkg), "<package>")
-                    raise
-
-            result: dict[str, Any] = await run_in_threadpool(unpack_and_deploy)
-            result["sha256"] = actual
-            return result
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        return await deploy_upload(request, changed, name=name, env=env, who=who, verify=verify)
 
     return router
