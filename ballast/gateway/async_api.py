@@ -18,6 +18,7 @@ from ballast.control.keys import KeyRecord
 from ballast.control.webhooks import IPNet, check_target
 from ballast.gateway.async_dispatch import Dispatcher, queued_deployment
 from ballast.gateway.service import Gateway, _read_body
+from ballast.gateway.targets import model_of_path
 from ballast.openai import APIError
 
 OPTIONS = ("webhook_endpoint", "priority", "max_time_in_queue_s")
@@ -122,16 +123,8 @@ class AsyncAPI:
                 return await self.submit(request, kind)
             return h
 
-        async def prod(request: Request) -> Response:
-            return await self.submit(request, "predict", request.path_params["name"])
-
-        async def env(request: Request) -> Response:
-            p = request.path_params
-            return await self.submit(request, "predict", f"{p['name']}@{p['env']}")
-
-        async def version(request: Request) -> Response:
-            p = request.path_params
-            return await self.submit(request, "predict", f"{p['name']}:{p['version']}")
+        async def predict(request: Request) -> Response:
+            return await self.submit(request, "predict", model_of_path(request.path_params))
 
         async def status_or_cancel(request: Request) -> Response:
             return await (self.cancel(request) if request.method == "DELETE" else self.status(request))
@@ -140,9 +133,9 @@ class AsyncAPI:
             ("/v1/async/chat/completions", openai("chat_completions"), ["POST"]),
             ("/v1/async/completions", openai("completions"), ["POST"]),
             ("/v1/async/embeddings", openai("embeddings"), ["POST"]),
-            ("/deployments/{name}/async_predict", prod, ["POST"]),
-            ("/deployments/{name}/environments/{env}/async_predict", env, ["POST"]),
-            ("/deployments/{name}/versions/{version:int}/async_predict", version, ["POST"]),
+            ("/deployments/{name}/async_predict", predict, ["POST"]),
+            ("/deployments/{name}/environments/{env}/async_predict", predict, ["POST"]),
+            ("/deployments/{name}/versions/{version:int}/async_predict", predict, ["POST"]),
         ]
         for base in ("/async_requests", "/v1/async_requests"):
             out.append((base + "/{request_id}", status_or_cancel, ["GET", "DELETE"]))

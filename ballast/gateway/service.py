@@ -27,7 +27,7 @@ from ballast.gateway.metering import Meter, UsageCounts, UsageKey, counts_from_u
 from ballast.gateway.metrics import GatewayMetrics
 from ballast.gateway.proxy import Outcome, Proxy
 from ballast.gateway.routing import Endpoint, Router, WeightedSplit
-from ballast.gateway.targets import affinity_key, parse_model, rewrite_body
+from ballast.gateway.targets import affinity_key, model_of_path, parse_model, rewrite_body
 from ballast.observe import REQUEST_ID_HEADER, current_request_id
 from ballast.openai import APIError
 from ballast.openai.priority import PRIORITY_HEADER
@@ -360,16 +360,8 @@ class Gateway:
         async def models(request: Request) -> Response:
             return self.models_for(request)
 
-        async def predict_prod(request: Request) -> Response:
-            return await self.handle(request, "predict", request.path_params["name"])
-
-        async def predict_env(request: Request) -> Response:
-            p = request.path_params
-            return await self.handle(request, "predict", f"{p['name']}@{p['env']}")
-
-        async def predict_version(request: Request) -> Response:
-            p = request.path_params
-            return await self.handle(request, "predict", f"{p['name']}:{p['version']}")
+        async def predict(request: Request) -> Response:
+            return await self.handle(request, "predict", model_of_path(request.path_params))
 
         return [
             ("/v1/chat/completions", openai_route("chat_completions"), ["POST"]),
@@ -377,8 +369,8 @@ class Gateway:
             ("/v1/embeddings", openai_route("embeddings"), ["POST"]),
             ("/v1/responses", openai_route("responses"), ["POST"]),
             ("/v1/models", models, ["GET"]),
-            ("/deployments/{name}/predict", predict_prod, ["POST"]),
-            ("/deployments/{name}/environments/{env}/predict", predict_env, ["POST"]),
-            ("/deployments/{name}/versions/{version:int}/predict", predict_version, ["POST"]),
+            ("/deployments/{name}/predict", predict, ["POST"]),
+            ("/deployments/{name}/environments/{env}/predict", predict, ["POST"]),
+            ("/deployments/{name}/versions/{version:int}/predict", predict, ["POST"]),
             *self.extra_routes,
         ]

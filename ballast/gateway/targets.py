@@ -8,6 +8,7 @@ stream, so the body is sometimes rewritten on the way.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from ballast.gateway.routing import prefix_key
@@ -30,6 +31,16 @@ def parse_model(model: object) -> tuple[str, str, int | None]:
             raise APIError(400, f"`{model}`: a version is a number, as in {name}:3", param="model")
         version = int(v)
     return name, env, version
+
+
+def model_of_path(params: Mapping[str, Any]) -> str:
+    """The model a `/deployments/{name}[/environments/{env} | /versions/{version}]/...` path names, spelled as
+    `model` is (`name`, `name@env`, `name:version`), so path and body targets resolve the same way."""
+    if "env" in params:
+        return f"{params['name']}@{params['env']}"
+    if "version" in params:
+        return f"{params['name']}:{params['version']}"
+    return str(params["name"])
 
 
 def affinity_key(by_prefix: bool, parsed: dict[str, Any] | None, session: str | None) -> bytes | None:
