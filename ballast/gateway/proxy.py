@@ -1,7 +1,10 @@
 """Forwarding one request to a replica, with retries, ejection and unbuffered streaming.
 
 A replica that refuses the connection, resets it, or answers 503 before sending a byte is retried on
-another replica (bounded attempts); replicas that keep failing are ejected for a while. A replica whose
+another replica (bounded attempts); replicas that keep failing are ejected for a while. So is a whole
+(non-streamed) answer cut off before the gateway holds all of it: the client has received nothing, and
+a model's answer is a function of its input, so the repeat is what the client's own retry would do,
+only sooner (a kill -9 between the replica's header and body writes otherwise surfaces as a 502). A replica whose
 queue is full (429) sends the request to another one too; if all are full, the client gets the 429. Once bytes
 have reached the client a request is never retried: a replica dying mid-stream ends the stream with
 an SSE error event, never a silent truncation.
@@ -140,40 +143,59 @@ class Proxy:
                 self._failed(ep, hard=False)
                 last_error = f"replica {ep.replica_id} answered 503"
                 continue
+            if resp.content_type == "text/event-stream":
+                ep.consecutive_failures = 0
+                return self._stream(resp, ep, outcome, on_done, extract_usage, started, strip_usage)
+            content = await self._read_whole(resp, ep)
+            if content is None:
+                last_error = f"replica {ep.replica_id} failed while answering"
+                continue
             ep.consecutive_failures = 0
-            return await self._answer(resp, ep, outcome, on_done, extract_usage, started, strip_usage)
+            return self._whole(resp, content, ep, outcome, on_done, extract_usage, started)
         return _no_replica(outcome, on_done, busy, last_error)
 
-    async def _answer(
-        self, resp: aiohttp.ClientResponse, ep: Endpoint, outcome: Outcome, on_done: Callable[[Outcome], None],
-        extract_usage: bool, started: float, strip_usage: bool,
-    ) -> Response:
-        """The replica's answer to the client: relayed as it streams, or read whole."""
-        status = resp.status
+    def _headers(self, resp: aiohttp.ClientResponse, ep: Endpoint, outcome: Outcome, started: float) -> dict:
         outcome.endpoint = ep
-        outcome.status = status
+        outcome.status = resp.status
         outcome.first_byte_s = time.monotonic() - started
         out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP}
         out_headers["x-ballast-replica"] = ep.replica_id  # which replica served: for debugging and tests
-        if resp.content_type == "text/event-stream":
-            return StreamingResponse(
-                self._relay(resp, ep, outcome, on_done, extract_usage, started, strip_usage),
-                status_code=status, headers=out_headers,
-            )
+        return out_headers
+
+    def _stream(
+        self, resp: aiohttp.ClientResponse, ep: Endpoint, outcome: Outcome, on_done: Callable[[Outcome], None],
+        extract_usage: bool, started: float, strip_usage: bool,
+    ) -> Response:
+        """A streamed answer, relayed to the client as it comes."""
+        out_headers = self._headers(resp, ep, outcome, started)
+        return StreamingResponse(
+            self._relay(resp, ep, outcome, on_done, extract_usage, started, strip_usage),
+            status_code=resp.status, headers=out_headers,
+        )
+
+    async def _read_whole(self, resp: aiohttp.ClientResponse, ep: Endpoint) -> bytes | None:
+        """The whole body, or None when the replica died before sending all of it (then it is ejected)."""
         try:
             content = await resp.read()
         except _RETRYABLE:
-            # The replica died after its headers: nothing reached the client yet, but the
-            # request may have run; report it rather than risk running it twice.
+            resp.close()
             ep.outstanding -= 1
             self._failed(ep, hard=True)
-            outcome.error = True
-            outcome.status = 502
-            on_done(outcome)
-            raise APIError(502, "the replica failed while answering; retry the request",
-                           code="replica_failed") from None
-        finally:
-            resp.release()
+            return None
+        except BaseException:
+            resp.close()
+            ep.outstanding -= 1
+            raise
+        resp.release()
+        return content
+
+    def _whole(
+        self, resp: aiohttp.ClientResponse, content: bytes, ep: Endpoint, outcome: Outcome,
+        on_done: Callable[[Outcome], None], extract_usage: bool, started: float,
+    ) -> Response:
+        """A whole answer, read before any of it goes to the client."""
+        out_headers = self._headers(resp, ep, outcome, started)
+        status = resp.status
         ep.outstanding -= 1
         if extract_usage and status == 200:
             outcome.usage = _usage_from_json(content)

@@ -211,3 +211,53 @@ def test_a_full_replica_spills_to_another_and_all_full_gives_429(replica_factory
         three = asyncio.run(burst(gw.url, 3))
     assert [r.status_code for r in three] == [200, 200, 429]
     assert int(three[2].headers["retry-after"]) >= 1 and three[2].json()["error"]["message"]
+
+
+class HalfAnswer:
+    """A real TCP server on loopback that sends a whole-body answer's headers and part of its body, then
+    closes: what the gateway sees when a replica is killed between its header and body writes."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.hits = 0
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        self.hits += 1
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 40\r\n\r\n{\"ec")
+        await writer.drain()
+        writer.close()
+
+    def __enter__(self) -> HalfAnswer:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._handle, "127.0.0.1", self.port), self.loop).result(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def test_an_answer_cut_before_its_body_is_retried_on_another_replica(replica_factory):
+    good = replica_factory(EXAMPLES / "echo")
+    with HalfAnswer() as half:
+        eps = [Endpoint(replica_id="half", url=half.url, version=1), Endpoint(replica_id="good", url=good.url,
+                                                                                version=1)]
+        src = StaticSource(
+            [KeyRecord(id="k1", key_hash=hash_key(KEY), scopes=frozenset({"inference"}))],
+            {"echo": DeploymentRoute(name="echo", llm=False, versions={1: VersionRoute(1, eps)},
+                                     environments={"production": [(1, 100)]})},
+        )
+        with GatewayServer(Gateway(src, CollectorRegistry())) as gw:
+            answers = []
+            for i in range(50):  # until the router has picked the half-answering replica once
+                r = httpx.post(gw.url + "/deployments/echo/predict", json={"i": i}, headers={"Api-Key": KEY})
+                answers.append((r.status_code, r.json(), r.headers["x-ballast-replica"]))
+                if half.hits:
+                    break
+    assert half.hits == 1
+    assert answers == [(200, {"echo": {"i": i}}, "good") for i in range(len(answers))]
