@@ -36,6 +36,9 @@ import time
 
 class Model:
     def predict(self, inputs):
+        if isinstance(inputs, dict) and "mark" in inputs:  # a test learns which replica holds this request
+            with open(inputs["mark"], "a") as f:
+                f.write(f"{os.getpid()}\\n")
         time.sleep(float(inputs.get("sleep", 0)) if isinstance(inputs, dict) else 0)
         return {"echo": inputs, "pid": os.getpid()}
 
@@ -286,34 +289,35 @@ def test_prefix_aware_routing_keeps_a_conversation_on_one_replica(plat: Platform
 
 
 # ---- failover ---------------------------------------------------------------------------------------
-def test_kill_9_of_a_replica_under_load_fails_no_request(plat: Platform) -> None:
+def test_kill_9_of_a_replica_under_load_fails_no_request(plat: Platform, tmp_path: Path) -> None:
     reps = [r for r in plat.show("work")["replicas"] if r["state"] == "ready"]
     assert len(reps) == 2
     statuses: list[int] = []
-    served_by: list[str] = []
     lock = threading.Lock()
     sent = threading.Semaphore(0)
+    mark = tmp_path / "held-by"
 
-    def one(i: int) -> None:
-        r = _post(plat, "/deployments/work/predict", json={"i": i, "sleep": 0.05})
+    def one(i: int, **extra: object) -> None:
+        r = _post(plat, "/deployments/work/predict", json={"i": i, "sleep": 0.05, **extra})
         with lock:
             statuses.append(r.status_code)
-            served_by.append(r.headers.get("x-ballast-replica", ""))
         sent.release()
 
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(9) as pool:
         futures = [pool.submit(one, i) for i in range(240)]
         for _ in range(60):
             assert sent.acquire(timeout=60)
-        # The victim is a replica the gateway is routing to right now (a loaded machine can leave the other
-        # briefly unready, and killing a replica that gets no traffic would prove nothing about failover).
-        with lock:
-            live = served_by[-1]
-        victim = next(r for r in reps if r["id"] == live)
+        # The victim is the replica holding a slow request right now (the model writes its pid when the
+        # request starts), so the kill is certain to catch a request in flight, whatever routing did before.
+        futures.append(pool.submit(one, 240, sleep=3.0, mark=str(mark)))
+        deadline = time.monotonic() + 60
+        while not (mark.exists() and mark.read_text().endswith("\n")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        victim = next(r for r in reps if r["pid"] == int(mark.read_text().split()[0]))
         os.kill(victim["pid"], signal.SIGKILL)
         for f in futures:
             f.result(timeout=120)
-    assert len(statuses) == 240
+    assert len(statuses) == 241
     assert set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
     text = httpx.get(plat.url + "/metrics", headers={"Authorization": f"Bearer {plat.key}"}).text
     # Requests in flight on the victim were retried elsewhere (or it was ejected on a refused connection).
