@@ -10,14 +10,15 @@ from ballast.engine.config import EngineArgs
 
 
 def engine_args(cfg: NativeEngineConfig, base_dir: str | Path | None = None, *, package_name: str | None = None,
-                resolve: bool = True) -> EngineArgs:
+                resolve: bool = True, hf_token: str | None = None) -> EngineArgs:
     """The engine settings of a package. The served model name is decided here, once: the config's
-    `served_model_name`, else the package name. `resolve` finds (and imports, once) the checkpoint."""
+    `served_model_name`, else the package name. `resolve` finds (and imports or downloads, once) the
+    checkpoint; `hf_token` is the package's HF_TOKEN secret, for `hf:` checkpoints."""
     checkpoint = cfg.checkpoint
     if resolve:
         from ballast.engine.checkpoints import resolve_checkpoint
 
-        checkpoint = str(resolve_checkpoint(cfg.checkpoint, base_dir))
+        checkpoint = str(resolve_checkpoint(cfg.checkpoint, base_dir, token=hf_token))
     defaults = cfg.default_sampling.model_dump(exclude_none=True) if cfg.default_sampling else {}
     return EngineArgs(
         checkpoint=checkpoint,

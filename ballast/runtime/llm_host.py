@@ -44,7 +44,7 @@ from ballast.runtime.llm_tools import (
     forced_spec,
     template_messages,
 )
-from ballast.runtime.model import LoadState
+from ballast.runtime.model import LoadState, _load_secrets
 
 log = logging.getLogger("ballast.runtime.llm")
 
@@ -147,7 +147,9 @@ class EngineHost:
         try:
             from ballast.engine import AsyncEngine
 
-            args = await asyncio.to_thread(engine_args, self.cfg, self.package.path, package_name=self.package.name)
+            token = _load_secrets(["HF_TOKEN"])["HF_TOKEN"] if "HF_TOKEN" in self.package.config.secrets else None
+            args = await asyncio.to_thread(engine_args, self.cfg, self.package.path, package_name=self.package.name,
+                                           hf_token=token)
             self.engine = await asyncio.to_thread(AsyncEngine, args)
             self.model_name = self.engine.model_name
             await self.engine.start()
