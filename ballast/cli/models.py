@@ -26,6 +26,25 @@ def make_tiny_cmd(
     typer.echo(f"wrote {path}")
 
 
+@app.command("make-lora")
+def make_lora_cmd(
+    base: Annotated[str, typer.Argument(help="Base checkpoint: a directory or a known name (smollm2-135m-instruct).")],
+    out: Annotated[Path, typer.Argument(help="Directory to write the PEFT adapter to.")],
+    rank: Annotated[int, typer.Option(help="LoRA rank (1..64).")] = 8,
+    alpha: Annotated[float, typer.Option(help="lora_alpha (the products are scaled by alpha / rank).")] = 16.0,
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+    target: Annotated[list[str] | None, typer.Option(help="A target module (repeat); default all seven.")] = None,
+    save: Annotated[list[str] | None, typer.Option(help="modules_to_save: lm_head and/or embed_tokens.")] = None,
+    train_steps: Annotated[int, typer.Option(help="Then train this many steps with peft on generated text.")] = 0,
+) -> None:
+    """Write a small PEFT LoRA adapter for BASE (random, or trained a few steps with peft) for tests and demos."""
+    from ballast.engine.tools.lora import make_lora
+
+    path = make_lora(base, out, rank=rank, alpha=alpha, seed=seed, targets=target, modules_to_save=save,
+                     train_steps=train_steps)
+    typer.echo(f"wrote {path}")
+
+
 @app.command("import-gguf")
 def import_gguf_cmd(
     out: Annotated[Path | None, typer.Option(help="Output directory (default: $BALLAST_HOME/models/NAME).")] = None,

@@ -7,6 +7,7 @@ setting that surfaces as an outage later.
 from __future__ import annotations
 
 import re
+from pathlib import PurePosixPath
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -152,6 +153,16 @@ class DefaultSampling(_Strict):
     max_tokens: int | None = Field(None, ge=1, description="Bound of max_tokens when a request sets none.")
 
 
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_adapter_name(name: str) -> str:
+    """Adapter names are model names: no `@`, `:` or `/`, which select environments and versions."""
+    if not ADAPTER_NAME.match(name):
+        raise ValueError(f"adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
+    return name
+
+
 class NativeEngineConfig(_Strict):
     """Ballast's own LLM engine serving a Llama-family checkpoint."""
 
@@ -187,6 +198,29 @@ class NativeEngineConfig(_Strict):
     tool_parser: Literal["auto", "hermes", "llama3_json"] = Field(
         "auto", description="How tool calls are written and parsed; auto reads the chat template."
     )
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="LoRA adapters served beside the base model: {name: PEFT adapter "
+        "directory inside the package}. A request selects one with `model: NAME`."
+    )
+    enable_lora: bool = Field(False, description="Accept LoRA adapters loaded at runtime even with none declared.")
+    max_loras: int = Field(4, ge=1, le=256, description="Adapters on the device at once (distinct in one batch).")
+    max_cpu_loras: int = Field(32, ge=1, description="Adapters kept read in memory; more may be registered.")
+    max_lora_rank: int = Field(64, ge=1, le=64, description="Largest adapter rank accepted.")
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapters(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, path in v.items():
+            check_adapter_name(name)
+            if PurePosixPath(path).is_absolute() or ".." in PurePosixPath(path).parts:
+                raise ValueError(f"adapter {name}: {path!r} must be a path inside the package (relative, no '..')")
+        return v
+
+    @model_validator(mode="after")
+    def _lora_slots(self) -> NativeEngineConfig:
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError("max_cpu_loras must be at least max_loras")
+        return self
 
     @field_validator("kv_cache_memory")
     @classmethod

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from ballast.engine.adapters import resolve
 from ballast.engine.config import EngineArgs
 from ballast.engine.engine import LLMEngine
 from ballast.engine.errors import EngineError, EngineInternalError
@@ -84,16 +85,18 @@ class AsyncEngine:
         self._commands.put(("abort", request_id))
         self._wake.set()
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams
-                    ) -> AsyncIterator[RequestOutput]:
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    lora: str | None = None) -> AsyncIterator[RequestOutput]:
         """Check and submit now (an EngineError is raised here); iterate for incremental outputs until the
-        request finishes. Closing the iterator early aborts the request."""
+        request finishes. Closing the iterator early aborts the request. `lora`: a registered adapter's name,
+        resolved here, so an adapter unloaded after this call still serves the request."""
         if self.dead is not None:
             raise EngineInternalError(f"the engine is down ({self.dead})", request_id)
+        ref = resolve(self.core.adapters, lora)
         ids = self.core.check_request(prompt, params)
         q: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._queues[request_id] = q
-        self._commands.put(("add", (request_id, ids, params)))
+        self._commands.put(("add", (request_id, ids, params, ref)))
         self._wake.set()
         return self._outputs(request_id, q)
 
@@ -139,9 +142,9 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "add":
-                rid, ids, params = arg
+                rid, ids, params, ref = arg
                 try:
-                    self.core.add_request(rid, ids, params)
+                    self.core.add_request(rid, ids, params, lora=ref)
                 except EngineError as e:
                     self._send([RequestOutput(rid, ids, [], finished=True, error=str(e), error_code=e.code)])
                 except Exception as e:  # the engine's fault, but this request's alone

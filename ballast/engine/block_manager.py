@@ -66,7 +66,7 @@ class BlockManager:
             return 0
         bs = self.block_size
         limit = (seq.num_tokens - 1) // bs
-        parent: bytes | None = None
+        parent = seq.cache_root
         matched = 0
         for i in range(limit):
             h = self._chain(parent, seq.token_ids[i * bs : (i + 1) * bs])
@@ -101,7 +101,7 @@ class BlockManager:
             return
         bs = self.block_size
         full = seq.num_computed // bs
-        parent = seq.block_hashes[-1] if seq.block_hashes else None
+        parent = seq.block_hashes[-1] if seq.block_hashes else seq.cache_root
         for i in range(seq.num_hashed_blocks, full):
             h = self._chain(parent, seq.token_ids[i * bs : (i + 1) * bs])
             block = seq.block_table[i]

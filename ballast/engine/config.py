@@ -127,6 +127,12 @@ class EngineArgs:
     default_max_tokens: int = 1024
     # No step for this long while work waits: the engine counts as stuck (unhealthy).
     stall_timeout_s: float = 120.0
+    # LoRA adapters (`adapters.py`): on when enable_lora or any adapter is given; {name: adapter directory}.
+    enable_lora: bool = False
+    adapters: dict[str, str] = field(default_factory=dict)
+    max_loras: int = 4  # adapters in device slots at once (distinct adapters in one batch)
+    max_cpu_loras: int = 32  # adapters kept read in CPU memory; more may be registered
+    max_lora_rank: int = 64
 
     def __post_init__(self) -> None:
         if self.kv_cache_memory is not None:

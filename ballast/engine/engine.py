@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from ballast.engine import adapters as lora_adapters
+from ballast.engine.adapters import LoraRef
 from ballast.engine.block_manager import BlockManager
 from ballast.engine.checkpoints import resolve_checkpoint
 from ballast.engine.config import EngineArgs, ModelConfig, generation_defaults
@@ -75,6 +77,11 @@ class LLMEngine:
         self.grammars = GrammarCompiler(self.tokenizer.hf.to_str, mc.vocab_size, sorted(eos))
         self.blocks = BlockManager(num_blocks, bs, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, args.max_num_seqs, max(args.max_num_batched_tokens, 1))
+        self.adapters = lora_adapters.enable(
+            self.runner.model, mc, self.device, self.dtype, enable_lora=args.enable_lora, adapters=args.adapters,
+            max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_rank=args.max_lora_rank)
+        self.runner.adapters = self.adapters
+        self.scheduler.max_loras = args.max_loras if self.adapters is not None else 0
         self.requests: dict[str, Request] = {}
         self._forking: dict[str, Request] = {}
         self._arrival = 0
@@ -110,16 +117,19 @@ class LLMEngine:
                               param="max_tokens")
         return ids
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Request:
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    lora: str | LoraRef | None = None) -> Request:
+        """Queue a request, on the base model or on the adapter `lora` (a registered name)."""
         if request_id in self.requests:
             raise EngineError(f"request id {request_id} is already in use", "duplicate_request_id")
+        ref = lora_adapters.resolve(self.adapters, lora)
         ids = self.check_request(prompt, params)
         want = params.max_tokens if params.max_tokens is not None else self.default_max_tokens
         max_len = min(self.max_model_len, len(ids) + want)
         req = Request(request_id, ids, params)
         for i in range(params.n):
             self._arrival += 1
-            seq = Sequence(request_id, i, ids, params, self._arrival, max_len)
+            seq = Sequence(request_id, i, ids, params, self._arrival, max_len, lora=ref)
             seq.detok = IncrementalDetokenizer(self.tokenizer, ids)
             req.seqs.append(seq)
         for i, seq in enumerate(req.seqs):  # all built first: a failure leaves nothing half-added

@@ -23,17 +23,20 @@ class LLM:
         return cls(args.checkpoint, **fields)
 
     def generate(
-        self, prompts: Sequence[str | list[int]] | str, params: SamplingParams | list[SamplingParams] | None = None
+        self, prompts: Sequence[str | list[int]] | str, params: SamplingParams | list[SamplingParams] | None = None,
+        lora: str | list[str | None] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt; returns one merged output per prompt (full text and token ids)."""
+        """Generate for every prompt (on the adapter `lora`, or one per prompt); returns one merged output
+        per prompt (full text and token ids)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        loras = lora if isinstance(lora, list) else [lora] * len(prompts)
         ids = []
-        for prompt, p in zip(prompts, params_list, strict=True):
+        for prompt, p, name in zip(prompts, params_list, loras, strict=True):
             rid = f"offline-{self._next}"
             self._next += 1
-            self.engine.add_request(rid, prompt, p)
+            self.engine.add_request(rid, prompt, p, lora=name)
             ids.append(rid)
         merged: dict[str, RequestOutput] = {}
         while self.engine.has_work():

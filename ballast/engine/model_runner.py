@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ballast.engine.adapters import AdapterManager, LoraRef
 from ballast.engine.config import EngineArgs, ModelConfig
 from ballast.engine.layers import AttentionBatch, PrefillChunk
 from ballast.engine.loader import load_weights
@@ -56,6 +57,8 @@ class ModelRunner:
         shape = (self.num_blocks, bs, 2, mc.num_kv_heads, mc.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)]
         self._workspace = torch.empty((0, *shape[1:]), dtype=self.dtype, device=self.device)
+        self.adapters: AdapterManager | None = None  # set by the engine when LoRA is on (it wraps the model)
+        self._owners: list[tuple[int, int, LoraRef | None]] = []  # token ranges of each sequence in a step
 
     def _workspace_for(self, num_blocks: int) -> torch.Tensor:
         if self._workspace.shape[0] < num_blocks:
@@ -69,6 +72,10 @@ class ModelRunner:
         bs = self.block_size
         decodes = [s for s in scheduled if s.num_tokens == 1 and s.seq.num_computed > 0]
         others = [s for s in scheduled if not (s.num_tokens == 1 and s.seq.num_computed > 0)]
+        owners = self._owners = []
+        if self.adapters is not None:  # each adapter's decodes side by side: one LoRA segment each
+            decodes.sort(key=lambda s: s.seq.lora.uid if s.seq.lora is not None else 0)
+            owners.extend((i, i + 1, s.seq.lora) for i, s in enumerate(decodes))
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
@@ -106,6 +113,7 @@ class ModelRunner:
             seq, n = sch.seq, sch.num_tokens
             s0 = seq.num_computed
             start = len(ids)
+            owners.append((start, start + n, seq.lora))
             ids.extend(seq.token_ids[s0 : s0 + n])
             pos.extend(range(s0, s0 + n))
             table = seq.block_table
@@ -135,7 +143,14 @@ class ModelRunner:
         """One forward pass over the step, then sampling; returns the sequences that sampled, their tokens
         and logprobs, and the requests whose row could not be sampled."""
         ids, pos, batch, rows, seqs = self._prepare(scheduled)
-        logits = self.model(ids, pos, self.kv_caches, batch, torch.tensor(rows, dtype=torch.long, device=self.device))
+        if self.adapters is not None:
+            self.adapters.begin_step(self._owners, ids.shape[0], rows)
+        try:
+            logits = self.model(ids, pos, self.kv_caches, batch,
+                                torch.tensor(rows, dtype=torch.long, device=self.device))
+        finally:
+            if self.adapters is not None:
+                self.adapters.end_step()
         if not seqs:
             return StepResult([], [], None, {})
         try:

@@ -51,6 +51,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.unschedulable: Sequence | None = None
         self._preempted_now: set[int] = set()  # not readmitted in the step that preempted them
+        self.max_loras = 0  # > 0: at most this many distinct adapters among running sequences (device slots)
 
     def add(self, seq: Sequence) -> None:
         bisect.insort(self.waiting, seq, key=_waiting_key)
@@ -131,6 +132,8 @@ class Scheduler:
         for seq in [s for s in self.waiting if s.priority == prio]:
             if budget <= 0 or id(seq) in self._preempted_now:
                 return budget, False
+            if not self._lora_fits(seq):
+                continue  # its adapter would need one more device slot than there are; later work may run
             if not self._free_slot(prio, scheduled):
                 return budget, False
             n = self._allocate_waiting(seq, budget, scheduled)
@@ -145,6 +148,12 @@ class Scheduler:
             scheduled.add(id(seq))
             budget -= n
         return budget, True
+
+    def _lora_fits(self, seq: Sequence) -> bool:
+        if seq.lora is None or not self.max_loras:
+            return True
+        active = {s.lora.uid for s in self.running if s.lora is not None}
+        return seq.lora.uid in active or len(active) < self.max_loras
 
     def _free_slot(self, prio: int, scheduled: set[int]) -> bool:
         """A sequence slot for a waiting sequence of `prio`, preempting a less important one if all are taken."""

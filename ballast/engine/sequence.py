@@ -118,8 +118,11 @@ class Sequence:
     """One generated continuation; a request with n > 1 has n sequences sharing the prompt."""
 
     def __init__(self, request_id: str, index: int, prompt_ids: list[int], params: SamplingParams,
-                 arrival: float, max_len: int):
+                 arrival: float, max_len: int, lora: Any = None):
         self.request_id = request_id
+        self.lora = lora  # the adapter's `adapters.LoraRef`, or None for the base model
+        # Root of the prefix-cache digest chain: each adapter has its own, so no block is shared across them.
+        self.cache_root: bytes | None = lora.cache_root if lora is not None else None
         self.index = index
         self.token_ids = list(prompt_ids)
         self.num_prompt_tokens = len(prompt_ids)

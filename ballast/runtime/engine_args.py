@@ -35,4 +35,20 @@ def engine_args(cfg: NativeEngineConfig, base_dir: str | Path | None = None, *, 
         default_sampling=defaults,
         default_max_tokens=cfg.default_max_tokens,
         stall_timeout_s=cfg.stall_timeout_s,
+        enable_lora=cfg.enable_lora,
+        adapters={name: str(adapter_path(base_dir, p)) for name, p in cfg.adapters.items()},
+        max_loras=cfg.max_loras,
+        max_cpu_loras=cfg.max_cpu_loras,
+        max_lora_rank=cfg.max_lora_rank,
     )
+
+
+def adapter_path(base_dir: str | Path | None, path: str, *, also: Path | None = None) -> Path:
+    """An adapter directory inside the package (or `also`, the model cache); ValueError for any path that
+    leaves them, symlinks included: a replica never reads a server path a config or client names."""
+    base = Path(base_dir or ".").resolve()
+    full = (base / path).resolve()
+    roots = [base] + ([also.resolve()] if also is not None else [])
+    if not any(full.is_relative_to(r) for r in roots):
+        raise ValueError(f"adapter path {path!r} is outside the package" + (" and the model cache" if also else ""))
+    return full

@@ -36,6 +36,7 @@ from ballast.runtime.engine_args import engine_args
 from ballast.runtime.host import request_priority
 from ballast.runtime.llm_format import Formatter
 from ballast.runtime.llm_guided import attach
+from ballast.runtime.llm_lora import LoraRoutes
 from ballast.runtime.llm_metrics import LLMMetrics
 from ballast.runtime.llm_tools import (
     apply_to_response,
@@ -70,8 +71,10 @@ def _api_error(e: Exception, chat: bool) -> APIError:
 class EngineStream:
     """One engine request's outputs; records token timing metrics; closing it early aborts the request."""
 
-    def __init__(self, host: EngineHost, request_id: str, outputs: AsyncIterator[Any], *, chat: bool):
+    def __init__(self, host: EngineHost, request_id: str, outputs: AsyncIterator[Any], *, chat: bool,
+                 adapter: str | None = None):
         self.host = host
+        self.adapter = adapter
         self.request_id = request_id
         self.chat = chat
         self._outputs = outputs
@@ -82,6 +85,7 @@ class EngineStream:
         m = self.host.metrics
         last = None
         out = None
+        total = 0
         try:
             async for out in self._outputs:
                 now = time.monotonic()
@@ -94,6 +98,7 @@ class EngineStream:
                     m.generation_tokens.inc(ntok)
                 if ntok:
                     last = now
+                    total += ntok
                 yield out
         except Exception as e:
             self._done = True
@@ -102,6 +107,7 @@ class EngineStream:
             self._done = True
             if m:
                 m.observe_finished(out, time.monotonic() - self._started)
+            self.host.lora.count(self.adapter, total)
 
     async def aclose(self) -> None:
         if not self._done:
@@ -125,6 +131,7 @@ class EngineHost:
         self.model_name: str = engine_args(self.cfg, package.path, package_name=package.name,
                                            resolve=False).served_model_name or package.name
         self.metrics: LLMMetrics | None = None
+        self.lora = LoraRoutes(self)
 
     @property
     def state(self) -> LoadState:
@@ -182,12 +189,14 @@ class EngineHost:
 
     def bind_metrics(self, registry: CollectorRegistry) -> None:
         self.metrics = LLMMetrics(registry, lambda: self.engine.stats() if self.engine is not None else {})
+        self.lora.bind_metrics(registry)
 
     def extra_routes(self) -> list[tuple[str, Callable[[Request], Awaitable[Response]], list[str]]]:
         return [
             ("/v1/models", self._models, ["GET"]),
             ("/tokenize", self._tokenize, ["POST"]),
             ("/detokenize", self._detokenize, ["POST"]),
+            *self.lora.routes(),
         ]
 
     async def predict(self, inputs: Any) -> Any:  # pragma: no cover - has("predict") is False
@@ -202,7 +211,7 @@ class EngineHost:
     async def _models(self, _req: Request) -> Response:
         created = int(time.time() - (time.monotonic() - (self.load_seconds or 0)))
         data = [{"id": self.model_name, "object": "model", "created": created, "owned_by": "ballast",
-                 "max_model_len": getattr(self.engine, "max_model_len", None)}]
+                 "max_model_len": getattr(self.engine, "max_model_len", None)}, *self.lora.models(created)]
         return JSONResponse({"object": "list", "data": data})
 
     async def _body(self, request: Request) -> Any:
@@ -230,10 +239,9 @@ class EngineHost:
         return JSONResponse({"prompt": self.engine.tokenizer.decode(req.tokens)})
 
     # ---- OpenAI completions ----------------------------------------------------------------
-    def _check_model(self, name: str | None) -> None:
-        if name and name not in (self.model_name, self.package.name):
-            raise APIError(404, f"the model `{name}` does not exist; this replica serves `{self.model_name}`",
-                           param="model", code="model_not_found")
+    def _check_model(self, name: str | None) -> str | None:
+        """The LoRA adapter `name` selects (None: the base model); 404 for a model not served here."""
+        return self.lora.resolve(name)
 
     def _render(self, messages: list[Any], tools: ToolRequest | None = None, parser: str = "hermes") -> str:
         msgs, extra = template_messages(messages, tools, self.engine.tokenizer.chat_template, parser)
@@ -262,7 +270,7 @@ class EngineHost:
         req: ChatCompletionRequest | CompletionRequest
         if name == "chat_completions":
             req = chat_req = parse_request(ChatCompletionRequest, body)
-            self._check_model(req.model)
+            adapter = self._check_model(req.model)
             x = chat_req.model_extra or {}
             tools = parse_tools(x.get("tools"), x.get("tool_choice"), x.get("parallel_tool_calls"))
             parser = choose_parser(self.engine.tokenizer.chat_template, self.cfg.tool_parser)
@@ -271,28 +279,30 @@ class EngineHost:
             chat = True
         elif name == "completions":
             req = comp_req = parse_request(CompletionRequest, body)
-            self._check_model(req.model)
+            adapter = self._check_model(req.model)
             prompts, logprobs, chat = comp_req.prompts(), comp_req.logprobs, False
             tools, parser = ToolRequest(), "hermes"
         else:
             raise APIError(404, f"{name} is not served by an LLM replica")
         params = await attach(self.engine, req, self._params(req, logprobs), forced_spec(tools, parser))
-        streams = self._submit(prompts, params, chat=chat)
-        fmt = Formatter(req, self.model_name, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+        streams = self._submit(prompts, params, chat=chat, adapter=adapter)
+        fmt = Formatter(req, adapter or self.model_name, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
                         int(time.time()), chat=chat)
         if req.stream:
             return apply_to_stream(fmt.stream(streams), parser) if tools.active else fmt.stream(streams)
         resp = await fmt.collect(streams)
         return apply_to_response(resp, parser) if tools.active else resp
 
-    def _submit(self, prompts: list[str | list[int]], params: Any, *, chat: bool) -> list[EngineStream]:
+    def _submit(self, prompts: list[str | list[int]], params: Any, *, chat: bool,
+                adapter: str | None = None) -> list[EngineStream]:
         """Every prompt goes to the engine at once (they batch together); any refused → none stays."""
         rid = current_request_id()
         streams: list[EngineStream] = []
         try:
             for i, prompt in enumerate(prompts):
                 erid = f"{rid}-{i}"
-                streams.append(EngineStream(self, erid, self.engine.add_request(erid, prompt, params), chat=chat))
+                outputs = self.engine.add_request(erid, prompt, params, lora=adapter)
+                streams.append(EngineStream(self, erid, outputs, chat=chat, adapter=adapter))
         except Exception as e:
             for s in streams:
                 s._done = True
