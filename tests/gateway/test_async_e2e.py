@@ -7,6 +7,7 @@ The tests share one platform and run in file order; the last one kills and resta
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from pathlib import Path
@@ -199,6 +200,30 @@ def test_queue_limit_cancel_and_expiry(plat: Platform, receiver: Receiver) -> No
     assert set(got) == {running, expiring, queued}  # a canceled request sends no webhook
     assert got[expiring][0]["type"] == "async_request.expired" and got[expiring][0]["data"] is None
     assert _status(plat, queued)["status"] == "SUCCEEDED"
+
+
+def test_concurrent_submissions_share_commits_and_the_queue_limit(plat: Platform, receiver: Receiver) -> None:
+    """Submissions that arrive together are committed together (group commit): each 201 names a stored request,
+    and the deployment's max_queue (3) holds exactly, whichever transaction a submission lands in."""
+    running = _submit(plat, "slow", {"sleep": 3}, receiver.url)
+    _wait_status(plat, running, {"IN_PROGRESS"})
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {plat.key}"}, timeout=30) as c:
+            return await asyncio.gather(*(c.post(plat.url + "/deployments/slow/async_predict",
+                                                 json={"model_input": {"i": i}, "webhook_endpoint": receiver.url})
+                                          for i in range(24)))
+
+    got = asyncio.run(burst())
+    accepted = [r.json()["request_id"] for r in got if r.status_code == 201]
+    assert len(accepted) == 3, [r.status_code for r in got]
+    for r in got:
+        if r.status_code != 201:
+            _error(r, 429, "queue_full")
+    for rid in accepted:
+        assert _status(plat, rid)["status"] == "QUEUED"
+        assert _req(plat, "DELETE", f"/async_requests/{rid}").status_code == 200
+    _wait_status(plat, running, {"SUCCEEDED"})
 
 
 def test_webhook_retries_keep_the_id_then_fail(plat: Platform) -> None:
