@@ -10,6 +10,7 @@ import typer
 
 from ballast import __version__
 from ballast.cli import (
+    async_cmds,
     cache_cmds,
     chains_cmds,
     chat_cmds,
@@ -63,6 +64,7 @@ keys_cmds.register(app)
 cache_cmds.register(app)
 profiles.register(app)
 chains_cmds.register(app)
+async_cmds.register(app)
 app.add_typer(models_cmds.app, name="models", help="Make and import LLM checkpoints (offline).")
 
 err_console = make_console(stderr=True)

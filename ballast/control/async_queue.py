@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ballast.control.errors import ControlError
@@ -54,6 +54,21 @@ class Claimed:
 
 
 @dataclass(frozen=True)
+class Submission:
+    """One async request to queue (`AsyncQueue.submit_many`)."""
+
+    deployment: str
+    target: str
+    kind: str
+    key_id: str
+    payload: dict[str, Any]
+    webhook_endpoint: str | None
+    priority: int
+    max_time_in_queue_s: float
+    max_queue: int
+
+
+@dataclass(frozen=True)
 class Delivery:
     id: str
     webhook_id: str
@@ -87,23 +102,46 @@ class AsyncQueue:
     def submit(self, *, deployment: str, target: str, kind: str, key_id: str, payload: dict[str, Any],
                webhook_endpoint: str | None, priority: int, max_time_in_queue_s: float, max_queue: int) -> str:
         """Queue one request; 429 when the deployment's queue is full."""
-        rid = new_id("req-")
+        out = self.submit_many([Submission(deployment, target, kind, key_id, payload, webhook_endpoint, priority,
+                                           max_time_in_queue_s, max_queue)])[0]
+        if isinstance(out, ControlError):
+            raise out
+        return out
+
+    def submit_many(self, subs: list[Submission]) -> list[str | ControlError]:
+        """Queue many requests in one transaction (group commit: one fsync for all); each gets its id, or a 429
+        when its deployment's queue is full. Nothing is acknowledged before the commit returns."""
         now = utcnow()
+        out: list[str | ControlError] = []
+        rows: list[dict[str, Any]] = []
         with self.sessions() as s:
-            depth = s.scalar(select(func.count()).select_from(AsyncRequest).where(
-                AsyncRequest.deployment == deployment, AsyncRequest.status == QUEUED,
-                AsyncRequest.batch_id.is_(None))) or 0  # batch lines have their own bound (MAX_LINES a batch)
-            if depth >= max_queue:
-                raise ControlError(429, f"the async queue of `{deployment}` is full ({max_queue} requests); retry "
-                                   "later", "queue_full")
-            s.add(AsyncRequest(id=rid, deployment=deployment, target=target, kind=kind, key_id=key_id,
-                               priority=priority, status=QUEUED, payload=payload, created_at=now,
-                               expires_at=now + timedelta(seconds=max_time_in_queue_s),
-                               webhook_endpoint=webhook_endpoint,
-                               webhook_id=new_id("msg_") if webhook_endpoint else None,
-                               webhook_state="none", attempts=0, webhook_attempts=0))
+            depth = self._depths(s, {x.deployment for x in subs})
+            for x in subs:
+                if depth[x.deployment] >= x.max_queue:
+                    out.append(ControlError(429, f"the async queue of `{x.deployment}` is full ({x.max_queue} "
+                                            "requests); retry later", "queue_full"))
+                    continue
+                depth[x.deployment] += 1
+                rid = new_id("req-")
+                out.append(rid)
+                rows.append({"id": rid, "deployment": x.deployment, "target": x.target, "kind": x.kind,
+                             "key_id": x.key_id, "priority": x.priority, "status": QUEUED, "payload": x.payload,
+                             "created_at": now, "expires_at": now + timedelta(seconds=x.max_time_in_queue_s),
+                             "webhook_endpoint": x.webhook_endpoint,
+                             "webhook_id": new_id("msg_") if x.webhook_endpoint else None,
+                             "webhook_state": "none", "attempts": 0, "webhook_attempts": 0})
+            if rows:
+                s.execute(insert(AsyncRequest), rows)
             s.commit()
-        return rid
+        return out
+
+    @staticmethod
+    def _depths(s: Session, deployments: set[str]) -> dict[str, int]:
+        """Queued requests per deployment (batch lines have their own bound, MAX_LINES a batch)."""
+        got = dict(s.execute(select(AsyncRequest.deployment, func.count()).where(
+            AsyncRequest.deployment.in_(sorted(deployments)), AsyncRequest.status == QUEUED,
+            AsyncRequest.batch_id.is_(None)).group_by(AsyncRequest.deployment)).tuples().all())
+        return {d: int(got.get(d, 0)) for d in deployments}
 
     # ---- reads --------------------------------------------------------------------------------
     def get(self, rid: str) -> tuple[str, dict[str, Any]] | None:

@@ -2,7 +2,9 @@
 async queue at the lowest priority, and the output and error files written when the last line finishes.
 
 validating -> in_progress (the lines are queued in the same transaction that creates the batch) ->
-finalizing -> completed | expired (lines not started within the window) ; cancelling -> cancelled.
+finalizing -> completed | expired (lines not started within the window) ; cancelling -> cancelled; and
+failed at once when a line cannot run (an unknown or forbidden model, another endpoint): nothing of a failed
+batch is queued, so it holds no queue place and spends no token budget.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ballast.control.async_queue import CANCELED, EXPIRED, IN_PROGRESS, QUEUED, SUCCEEDED
@@ -25,6 +27,11 @@ ENDPOINTS = {"/v1/chat/completions": "chat_completions", "/v1/completions": "com
              "/v1/embeddings": "embeddings"}
 LINE_KEYS = {"custom_id", "method", "url", "body"}
 MAX_LINES = 50_000
+# Files (inputs and outputs) are deleted this long after their creation unless the upload asks otherwise
+# (`expires_after`, 1 hour to 30 days as OpenAI allows); 0 keeps them until deleted.
+RETENTION_S = float(os.environ.get("BALLAST_FILE_RETENTION_DAYS") or 30) * 86400
+EXPIRES_AFTER_S = (3600, 30 * 86400)
+MAX_BATCH_ERRORS = 100  # a failed batch lists this many of its lines' problems
 WINDOWS = {"24h": timedelta(hours=24)}
 BATCH_PRIORITY = 2  # after every interactive async request
 
@@ -91,7 +98,19 @@ def _ts(dt: datetime | None) -> int | None:
 
 def file_view(f: BatchFile) -> dict[str, Any]:
     return {"id": f.id, "object": "file", "bytes": f.size, "created_at": _ts(f.created_at), "filename": f.filename,
-            "purpose": f.purpose, "status": "processed", "expires_at": None, "status_details": None}
+            "purpose": f.purpose, "status": "processed", "expires_at": _ts(f.expires_at), "status_details": None}
+
+
+def _expiry(now: datetime, seconds: float | None) -> datetime | None:
+    seconds = RETENTION_S if seconds is None else seconds
+    return now + timedelta(seconds=seconds) if seconds > 0 else None
+
+
+def _page(rows: list[Any], limit: int, view: Any) -> dict[str, Any]:
+    """An OpenAI list page from `limit + 1` rows."""
+    data = [view(r) for r in rows[:limit]]
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": len(rows) > limit}
 
 
 def batch_view(b: Batch) -> dict[str, Any]:
@@ -114,17 +133,22 @@ class BatchStore:
         self.sessions = sessions
 
     # ---- files --------------------------------------------------------------------------------
-    def create_file(self, key_id: str, filename: str, purpose: str, content: bytes) -> dict[str, Any]:
+    def create_file(self, key_id: str, filename: str, purpose: str, content: bytes,
+                    expires_after_s: float | None = None) -> dict[str, Any]:
         if purpose != "batch":
             raise ControlError(400, "purpose must be `batch` (the only purpose this gateway stores)",
                                "invalid_purpose", "purpose")
+        if expires_after_s is not None and not EXPIRES_AFTER_S[0] <= expires_after_s <= EXPIRES_AFTER_S[1]:
+            raise ControlError(400, f"expires_after[seconds] must be from {EXPIRES_AFTER_S[0]} to {EXPIRES_AFTER_S[1]}",
+                               "invalid_expires_after", "expires_after")
         parse_lines(content)
-        return self._add_file(key_id, filename, purpose, content)
+        return self._add_file(key_id, filename, purpose, content, expires_after_s=expires_after_s)
 
-    def _add_file(self, key_id: str, filename: str, purpose: str, content: bytes, s: Session | None = None
-                  ) -> dict[str, Any]:
+    def _add_file(self, key_id: str, filename: str, purpose: str, content: bytes, s: Session | None = None,
+                  expires_after_s: float | None = None) -> dict[str, Any]:
+        now = utcnow()
         f = BatchFile(id="file-" + os.urandom(12).hex(), key_id=key_id, purpose=purpose, filename=filename[:255],
-                      size=len(content), content=content, created_at=utcnow())
+                      size=len(content), content=content, created_at=now, expires_at=_expiry(now, expires_after_s))
         if s is not None:
             s.add(f)
             return file_view(f)
@@ -135,7 +159,8 @@ class BatchStore:
 
     def _file(self, s: Session, file_id: str, key_id: str, admin: bool) -> BatchFile:
         f = s.get(BatchFile, file_id)
-        if f is None or (f.key_id != key_id and not admin):
+        expired = f is not None and f.expires_at is not None and aware(f.expires_at) <= utcnow()  # not swept yet
+        if f is None or expired or (f.key_id != key_id and not admin):
             raise _not_found("file", file_id)
         return f
 
@@ -153,12 +178,28 @@ class BatchStore:
             s.commit()
         return {"id": file_id, "object": "file", "deleted": True}
 
-    def list_files(self, key_id: str, admin: bool) -> list[dict[str, Any]]:
+    def list_files(self, key_id: str, admin: bool, limit: int, after: str | None,
+                   purpose: str | None = None) -> dict[str, Any]:
+        """Newest first; `after` is the last id of the previous page."""
         with self.sessions() as s:
-            q = select(BatchFile).order_by(BatchFile.created_at.desc()).limit(1000)
+            q = select(BatchFile).where((BatchFile.expires_at.is_(None)) | (BatchFile.expires_at > utcnow()))
             if not admin:
                 q = q.where(BatchFile.key_id == key_id)
-            return [file_view(f) for f in s.scalars(q)]
+            if purpose:
+                q = q.where(BatchFile.purpose == purpose)
+            anchor = s.get(BatchFile, after) if after else None
+            if anchor is not None:
+                q = q.where((BatchFile.created_at < anchor.created_at)
+                            | ((BatchFile.created_at == anchor.created_at) & (BatchFile.id < anchor.id)))
+            rows = list(s.scalars(q.order_by(BatchFile.created_at.desc(), BatchFile.id.desc()).limit(limit + 1)))
+        return _page(rows, limit, file_view)
+
+    def sweep_files(self) -> int:
+        """Delete files past their `expires_at` (the dispatcher runs this about once a second)."""
+        with self.sessions() as s:
+            n = s.execute(delete(BatchFile).where(BatchFile.expires_at <= utcnow())).rowcount  # type: ignore[attr-defined]
+            s.commit()
+        return int(n or 0)
 
     # ---- batches ------------------------------------------------------------------------------
     def input_lines(self, file_id: str, key_id: str, admin: bool) -> list[Line]:
@@ -183,6 +224,19 @@ class BatchStore:
             s.commit()
             return batch_view(b)
 
+    def fail_batch(self, *, key_id: str, input_file_id: str, endpoint: str, completion_window: str,
+                   metadata: dict[str, Any] | None, errors: list[dict[str, Any]]) -> dict[str, Any]:
+        """A batch refused at validation, as OpenAI reports it: status `failed` with its errors, nothing queued."""
+        now = utcnow()
+        b = Batch(id="batch_" + os.urandom(12).hex(), key_id=key_id, endpoint=endpoint, input_file_id=input_file_id,
+                  completion_window=completion_window, status="failed", metadata_=metadata,
+                  errors=errors[:MAX_BATCH_ERRORS], total=0, completed=0, failed=0, created_at=now, failed_at=now,
+                  expires_at=now + WINDOWS[completion_window])
+        with self.sessions() as s:
+            s.add(b)
+            s.commit()
+            return batch_view(b)
+
     def _batch(self, s: Session, batch_id: str, key_id: str, admin: bool) -> Batch:
         b = s.get(Batch, batch_id)
         if b is None or (b.key_id != key_id and not admin):
@@ -204,9 +258,7 @@ class BatchStore:
                     q = q.where((Batch.created_at < anchor.created_at)
                                 | ((Batch.created_at == anchor.created_at) & (Batch.id < anchor.id)))
             rows = list(s.scalars(q.limit(limit + 1)))
-        data = [batch_view(b) for b in rows[:limit]]
-        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-                "last_id": data[-1]["id"] if data else None, "has_more": len(rows) > limit}
+        return _page(rows, limit, batch_view)
 
     def cancel_batch(self, batch_id: str, key_id: str, admin: bool) -> dict[str, Any]:
         now = utcnow()

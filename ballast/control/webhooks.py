@@ -65,6 +65,16 @@ def _refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
     return None
 
 
+def literal_host(url: str) -> bool:
+    """Whether the URL names its host by IP address (so `check_target` needs no DNS and may run on the loop)."""
+    try:
+        host = urlsplit(url).hostname
+        ipaddress.ip_address(host or "")
+    except ValueError:
+        return False
+    return True
+
+
 def check_target(url: str, allow: list[IPNet]) -> None:
     """Refuse (400, naming the reason) a webhook URL that is not http(s) or resolves to an address outside the
     public internet, unless allow-listed. Blocking (DNS): call it off the event loop."""

@@ -12,10 +12,11 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ballast.control.async_queue import AsyncQueue
+from ballast.control.async_queue import AsyncQueue, Submission
 from ballast.control.errors import ControlError
+from ballast.control.group_commit import SubmitBatcher
 from ballast.control.keys import KeyRecord
-from ballast.control.webhooks import IPNet, check_target
+from ballast.control.webhooks import IPNet, check_target, literal_host
 from ballast.gateway.async_dispatch import Dispatcher, queued_deployment
 from ballast.gateway.service import Gateway, _read_body
 from ballast.gateway.targets import model_of_path
@@ -53,6 +54,7 @@ class AsyncAPI:
         self.queue = queue
         self.dispatcher = dispatcher
         self.allow = allow
+        self.batcher = SubmitBatcher(queue)
 
     async def submit(self, request: Request, kind: str, model: str | None = None) -> Response:
         gw = self.gateway
@@ -68,17 +70,19 @@ class AsyncAPI:
             limiter.admit()
         if hook is not None:
             try:
-                await asyncio.to_thread(check_target, hook, self.allow)
+                if literal_host(hook):
+                    check_target(hook, self.allow)  # no DNS to wait for: no thread hop either
+                else:
+                    await asyncio.to_thread(check_target, hook, self.allow)
             except ControlError as e:
                 raise _api(e) from None
         elif dep.async_policy.result_ttl_s <= 0:
             raise APIError(400, f"give a webhook_endpoint: `{dep.name}` keeps no async results (async.result_ttl_s "
                            "is 0), so the output would be lost", param="webhook_endpoint")
         try:
-            rid = await asyncio.to_thread(
-                self.queue.submit, deployment=dep.name, target=str(model), kind=kind, key_id=key.id,
-                payload={"body": payload}, webhook_endpoint=hook, priority=priority, max_time_in_queue_s=wait,
-                max_queue=dep.async_policy.max_queue)
+            rid = await self.batcher.submit(Submission(
+                dep.name, str(model), kind, key.id, {"body": payload}, hook, priority, wait,
+                dep.async_policy.max_queue))
         except ControlError as e:
             raise _api(e) from None
         self.dispatcher.wake()

@@ -100,6 +100,11 @@ def _decoded(content: bytes) -> Any:
         return content.decode("utf-8", "replace")
 
 
+def _error_code(decoded: Any) -> object:
+    err = decoded.get("error") if isinstance(decoded, dict) else None
+    return err.get("code") if isinstance(err, dict) else None
+
+
 class Dispatcher:
     """Started and stopped with the gateway (a companion); also the autoscaler's LoadSignal."""
 
@@ -268,9 +273,12 @@ class Dispatcher:
             if e.status in RETRYABLE_STATUS and c.attempts < MAX_RUN_ATTEMPTS:
                 return None, version, None, []
             return False, version, None, [{"code": e.code or "error", "message": e.message}]
+        decoded = _decoded(content)
+        if status == 429 and _error_code(decoded) == "queue_full":
+            # The replica's queue had no place for it, or gave its place to interactive work: it did not run.
+            raise _Limited(float(resp.headers.get("retry-after") or 1))
         if status in RETRYABLE_STATUS and c.attempts < MAX_RUN_ATTEMPTS:
             return None, version, None, []
-        decoded = _decoded(content)
         result = {"status": status, "body": decoded}
         if status >= 400:
             err = decoded.get("error") if isinstance(decoded, dict) else None

@@ -1,8 +1,9 @@
 """OpenAI Batch API routes on the gateway: `/v1/files` and `/v1/batches`, so the openai SDK works unchanged.
 
 Keys need the inference scope; a key sees only its own files and batches (an admin key sees all). Creating
-a batch resolves every line's `model` against the caller's key first (unknown or forbidden deployments are
-a 400 naming the line), so a batch never fails half-queued.
+a batch resolves every line's `model` against the caller's key first; lines that cannot run (unknown or
+forbidden deployments, another endpoint) make the batch `failed` with errors naming them, as OpenAI does,
+and nothing of it is queued, so a batch never fails half-queued.
 """
 
 from __future__ import annotations
@@ -27,6 +28,24 @@ Route = tuple[str, Callable[[Request], Awaitable[Response]], list[str]]
 
 def _api(e: ControlError) -> APIError:
     return APIError(e.status, e.message, code=e.code, param=e.param)
+
+
+def _limit(request: Request, default: int, most: int) -> int:
+    raw = request.query_params.get("limit", str(default))
+    if not raw.isdigit() or not 1 <= int(raw) <= most:
+        raise APIError(400, f"limit must be from 1 to {most}", param="limit")
+    return int(raw)
+
+
+def _expires_after(anchor: object, seconds: object) -> float | None:
+    """The upload's `expires_after` (anchor `created_at`, seconds), None when not given."""
+    if anchor is None and seconds is None:
+        return None
+    if anchor != "created_at":
+        raise APIError(400, "expires_after[anchor] must be `created_at`", param="expires_after")
+    if not isinstance(seconds, str) or not seconds.isdigit():
+        raise APIError(400, "expires_after[seconds] must be a whole number of seconds", param="expires_after")
+    return float(seconds)
 
 
 class BatchAPI:
@@ -64,19 +83,21 @@ class BatchAPI:
                 raise APIError(400, "the `file` field (a JSONL file) is required", param="file")
             if not isinstance(purpose, str):
                 raise APIError(400, "the `purpose` field is required (batch)", param="purpose")
+            expires_after_s = _expires_after(form.get("expires_after[anchor]"), form.get("expires_after[seconds]"))
             content = await upload.read(MAX_BODY + 1)
             if len(content) > MAX_BODY:
                 raise APIError(413, f"the file exceeds {MAX_BODY} bytes", code="request_too_large")
             view = await self._call(self.store.create_file, key.id, upload.filename or "input.jsonl", purpose,
-                                    content)
+                                    content, expires_after_s)
         finally:
             await form.close()
         return JSONResponse(view)
 
     async def files(self, request: Request) -> Response:
         key, admin = self._key(request)
-        data = await self._call(self.store.list_files, key.id, admin)
-        return JSONResponse({"object": "list", "data": data, "has_more": False})
+        limit = _limit(request, default=10_000, most=10_000)
+        return JSONResponse(await self._call(self.store.list_files, key.id, admin, limit,
+                                             request.query_params.get("after"), request.query_params.get("purpose")))
 
     async def file(self, request: Request) -> Response:
         key, admin = self._key(request)
@@ -107,29 +128,43 @@ class BatchAPI:
                 for k, v in metadata.items())):
             raise APIError(400, "metadata: at most 16 string pairs (keys up to 64, values up to 512 characters)",
                            param="metadata")
-        lines: list[Line] = await self._call(self.store.input_lines, file_id, key.id, admin)
-        resolved: list[tuple[Line, str]] = []
-        for n, line in enumerate(lines, 1):
-            if line.url != endpoint:
-                raise APIError(400, f"request {n} (custom_id `{line.custom_id}`) is for {line.url}, not the batch's "
-                               f"endpoint {endpoint}", param="endpoint")
-            try:
-                dep = queued_deployment(self.gateway, line.body["model"], key)
-            except APIError as e:
-                raise APIError(400, f"request {n} (custom_id `{line.custom_id}`): {e.message}", param="input_file_id",
-                               code=e.code) from None
-            resolved.append((line, dep.name))
-        view = await self._call(self.store.create_batch, key_id=key.id, input_file_id=file_id, endpoint=str(endpoint),
-                                completion_window=window, metadata=metadata, lines=resolved)
+        try:
+            lines: list[Line] = await asyncio.to_thread(self.store.input_lines, file_id, key.id, admin)
+        except ControlError as e:
+            if e.status != 400:
+                raise _api(e) from None
+            lines, errors = [], [{"code": e.code, "message": e.message, "param": "input_file_id", "line": None}]
+        else:
+            resolved, errors = self._resolve(lines, endpoint, key)
+        common = {"key_id": key.id, "input_file_id": file_id, "endpoint": str(endpoint), "completion_window": window,
+                  "metadata": metadata}
+        if errors:  # as OpenAI reports a file that fails validation: a `failed` batch listing why, nothing queued
+            return JSONResponse(await self._call(self.store.fail_batch, **common, errors=errors))
+        view = await self._call(self.store.create_batch, **common, lines=resolved)
         self.dispatcher.wake()
         return JSONResponse(view)
 
+    def _resolve(self, lines: list[Line], endpoint: object, key: KeyRecord
+                 ) -> tuple[list[tuple[Line, str]], list[dict[str, Any]]]:
+        """(each line with the deployment it runs on, the problems of the lines that cannot run)."""
+        resolved: list[tuple[Line, str]] = []
+        errors: list[dict[str, Any]] = []
+        for n, line in enumerate(lines, 1):
+            if line.url != endpoint:
+                errors.append({"code": "invalid_url", "line": n, "param": "url",
+                               "message": f"request {n} (custom_id `{line.custom_id}`) is for {line.url}, not the "
+                                          f"batch's endpoint {endpoint}"})
+                continue
+            try:
+                resolved.append((line, queued_deployment(self.gateway, line.body["model"], key).name))
+            except APIError as e:
+                errors.append({"code": e.code or "invalid_request", "line": n, "param": "body.model",
+                               "message": f"request {n} (custom_id `{line.custom_id}`): {e.message}"})
+        return resolved, errors
+
     async def batches(self, request: Request) -> Response:
         key, admin = self._key(request)
-        raw = request.query_params.get("limit", "20")
-        if not raw.isdigit() or not 1 <= int(raw) <= 100:
-            raise APIError(400, "limit must be from 1 to 100", param="limit")
-        return JSONResponse(await self._call(self.store.list_batches, key.id, admin, int(raw),
+        return JSONResponse(await self._call(self.store.list_batches, key.id, admin, _limit(request, 20, 100),
                                              request.query_params.get("after")))
 
     async def batch(self, request: Request) -> Response:

@@ -100,5 +100,6 @@ def install_async(control: ControlPlane, gateway: Gateway, webhook_allow: list[s
     gateway.extra_routes += AsyncAPI(gateway, queue, dispatcher, allow).routes()
     batches = BatchStore(control.sessions)
     dispatcher.chores.append(batches.progress)
+    dispatcher.chores.append(batches.sweep_files)
     gateway.extra_routes += BatchAPI(gateway, batches, dispatcher).routes()
     return dispatcher

@@ -246,7 +246,8 @@ class ReplicaApp:
         When the work can be cancelled (async code, an engine), a client that disconnects cancels it:
         an engine aborts the request and frees its KV blocks at once.
         """
-        await self.admission.acquire()
+        # Queued work the platform sends (x-ballast-priority 1..4) waits behind interactive requests (none: 0).
+        await self.admission.acquire(parse_priority_header(request.headers.get(PRIORITY_HEADER)) or 0)
         released = False
         try:
             try:

@@ -1,7 +1,8 @@
 """Files and batches of the OpenAI Batch API. A batch's lines run as rows of `async_requests` (batch_id set).
 
-Input files are kept until deleted (`DELETE /v1/files/{id}`); output and error files are what a batch
-produced, kept until deleted too; the per-line outputs in the queue are dropped once written to them.
+Input files are kept until deleted (`DELETE /v1/files/{id}`) or until their `expires_at` (a retention period,
+or the upload's `expires_after`); output and error files are what a batch produced, kept the same way; the
+per-line outputs in the queue are dropped once written to them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ class BatchFile(Base):
     size: Mapped[int] = mapped_column("bytes", Integer)
     content: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # deleted after this (the retention period, or the upload's expires_after); None: kept until deleted
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
 
 
 class Batch(Base):

@@ -7,6 +7,8 @@ The tests share one platform and run in file order; the last one kills and resta
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import signal
 import time
 from pathlib import Path
@@ -26,6 +28,8 @@ import time
 
 class Model:
     def predict(self, inputs):
+        if isinstance(inputs, dict) and inputs.get("mark"):
+            open(inputs["mark"], "w").close()  # the test's sign that this request is running
         time.sleep(float(inputs.get("sleep", 0)) if isinstance(inputs, dict) else 0)
         return {"echo": inputs, "pid": os.getpid()}
 
@@ -59,9 +63,15 @@ def plat(tmp_path_factory: pytest.TempPathFactory):
             autoscaling: {min_replicas: 1, max_replicas: 1}
             async: {max_queue: 3, max_concurrency: 1}
             """, MODEL)
-        for pkg in (work, slow):
+        tight = write_package(root / "tight", """
+            name: tight
+            runtime: {predict_concurrency: 1, max_queue: 1}
+            autoscaling: {min_replicas: 1, max_replicas: 1, concurrency_target: 1}
+            async: {max_queue: 10, max_concurrency: 4}
+            """, MODEL)
+        for pkg in (work, slow, tight):
             p.api("POST", "/deployments", expect=201, json={"path": str(pkg)})
-        for name in ("work", "slow"):
+        for name in ("work", "slow", "tight"):
             p.wait_serving(name, 1, timeout=120)
         p.secret = p.api("POST", "/webhook_secret", expect=201)["secret"]  # type: ignore[attr-defined]
         yield p
@@ -199,6 +209,52 @@ def test_queue_limit_cancel_and_expiry(plat: Platform, receiver: Receiver) -> No
     assert set(got) == {running, expiring, queued}  # a canceled request sends no webhook
     assert got[expiring][0]["type"] == "async_request.expired" and got[expiring][0]["data"] is None
     assert _status(plat, queued)["status"] == "SUCCEEDED"
+
+
+def test_concurrent_submissions_share_commits_and_the_queue_limit(plat: Platform, receiver: Receiver) -> None:
+    """Submissions that arrive together are committed together (group commit): each 201 names a stored request,
+    and the deployment's max_queue (3) holds exactly, whichever transaction a submission lands in."""
+    running = _submit(plat, "slow", {"sleep": 3}, receiver.url)
+    _wait_status(plat, running, {"IN_PROGRESS"})
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {plat.key}"}, timeout=30) as c:
+            return await asyncio.gather(*(c.post(plat.url + "/deployments/slow/async_predict",
+                                                 json={"model_input": {"i": i}, "webhook_endpoint": receiver.url})
+                                          for i in range(24)))
+
+    got = asyncio.run(burst())
+    accepted = [r.json()["request_id"] for r in got if r.status_code == 201]
+    assert len(accepted) == 3, [r.status_code for r in got]
+    for r in got:
+        if r.status_code != 201:
+            _error(r, 429, "queue_full")
+    for rid in accepted:
+        assert _status(plat, rid)["status"] == "QUEUED"
+        assert _req(plat, "DELETE", f"/async_requests/{rid}").status_code == 200
+    _wait_status(plat, running, {"SUCCEEDED"})
+
+
+def test_queued_work_leaves_the_replica_to_interactive_requests(plat: Platform, receiver: Receiver,
+                                                                tmp_path: Path) -> None:
+    """`tight` runs one request and queues one. While an interactive request runs, the dispatcher holds the async
+    request back (no spare capacity), so a second interactive request finds the replica's queue free: 200, not
+    429. The async request runs once the replica is idle."""
+    mark = tmp_path / "running"
+    slow = concurrent.futures.ThreadPoolExecutor(2)
+    try:
+        first = slow.submit(_req, plat, "POST", "/deployments/tight/predict", json={"sleep": 3, "mark": str(mark)})
+        plat.wait("the interactive request runs", mark.exists, 30)
+        rid = _submit(plat, "tight", {"i": "queued"}, receiver.url, priority=0)
+        time.sleep(0.6)  # a few dispatcher ticks (interval 0.2 s), each woken by the submission
+        assert _status(plat, rid)["status"] == "QUEUED"
+        second = _req(plat, "POST", "/deployments/tight/predict", json={"i": "interactive"})
+        assert second.status_code == 200, second.text
+        assert first.result(timeout=30).status_code == 200
+    finally:
+        slow.shutdown(wait=True)
+    assert _wait_status(plat, rid, {"SUCCEEDED"})["attempts"] == 1
+    assert rid in receiver.wait_for(1)
 
 
 def test_webhook_retries_keep_the_id_then_fail(plat: Platform) -> None:

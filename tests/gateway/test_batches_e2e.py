@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -130,23 +131,71 @@ def test_malformed_files_are_refused_naming_the_line(plat: Platform, rows: list[
     assert message in str(e.value)
 
 
-def test_batches_refused_before_anything_is_queued(plat: Platform) -> None:
+def test_batches_whose_lines_cannot_run_fail_with_nothing_queued(plat: Platform) -> None:
     c = _client(plat)
     f = c.files.create(file=("in.jsonl", io.BytesIO(_jsonl([_line("a", "x"), _line("b", "y", model="nope")]))),
                        purpose="batch")
-    with pytest.raises(openai.BadRequestError, match=r"request 2 .*nope"):
-        c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    # As OpenAI reports a file that fails validation: a `failed` batch whose errors name the lines.
+    failed = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert failed.status == "failed" and failed.failed_at and failed.errors and failed.errors.data
+    (e,) = failed.errors.data
+    assert e.line == 2 and e.code == "model_not_found" and e.message and "nope" in e.message
+    assert failed.request_counts and failed.request_counts.total == 0  # nothing queued: no queue place, no budget
+    other = c.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h")
+    assert other.status == "failed" and other.errors and [x.line for x in other.errors.data] == [1, 2]
+    assert "not the batch's endpoint" in (other.errors.data[0].message or "")
+    assert c.batches.retrieve(failed.id).status == "failed"
+    with pytest.raises(openai.ConflictError):
+        c.batches.cancel(failed.id)
     with pytest.raises(openai.BadRequestError, match="completion_window"):
         c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="1h")  # type: ignore
-    with pytest.raises(openai.BadRequestError, match="not the batch's endpoint"):
-        c.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h")
     with pytest.raises(openai.NotFoundError):
         c.batches.create(input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h")
-    assert all(b.input_file_id != f.id for b in c.batches.list(limit=100).data)
     r = httpx.post(plat.url + "/v1/files", headers={"Authorization": f"Bearer {plat.key}"}, json={"x": 1}, timeout=10)
     assert r.status_code == 400 and r.json()["error"]["param"] == "file"
     with pytest.raises(openai.BadRequestError, match="purpose"):
         c.files.create(file=("in.jsonl", io.BytesIO(_jsonl([_line("a", "x")]))), purpose="assistants")
+
+
+def test_file_expiry_and_list_pagination(plat: Platform) -> None:
+    key = plat.api("POST", "/keys", expect=201, json={"scopes": ["inference"]})["key"]
+    c = _client(plat, key)
+    ids = [c.files.create(file=(f"in{i}.jsonl", io.BytesIO(_jsonl([_line("a", "x")]))), purpose="batch").id
+           for i in range(5)]
+    kept = c.files.create(file=("short.jsonl", io.BytesIO(_jsonl([_line("a", "x")]))), purpose="batch",
+                          expires_after={"anchor": "created_at", "seconds": 3600})
+    assert kept.expires_at is not None and kept.expires_at - kept.created_at == 3600
+    assert (c.files.retrieve(ids[0]).expires_at or 0) - c.files.retrieve(ids[0]).created_at == 30 * 86400
+    with pytest.raises(openai.BadRequestError, match="expires_after"):
+        c.files.create(file=("x.jsonl", io.BytesIO(_jsonl([_line("a", "x")]))), purpose="batch",
+                       expires_after={"anchor": "created_at", "seconds": 60})
+    first = c.files.list(limit=2)
+    assert len(first.data) == 2 and first.has_more and first.data[0].id == kept.id
+    assert [x.id for x in c.files.list(limit=2)] == [kept.id, *reversed(ids)]  # the SDK pages with `after`
+    assert [x.id for x in c.files.list(limit=10, after=ids[2]).data] == [ids[1], ids[0]]
+    r = httpx.get(plat.url + "/v1/files?limit=0", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "limit"
+    for i in range(3):
+        c.batches.create(input_file_id=ids[i], endpoint="/v1/embeddings", completion_window="24h")  # failed ones
+    page = c.batches.list(limit=2)
+    assert len(page.data) == 2 and page.has_more and len(list(c.batches.list(limit=2))) == 3
+
+
+def test_expired_files_are_deleted(tmp_path: Path) -> None:
+    p = Platform(tmp_path / "home")
+    p.env["BALLAST_FILE_RETENTION_DAYS"] = "0.0001"  # 8.64 s
+    p.start()
+    try:
+        c = _client(p)
+        f = c.files.create(file=("in.jsonl", io.BytesIO(_jsonl([_line("a", "x")]))), purpose="batch")
+        assert f.expires_at in (f.created_at + 8, f.created_at + 9)
+        p.wait("the file expired", lambda: httpx.get(p.url + f"/v1/files/{f.id}", timeout=10, headers={
+            "Authorization": f"Bearer {p.key}"}).status_code == 404, timeout=60, every=0.5)
+        assert c.files.list().data == []
+        with pytest.raises(openai.NotFoundError):
+            c.files.content(f.id)
+    finally:
+        p.stop()
 
 
 def test_batch_lines_obey_the_keys_token_budget(plat: Platform) -> None:
