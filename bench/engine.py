@@ -1,7 +1,9 @@
 """Native engine: SmolLM2-135M-Instruct offline throughput, efficiency and prefix caching, vs HF transformers.
 
-One command: `python bench/engine.py [--quick]`. Everything runs in this process on the CPU (or the GPU
-if there is one), with the same number of torch threads for every system:
+One command: `python bench/engine.py [--quick] [--device auto|cpu|cuda]`. Everything runs in this process on
+the CPU (or the GPU if there is one), with the same number of torch threads for every system. On CUDA both
+engines run bf16 with SDPA attention, and vLLM (when it is installed) joins the throughput table as a
+peer on the same model and prompts:
 
 1. Offline throughput (output tokens/s) at 1, 8 and 32 concurrent requests, fixed prompt and output
    lengths (random-token prompts, greedy, ignore_eos): Ballast `LLM.generate` vs HF `generate` one
@@ -18,6 +20,7 @@ Results go to bench/results/engine.json; a table is printed.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import random
 import statistics
@@ -48,7 +51,8 @@ class HF:
 
         self.device = device
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, attn_implementation="sdpa").to(device).eval()
         self.gen_batch_cfg: Any = None
 
     @torch.inference_mode()
@@ -98,6 +102,30 @@ class HF:
         return statistics.median(times[1:])
 
 
+class VLLM:
+    """vLLM's offline API on the same checkpoint (CUDA only; a peer when the package is installed)."""
+
+    def __init__(self, path: Path):
+        import vllm
+
+        self.vllm = vllm
+        self.llm = vllm.LLM(model=str(path), dtype="bfloat16", gpu_memory_utilization=0.3,
+                            max_num_batched_tokens=MAX_BATCHED, enable_prefix_caching=False)
+
+    def generate(self, prompts: list[list[int]], out_len: int) -> int:
+        sp = self.vllm.SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in outs)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device on this machine")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def ballast_generate(llm: LLM, prompts: list[list[int]], out_len: int) -> int:
     outs = llm.generate(prompts, SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True))
     return sum(len(o.outputs[0].token_ids) for o in outs)
@@ -130,6 +158,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="torch threads for every system (1 is steadier on a CPU shared with other work)")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="cuda: bf16 + SDPA for Ballast and HF, and vLLM as a peer when installed")
     args = ap.parse_args()
     quick = args.quick
     rounds = args.rounds or (2 if quick else 5)
@@ -138,13 +168,13 @@ def main() -> None:
     seq_requests = 2 if quick else 4  # HF one-at-a-time: tokens/s does not depend on how many run in a row
     system_len, ttft_rounds = 1000, (3 if quick else 8)
     torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
 
     load_start = os.getloadavg()
     path = resolve_checkpoint("smollm2-135m-instruct")
     print(f"loading {path} on {device} ({args.threads} threads) ...", flush=True)
     llm = LLM(str(path), kv_cache_bytes=KV_BYTES, max_num_seqs=64, max_num_batched_tokens=MAX_BATCHED,
-              num_threads=args.threads)
+              num_threads=args.threads, device=str(device))
     vocab = llm.engine.model_config.vocab_size
     hf = HF(path, device)
     warm = make_prompts(2, prompt_len, 12345, vocab)
@@ -158,6 +188,10 @@ def main() -> None:
         "hf_static_batch": lambda ps: hf.generate(ps, out_len),
         "hf_generate_batch": lambda ps: hf.generate_batch(ps, out_len),
     }
+    if device.type == "cuda" and importlib.util.find_spec("vllm") is not None:
+        peer = VLLM(path)
+        peer.generate(warm, 4)
+        systems["vllm"] = lambda ps: peer.generate(ps, out_len)
     tput: dict[tuple[str, int], list[float]] = {}
     for r in range(rounds):
         for c in concurrency:
@@ -188,7 +222,7 @@ def main() -> None:
     # 3. prefix caching: TTFT with a shared 1,000-token system prompt, cache on vs off (interleaved).
     hf.model = None  # free its memory before loading a second engine
     off = LLM(str(path), kv_cache_bytes=KV_BYTES, max_num_batched_tokens=MAX_BATCHED, enable_prefix_caching=False,
-              num_threads=args.threads)
+              num_threads=args.threads, device=str(device))
     system = make_prompts(1, system_len, 777, vocab)[0]
     ttft(llm, [*system, 5, 6, 7])  # the first request fills the cache
     ttft(off, [*system, 5, 6, 7])
@@ -217,7 +251,7 @@ def main() -> None:
 
     ratios = {}
     for c in concurrency:
-        for peer in ("hf_sequential", "hf_static_batch", "hf_generate_batch"):
+        for peer in [p for p in systems if p != "ballast"]:
             ratios[f"ballast_vs_{peer}_c{c}"] = med("ballast", c) / med(peer, c)
         ratios[f"efficiency_b{c}"] = statistics.median(eff[c])
     ratios["prefix_cache_ttft_speedup"] = statistics.median(ttft_off) / statistics.median(ttft_on)

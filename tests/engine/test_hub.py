@@ -4,6 +4,7 @@ package's HF_TOKEN, and serve the downloaded model from a real replica."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import httpx
@@ -111,3 +112,31 @@ def test_replica_serves_a_hub_checkpoint_and_restarts_without_downloading(tiny: 
                 assert any(r["path"].endswith("/model.safetensors") for r in hub.log())
             else:
                 assert len(hub.log()) == before, "the second start downloaded again"
+
+
+def test_unreachable_hub_is_a_clear_error(hub_env: Path, monkeypatch):
+    from ballast.observe import free_port
+
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    with pytest.raises(EngineError, match=r"checkpoint 'hf:org/tiny': download failed: .*Connect"):
+        resolve_checkpoint("hf:org/tiny")
+
+
+def test_replica_with_a_corrupt_download_fails_its_health_with_the_reason(tiny: Path, hub_env: Path, tmp_path,
+                                                                         replica_factory):
+    pkg = write_package(tmp_path / "pkg", """
+        name: corrupt
+        engine: {kind: native, checkpoint: "hf:org/tiny", kv_cache_memory: 8Mi}
+        """)
+    with FakeHub(tiny, "org/tiny") as hub:
+        data = hub.files["model.safetensors"]
+        hub.served["model.safetensors"] = data[:-8] + bytes(8 * [1])
+        rep = replica_factory(pkg, ready=False, env={"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_TELEMETRY": "1"})
+        rep.wait_listening()
+        for _ in range(600):  # bounded: the load fails within seconds
+            live = httpx.get(rep.url + "/health/live", timeout=5)
+            if live.status_code == 503:
+                break
+            time.sleep(0.1)
+        assert live.status_code == 503
+        assert "model.safetensors failed verification" in live.json()["reason"]
