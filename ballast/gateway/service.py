@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 
 from ballast.control.async_queue import AsyncPolicy
 from ballast.control.keys import KeyRecord
+from ballast.gateway.adapters import Adapters
 from ballast.gateway.auth import MISSING_KEY_MESSAGE, api_key_from_headers
 from ballast.gateway.limits import KeyLimiter
 from ballast.gateway.metering import Meter, UsageCounts, UsageKey, counts_from_usage
@@ -45,6 +46,7 @@ class VersionRoute:
     version: int
     endpoints: list[Endpoint] = field(default_factory=list)
     model_name: str | None = None  # the name its replicas answer to; `model` is rewritten to it on the way
+    adapters: frozenset[str] = frozenset()  # LoRA adapters its ballast.yaml declares (gateway/adapters.py)
 
 
 @dataclass
@@ -114,6 +116,8 @@ class Gateway:
         # Companions started and stopped with the gateway, and the routes they add (the async dispatcher).
         self.companions: list[Any] = []
         self.extra_routes: list[tuple[str, Callable[[Request], Awaitable[Response]], list[str]]] = []
+        self.adapters = Adapters(self, registry)
+        self.extra_routes += self.adapters.routes()
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -297,21 +301,28 @@ class Gateway:
         proxy and meter one authenticated request. `priority` (queued work only) goes to the replica's engine as
         x-ballast-priority; interactive requests send none, so the engine runs them first (0), and a client's
         own x-ballast-priority header is not passed on: queued work's priority is the platform's to set."""
-        dep, version = self.resolve(model, key)
+        target, adapter = self.adapters.split(model)
+        dep, version = self.resolve(target, key)
+        if adapter:
+            self.adapters.check(dep, version, adapter)
         limiter = self.limiters.get(key.id)
         if limiter is not None and admit:
             limiter.admit()
         endpoints = await self._endpoints(dep, version)
         is_llm_call = kind != "predict"
         prefix = affinity_key(dep.prefix_routing and is_llm_call, parsed, session)
+        if adapter:  # where the adapter sits in device slots already (bounded load, as for prefixes)
+            endpoints, prefix = self.adapters.endpoints(dep, version, adapter, endpoints), b"a:" + adapter.encode()
         headers = {"content-type": "application/json", REQUEST_ID_HEADER: current_request_id()}
         if priority is not None:
             headers[PRIORITY_HEADER] = str(priority)
-        served = dep.versions[version].model_name if is_llm_call else None
+        served = adapter or (dep.versions[version].model_name if is_llm_call else None)
         body, strip_usage = rewrite_body(body, parsed, kind, served)
 
         def done(o: Outcome) -> None:
             self._finished(o, key, dep.name, version, limiter, started)
+            if adapter:
+                self.adapters.observe(dep.name, adapter, o)
 
         return await self.proxy.forward(
             endpoints, INFERENCE_PATHS[kind], body, headers, key=prefix, outcome=Outcome(), on_done=done,
@@ -346,6 +357,7 @@ class Gateway:
             for env in sorted(dep.environments):
                 if env != "production":
                     data.append({"id": f"{name}@{env}", "object": "model", "created": 0, "owned_by": "ballast"})
+        data += self.adapters.models(key)
         return JSONResponse({"object": "list", "data": data})
 
     def routes_for_app(self) -> list[tuple[str, Callable[[Request], Awaitable[Response]], list[str]]]:
