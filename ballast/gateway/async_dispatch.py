@@ -25,6 +25,7 @@ from ballast.control.async_queue import MAX_RUN_ATTEMPTS, AsyncQueue, Claimed
 from ballast.control.keys import KeyRecord
 from ballast.control.webhooks import WebhookSender
 from ballast.gateway.service import DeploymentRoute, Gateway
+from ballast.observe.logging import request_id_var
 from ballast.openai import APIError
 from ballast.openai.priority import PRIORITY_BATCH, async_priority
 
@@ -266,6 +267,8 @@ class Dispatcher:
             parsed = dict(body_obj) if c.kind != "predict" and isinstance(body_obj, dict) else None
             # In the replica's engine, interactive traffic (0) goes first, then async (1..3), then batch lines (4).
             priority = PRIORITY_BATCH if c.batch_id is not None else async_priority(c.priority)
+            # Its own request id (in logs, and the engine's id for it): this task runs outside any HTTP request.
+            request_id_var.set(f"{c.id}.{c.attempts}")
             resp = await self.gateway.forward(key, c.kind, f"{dep.name}:{version}", json.dumps(body_obj).encode(),
                                               parsed, None, time.monotonic(), admit=False, priority=priority)
             status, content = resp.status_code, await _content(resp)

@@ -20,6 +20,8 @@ class AsyncRequest(Base):
     __table_args__ = (
         Index("ix_async_requests_claim", "status", "priority", "created_at"),
         Index("ix_async_requests_webhook", "webhook_state", "webhook_next_at"),
+        # A deployment's queued depth (checked on every submission) without reading its finished rows.
+        Index("ix_async_requests_depth", "deployment", "status"),
     )
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     deployment: Mapped[str] = mapped_column(String(63), index=True)

@@ -37,7 +37,10 @@ class Model:
         from ballast.runtime.host import request_priority  # the x-ballast-priority the replica got
 
         text = request["messages"][-1]["content"]
-        return {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": request["model"],
+        from ballast.observe import current_request_id  # the x-request-id the replica got
+
+        return {"id": f"chatcmpl-{current_request_id()}", "object": "chat.completion", "created": 0,
+                "model": request["model"],
                 "system_fingerprint": f"priority-{request_priority.get()}",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text.upper()},
                              "finish_reason": "stop"}],

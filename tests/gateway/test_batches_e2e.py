@@ -75,6 +75,8 @@ def test_sdk_batch_flow(plat: Platform) -> None:
         assert by_id[f"r{i}"]["error"] is None and resp["status_code"] == 200
         assert resp["body"]["choices"][0]["message"]["content"] == f"HI {i}"
         assert resp["body"]["system_fingerprint"] == "priority-4"  # batch lines run last in the engine
+        # Each line reaches the replica under its own request id (an engine refuses a second request with one).
+        assert resp["body"]["id"] == f"chatcmpl-{by_id[f'r{i}']['id']}.1"
     assert b.id in [x.id for x in c.batches.list(limit=10).data]
     # another key sees none of it
     other = plat.api("POST", "/keys", expect=201, json={"scopes": ["inference"]})["key"]
