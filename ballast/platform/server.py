@@ -158,7 +158,7 @@ def run_platform(opts: PlatformOptions, announce: Callable[[str], None] = print)
         server.run(sockets=[sock])
     finally:
         # Belt and braces: nothing of this instance survives a clean exit.
-        for h in backend.list():
+        for h in reconciler.backend.list():  # every pool's
             log.warning("stopping leftover replica process %s (pid %s)", h.replica_id, h.pid)
             backend.stop(h, 5.0)
     announce("ballast platform stopped")
