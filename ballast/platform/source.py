@@ -69,7 +69,8 @@ def _route(d: DeploymentTargets) -> DeploymentRoute:
     cfg = target.config if target is not None else None
     llm = cfg is not None and cfg.engine is not None
     policy = cfg.routing.policy if cfg is not None else "auto"
-    versions = {n: VersionRoute(n, [Endpoint(rid, url, n) for rid, url in t.replicas], _served_name(t.config))
+    versions = {n: VersionRoute(n, [Endpoint(rid, url, n, meta={"remote": True} if rid in t.remote else {})
+                                    for rid, url in t.replicas], _served_name(t.config))
                 for n, t in d.versions.items()}
     return DeploymentRoute(name=d.name, llm=llm, versions=versions, environments=environments,
                            prefix_routing=policy == "prefix" or (policy == "auto" and llm),

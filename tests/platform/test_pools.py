@@ -144,49 +144,64 @@ def test_pools_cli_rest_and_placement(platform: Platform, tmp_path: Path) -> Non
     assert {"pool_added", "pool_draining", "pool_active", "pool_removed"} <= set(kinds)
 
 
-def test_pool_failover_under_load_and_recovery(platform: Platform, tmp_path: Path) -> None:
+def downs(p: Platform, pool: str) -> int:
+    return len([e for e in p.api("GET", "/events?deployment=-")["data"]
+                if e["kind"] == "pool_down" and e["data"]["pool"] == pool])
+
+
+def only_in(p: Platform, name: str, n: int, pools_: set[str]) -> list[dict[str, Any]] | None:
+    reps = ready(p, name, n)
+    return reps if reps and {x["pool"] for x in reps} == pools_ else None
+
+
+@pytest.mark.parametrize("lost", ["c", "local"])  # another pool; the platform's own one (the gateway prefers it)
+def test_pool_failover_under_load_and_recovery(platform: Platform, tmp_path: Path, lost: str) -> None:
     p = platform
-    p.api("POST", "/pools", json={"name": "c"}, expect=201)
-    p.cli("deploy", str(package(tmp_path / "f", "fail")), "--wait", "--timeout", "90")
+    other = "local" if lost == "c" else "c"
+    name = f"fail-{lost}"
+    if "c" not in pools(p):
+        p.api("POST", "/pools", json={"name": "c"}, expect=201)
+    p.wait("pool c healthy", lambda: pools(p)["c"]["healthy"], timeout=30)
+    p.cli("deploy", str(package(tmp_path / "f", name)), "--wait", "--timeout", "90")
     reps = p.wait("one replica in each pool", lambda: (lambda r: r if r and sorted(x["pool"] for x in r) ==
-                                                      ["c", "local"] else None)(ready(p, "fail", 2)), timeout=60)
-    lost = next(r for r in reps if r["pool"] == "c")
-    load = Load(p, "fail")
+                                                      ["c", "local"] else None)(ready(p, name, 2)), timeout=60)
+    victim = next(r for r in reps if r["pool"] == lost)
+    downs_before = downs(p, lost)
+    load = Load(p, name)
     load.start()
+    logs = p.home / "logs" / ("_pools/c" if lost == "c" else "") / name
     try:
         p.wait("traffic", lambda: load.sent >= 20, timeout=30)
-        # Pool c is lost for real: it cannot start replicas any more, and its processes die.
-        logs = p.home / "logs" / "_pools" / "c" / "fail"
-        logs.rename(logs.with_name("fail.saved"))
-        logs.write_text("not a directory: replicas of `fail` cannot start in pool c\n")
-        os.kill(lost["pid"], signal.SIGKILL)
-        p.wait("pool c down", lambda: not pools(p)["c"]["healthy"], timeout=30)
-        moved = p.wait("two ready replicas outside c", lambda: (lambda r: r if r and {x["pool"] for x in r} ==
-                                                               {"local"} else None)(ready(p, "fail", 2)), timeout=60)
-        assert lost["id"] not in {r["id"] for r in moved}
+        # The pool is lost for real: it cannot start replicas any more, and its processes die.
+        logs.rename(logs.with_name(name + ".saved"))
+        logs.write_text(f"not a directory: replicas of {name} cannot start in pool {lost}\n")
+        os.kill(victim["pid"], signal.SIGKILL)
+        p.wait(f"pool {lost} down", lambda: not pools(p)[lost]["healthy"], timeout=30)
+        moved = p.wait(f"two ready replicas in {other}", lambda: only_in(p, name, 2, {other}), timeout=60)
+        assert victim["id"] not in {r["id"] for r in moved}
         sent_at_failover = load.sent
         p.wait("traffic after the failover", lambda: load.sent >= sent_at_failover + 20, timeout=30)
     finally:
         load.finish()
     assert load.errors == [], load.errors[:5]
-    down = next(e for e in p.api("GET", "/events?deployment=-")["data"] if e["kind"] == "pool_down")
-    assert down["data"]["pool"] == "c" and "failed" in down["message"]
+    down = [e for e in p.api("GET", "/events?deployment=-")["data"] if e["kind"] == "pool_down"][-1]
+    assert down["data"]["pool"] == lost and "failed" in down["message"]
 
     # It comes back (retry after a backoff) while it still cannot start replicas: a replica placed there
     # fails to start, and the pool goes down again; the replica is placed elsewhere.
-    p.wait("pool c back", lambda: pools(p)["c"]["healthy"], timeout=30)
-    p.api("POST", "/deployments/fail/scale", json={"env": "production", "min": 3, "max": 3})
-    p.wait("c down twice", lambda: len([e for e in p.api("GET", "/events?deployment=-")["data"]
-                                        if e["kind"] == "pool_down"]) >= 2, timeout=60)
-    p.wait("three ready outside c", lambda: (lambda r: r and {x["pool"] for x in r} == {"local"})(
-        ready(p, "fail", 3)), timeout=60)
+    p.wait(f"pool {lost} back", lambda: pools(p)[lost]["healthy"], timeout=30)
+    p.api("POST", f"/deployments/{name}/scale", json={"env": "production", "min": 3, "max": 3})
+    p.wait(f"{lost} down twice", lambda: downs(p, lost) >= downs_before + 2, timeout=60)
+    p.wait(f"three ready in {other}", lambda: only_in(p, name, 3, {other}), timeout=60)
     # Repaired: once it is back it takes capacity again (the next replica spreads to it).
     logs.unlink()
-    logs.with_name("fail.saved").rename(logs)
-    p.wait("pool c healthy", lambda: pools(p)["c"]["healthy"], timeout=60)
-    p.api("POST", "/deployments/fail/scale", json={"env": "production", "min": 4, "max": 4})
-    reps = p.wait("a replica in c again", lambda: (lambda r: r if r and "c" in {x["pool"] for x in r} else None)(
-        ready(p, "fail", 4)), timeout=60)
-    assert [r["pool"] for r in reps].count("c") == 1
+    logs.with_name(name + ".saved").rename(logs)
+    p.wait(f"pool {lost} healthy", lambda: pools(p)[lost]["healthy"], timeout=60)
+    p.api("POST", f"/deployments/{name}/scale", json={"env": "production", "min": 4, "max": 4})
+    reps = p.wait(f"a replica in {lost} again", lambda: (lambda r: r if r and lost in {x["pool"] for x in r}
+                                                         else None)(ready(p, name, 4)), timeout=60)
+    assert [r["pool"] for r in reps].count(lost) == 1
     assert "pool_up" in [e["kind"] for e in p.api("GET", "/events?deployment=-")["data"]]
-    p.api("DELETE", "/deployments/fail")
+    p.api("DELETE", f"/deployments/{name}")
+    p.wait("its replicas stop", lambda: not p.show(name)["replicas"] if name in
+           [d["name"] for d in p.api("GET", "/deployments")["data"]] else True, timeout=30)
