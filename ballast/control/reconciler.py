@@ -38,6 +38,7 @@ from ballast.control.autoscaler import Autoscaler
 from ballast.control.events import add_event
 from ballast.control.failover import Failover
 from ballast.control.health import ACTIVE_STATES, Probe, ReplicaState, Verdict, assess
+from ballast.control.lease import Lease
 from ballast.control.placement import Placement
 from ballast.control.planner import Key, VersionPlan
 from ballast.control.pools import infos
@@ -94,8 +95,9 @@ class ControlMetrics(Collector):
 
 class Reconciler:
     def __init__(self, control: ControlPlane, backend: Backend, *, autoscaler: Autoscaler | None = None,
-                 registry: CollectorRegistry | None = None):
+                 registry: CollectorRegistry | None = None, lease: Lease | None = None):
         self.control = control
+        self.lease = lease  # several platforms on one store (`ballast up --ha`): only the holder reconciles
         # Every replica runs in a capacity pool; the platform's own backend is the default one.
         self.backend = backend if isinstance(backend, PoolBackend) else PoolBackend(backend)
         self.failover = Failover(control.sessions, self.backend)
@@ -130,7 +132,8 @@ class Reconciler:
     async def _run(self) -> None:
         while True:
             try:
-                await self.tick()
+                if await self._lead():
+                    await self.tick()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -139,12 +142,30 @@ class Reconciler:
                 await asyncio.wait_for(self._wake.wait(), self.settings.interval_s)
             self._wake.clear()
 
+    async def _lead(self) -> bool:
+        """Without a lease this process reconciles; with one, while it holds the lease (re-adopting the
+        replicas each time it takes over, since another process ran them meanwhile)."""
+        if self.lease is None:
+            return True
+        held = await asyncio.to_thread(self.lease.hold)
+        if not held:
+            self._adopted = False
+        return held
+
     async def shutdown(self) -> None:
-        """Stop the loop, then every replica (gracefully, in parallel); no process is left behind."""
+        """Stop the loop, then every replica (gracefully, in parallel); no process is left behind. With a
+        lease the replicas belong to every platform on the store: they keep running, and the lease is handed
+        over at once."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+        if self.lease is not None:
+            if self.actuator.stopping:
+                await asyncio.gather(*self.actuator.stopping.values(), return_exceptions=True)
+            await asyncio.to_thread(self.lease.release)
+            await self.prober.close()
+            return
         await self.actuator.stop_all(await asyncio.to_thread(self._load_replicas))
         await self.prober.close()
 
