@@ -21,6 +21,7 @@ from ballast.backends.base import Backend, ReplicaHandle, ReplicaSpec, ReplicaSt
 from ballast.backends.local import LocalBackend
 
 log = logging.getLogger("ballast.backends")
+CHECK_EVERY_S = 2.0  # a remote pool's backend is asked at most this often whether it answers
 BUILD_RETRY_S = 30.0  # a pool whose backend could not be built is tried again after this
 Factory = Callable[[str, str, str | None], Backend]  # (pool name, kind, address) -> its backend
 
@@ -61,16 +62,20 @@ class PoolBackend:
         self.factory = factory or _factory_like(default)
         self.members: dict[str, Backend] = {default.name: default}
         self.broken: dict[str, str] = {}  # pool -> why its backend could not be built
-        self._addresses: dict[str, str | None] = {}  # ray address already connected, per ray pool
+        self._ray_address: str | None = None  # the Ray cluster this process is connected to (once, for good)
         self._building: set[str] = set()
         self._retry_at: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._checked: dict[str, tuple[float, str | None]] = {}  # pool -> (when, result) of its last check
         if backend_kind(default) == "ray":
-            self._addresses[default.name] = "the platform's own cluster"
+            self._ray_address = "the platform's own cluster"
 
     def sync(self, pools: builtins.list[tuple[str, str, str | None]]) -> None:
         """Build the backends of pools added since the last call (name, kind, address), each in a thread of its
         own: connecting to a Ray cluster that does not answer can take a minute, and must not stall the loop."""
+        wanted = {name for name, _kind, _address in pools}
+        for gone in [n for n in self.members if n not in wanted and n != self.name]:
+            del self.members[gone]  # removed (only ever empty): re-adding the name builds it afresh
         for name, kind, address in pools:
             if name in self.members or name in self._building:
                 continue
@@ -90,7 +95,8 @@ class PoolBackend:
             if reason is None:
                 try:
                     self.members[name] = self.factory(name, kind, address)
-                    self._addresses[name] = address
+                    if kind == "ray":
+                        self._ray_address = address
                 except Exception as e:
                     reason = f"cannot reach its backend: {type(e).__name__}: {e}"
             if reason is None:
@@ -104,12 +110,9 @@ class PoolBackend:
 
     def _refusal(self, kind: str, address: str | None) -> str | None:
         """Ray connects one process to one cluster: a second Ray pool needs another platform process."""
-        if kind != "ray":
+        if kind != "ray" or self._ray_address is None or self._ray_address == address:
             return None
-        connected = [n for n, m in self.members.items() if backend_kind(m) == "ray"]
-        if connected and self._addresses.get(connected[0], address) != address:
-            return f"this platform process is connected to the Ray cluster of pool {connected[0]!r} already"
-        return None
+        return f"this platform process is connected to another Ray cluster ({self._ray_address}) already"
 
     def check(self, pool: str) -> str | None:
         """None when the pool's backend answers; else why it does not (the pool is then down)."""
@@ -118,13 +121,19 @@ class PoolBackend:
             return self.broken[pool]
         if member is None:
             return "no backend for this pool"
-        if isinstance(member, LocalBackend):
+        ping = getattr(member, "ping", None)
+        if ping is None:  # local processes: this machine answers
             return None
+        last = self._checked.get(pool)
+        if last is not None and time.monotonic() - last[0] < CHECK_EVERY_S:
+            return last[1]
         try:
-            member.list()
+            ping()
+            reason = None
         except Exception as e:
-            return f"its cluster does not answer: {type(e).__name__}: {e}"
-        return None
+            reason = f"its cluster does not answer: {type(e).__name__}: {e}"
+        self._checked[pool] = (time.monotonic(), reason)
+        return reason
 
     def _of(self, pool: str) -> Backend | None:
         return self.members.get(pool or self.name)
