@@ -10,6 +10,9 @@ One command: `python bench/scaleout.py [--quick]`. It starts a single-node Ray c
   added_p50/99 latency the gateway adds per request (c=1, keep-alive, POST /deployments/echo/predict)
                over calling the replica directly in the same round: the cost of the data path to a
                Ray-placed replica vs a local one (on one node both are loopback HTTP).
+  pool failover a third platform with two local pools; one is lost for real under load (bench/_pool_failover.py):
+               time to the pool marked down, time to capacity restored in the other pool, failed requests.
+               `--failover-only` runs just this part (no Ray).
 
 Results: bench/results/scaleout.json and a table; ratios (ray / local) are per round, median (min-max).
 """
@@ -34,6 +37,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _pool_failover as failover
 from _common import (
     ROOT,
     Proc,
@@ -82,7 +86,8 @@ def ray_cluster() -> Iterator[str]:
 
 
 class Platform:
-    def __init__(self, backend: str, procs: list[Proc], home: Path, ray_address: str | None = None):
+    def __init__(self, backend: str, procs: list[Proc], home: Path, ray_address: str | None = None,
+                 extra_env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "ballast.cli.main", "up", "--port", str(self.port), "--no-isolation",
@@ -90,7 +95,7 @@ class Platform:
         if ray_address:
             cmd += ["--ray-address", ray_address]
         home.mkdir(parents=True)
-        self.proc = Proc(cmd, env={**FAST, "BALLAST_HOME": str(home)}, log=home / "platform.log")
+        self.proc = Proc(cmd, env={**FAST, **(extra_env or {}), "BALLAST_HOME": str(home)}, log=home / "platform.log")
         procs.append(self.proc)
         self.proc.wait_http(self.url + "/api/v1/health")
         self.key = json.loads((home / "credentials.json").read_text())["api_key"]
@@ -144,15 +149,8 @@ def _pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="2 rounds, 200 requests per latency run")
-    ap.add_argument("--rounds", type=int, help="rounds (default 5; quick 2)")
-    ap.add_argument("--requests", type=int, help="requests per latency run (default 2000; quick 200)")
-    args = ap.parse_args()
-    rounds = args.rounds or (2 if args.quick else 5)
-    n = args.requests or (200 if args.quick else 2000)
-    stop_on_sigterm()
+def backends_side_by_side(rounds: int, n: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Cold start and added latency, local vs Ray, interleaved by round."""
     from ballast.cli.packing import pack
 
     work = Path(tempfile.mkdtemp(prefix="bench-scaleout-"))
@@ -186,10 +184,36 @@ def main() -> None:
         rows.append({"system": b, "metric": "cold_start", **summarize(cold[b]), "unit": "s"})
         for q in ("p50", "p99"):
             rows.append({"system": b, "metric": f"added_{q}@c1", **summarize(added[b][q]), "unit": "ms"})
-    ratios: dict[str, Any] = {"cold_start ray/local": ratio_stats(cold["ray"], cold["local"])}
+    return rows, {"cold_start ray/local": ratio_stats(cold["ray"], cold["local"])}
+
+
+def pool_failover(rounds: int) -> list[dict[str, Any]]:
+    with running([]) as procs:
+        got = failover.measure(Platform, procs, rounds)
+    units = {"detect_s": "s", "restored_s": "s", "failed": "requests", "requests": "requests"}
+    return [{"system": "local+local pools", "metric": f"pool_failover_{k}", **summarize(v), "unit": units[k]}
+            for k, v in got.items()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="2 rounds, 200 requests per latency run")
+    ap.add_argument("--rounds", type=int, help="rounds (default 5; quick 2)")
+    ap.add_argument("--requests", type=int, help="requests per latency run (default 2000; quick 200)")
+    ap.add_argument("--failover-only", action="store_true", help="only the pool failover rounds (no Ray)")
+    args = ap.parse_args()
+    rounds = args.rounds or (2 if args.quick else 5)
+    n = args.requests or (200 if args.quick else 2000)
+    stop_on_sigterm()
+    rows: list[dict[str, Any]] = []
+    ratios: dict[str, Any] = {}
+    if not args.failover_only:
+        rows, ratios = backends_side_by_side(rounds, n)
+    rows += pool_failover(rounds)
     print_table(rows)
     print_ratios(ratios, {})
-    out = write_results("scaleout", {"rounds": rounds, "requests": n, "quick": args.quick}, rows, ratios)
+    params = {"rounds": rounds, "requests": n, "quick": args.quick, "failover_only": args.failover_only}
+    out = write_results("scaleout-failover" if args.failover_only else "scaleout", params, rows, ratios)
     print(f"results: {out}")
 
 

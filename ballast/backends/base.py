@@ -26,6 +26,7 @@ class ReplicaSpec:
     package_path: Path
     env: dict[str, str] = field(default_factory=dict)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)  # ballast.yaml `resources`: placement
+    pool: str = ""  # the capacity pool chosen for it ("": the backend's own)
 
 
 @dataclass

@@ -133,6 +133,7 @@ class LocalBackend:
             **os.environ,
             **spec.env,
             "BALLAST_INSTANCE": self.instance_id,
+            "BALLAST_POOL": self.name,  # several local pools share an instance id: list() tells them apart
             "BALLAST_REPLICA_ID": spec.replica_id,
             "BALLAST_DEPLOYMENT": spec.deployment,
             "BALLAST_VERSION": str(spec.version),
@@ -179,6 +180,8 @@ class LocalBackend:
             pid = int(entry.name)
             env = _environ(pid)
             if not env or env.get("BALLAST_INSTANCE") != self.instance_id or "BALLAST_REPLICA_ID" not in env:
+                continue
+            if env.get("BALLAST_POOL", "local") != self.name:
                 continue
             if _is_zombie(pid):
                 continue

@@ -193,6 +193,11 @@ class RayBackend:
         self._ray.kill(actor, no_restart=True)
         self._offsets.pop(str(handle.data.get("actor")), None)
 
+    def ping(self) -> None:
+        """Raises when the cluster does not answer or has no live node (the pool's health check)."""
+        if not any(n.get("Alive") for n in self._ray.nodes()):
+            raise RuntimeError("no live node")
+
     def list(self) -> list[ReplicaHandle]:
         out = []
         try:

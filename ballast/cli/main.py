@@ -17,6 +17,7 @@ from ballast.cli import (
     keys_cmds,
     package_cmds,
     platform_cmds,
+    pools_cmds,
     profiles,
     serve_cmds,
     up_cmds,
@@ -65,6 +66,7 @@ cache_cmds.register(app)
 profiles.register(app)
 chains_cmds.register(app)
 async_cmds.register(app)
+pools_cmds.register(app)
 app.add_typer(models_cmds.app, name="models", help="Make and import LLM checkpoints (offline).")
 
 err_console = make_console(stderr=True)

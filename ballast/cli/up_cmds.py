@@ -79,6 +79,9 @@ def up(
         = "local",
     ray_address: Annotated[str | None, typer.Option(
         "--ray-address", help="Ray cluster address for --backend ray (default: RAY_ADDRESS or auto).")] = None,
+    ha: Annotated[bool, typer.Option("--ha", help="One of several platforms on one database: one reconciles at a "
+                                     "time (a lease in the store); a clean stop leaves the replicas running.")]
+        = False,
     webhook_allow: Annotated[list[str] | None, typer.Option(
         "--webhook-allow", metavar="CIDR", help="CIDR that async webhooks may target although private or "
         "loopback (repeatable; also BALLAST_WEBHOOK_ALLOW, comma-separated).")] = None,
@@ -92,7 +95,7 @@ def up(
     run_platform(PlatformOptions(host=host, port=port, database_url=database_url, no_isolation=no_isolation,
                                  retire_grace_s=retire_grace_s, webhook_allow=webhook_allow or [], tls_cert=tls_cert,
                                  tls_key=tls_key, max_package_bytes=max_package_bytes, backend=backend,
-                                 ray_address=ray_address),
+                                 ray_address=ray_address, ha=ha),
                  announce=_Announcer())
 
 

@@ -131,6 +131,16 @@ class RoutingConfig(_Strict):
     max_wait_s: float = Field(120.0, gt=0, description="Longest a held request waits for a replica before a 503.")
 
 
+class PlacementConfig(_Strict):
+    """Which capacity pools (`ballast pools list`) this deployment's replicas may run in."""
+
+    pools: list[str] = Field(
+        default_factory=list, description="Pin to these pools (in order of preference); empty: any healthy pool.")
+    spread: bool = Field(
+        True, description="Spread replicas over the pools (fewest of this version first), so one pool's loss "
+        "never takes every replica; false: fill the pools in order.")
+
+
 class AsyncConfig(_Strict):
     """Async requests (`/async_predict`, `/v1/async/...`, batches): a durable queue in the store."""
 
@@ -271,6 +281,7 @@ class BallastConfig(_Strict):
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     async_: AsyncConfig = Field(default_factory=AsyncConfig, alias="async")
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
     engine: EngineConfig | None = Field(None, description="Serve an LLM with an engine instead of model.py.")
 
     @field_validator("model", mode="before")

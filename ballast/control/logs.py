@@ -12,12 +12,12 @@ _NAME = re.compile(r"^v(\d+)-(.+)\.log$")
 
 
 def log_files(logs_dir: Path, deployment: str, version: int | None = None) -> list[tuple[int, str, Path]]:
-    """(version, replica id, path) of the current log file of every replica, oldest first."""
-    d = logs_dir / deployment
-    if not d.is_dir():
-        return []
+    """(version, replica id, path) of the current log file of every replica, oldest first (the default pool's
+    replicas log under `logs_dir`, those of other pools under `logs_dir/_pools/<pool>`)."""
+    pools = logs_dir / "_pools"  # no deployment name starts with "_"
+    dirs = [logs_dir / deployment] + (sorted(p / deployment for p in pools.iterdir()) if pools.is_dir() else [])
     out = []
-    for p in d.iterdir():
+    for p in (p for d in dirs if d.is_dir() for p in d.iterdir()):
         m = _NAME.match(p.name)
         if m and (version is None or int(m.group(1)) == version):
             out.append((int(m.group(1)), m.group(2), p))

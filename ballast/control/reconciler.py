@@ -32,11 +32,16 @@ from prometheus_client.registry import Collector
 from sqlalchemy import delete, select
 
 from ballast.backends import Backend, ReplicaSpec, ReplicaStatus
+from ballast.backends.pools import PoolBackend
 from ballast.control.actuator import Actuator, Launched, ReplicaRow
 from ballast.control.autoscaler import Autoscaler
 from ballast.control.events import add_event
-from ballast.control.health import Probe, ReplicaState, Verdict, assess
+from ballast.control.failover import Failover
+from ballast.control.health import ACTIVE_STATES, Probe, ReplicaState, Verdict, assess
+from ballast.control.lease import Lease
+from ballast.control.placement import Placement
 from ballast.control.planner import Key, VersionPlan
+from ballast.control.pools import infos
 from ballast.control.probes import Prober
 from ballast.control.service import ControlPlane
 from ballast.control.store_io import DevWatcher, apply_verdicts, plan_in_store, record_launches, scale
@@ -90,16 +95,19 @@ class ControlMetrics(Collector):
 
 class Reconciler:
     def __init__(self, control: ControlPlane, backend: Backend, *, autoscaler: Autoscaler | None = None,
-                 registry: CollectorRegistry | None = None):
+                 registry: CollectorRegistry | None = None, lease: Lease | None = None):
         self.control = control
-        self.backend = backend
+        self.lease = lease  # several platforms on one store (`ballast up --ha`): only the holder reconciles
+        # Every replica runs in a capacity pool; the platform's own backend is the default one.
+        self.backend = backend if isinstance(backend, PoolBackend) else PoolBackend(backend)
+        self.failover = Failover(control.sessions, self.backend)
         self.autoscaler = autoscaler or Autoscaler()
         self.replica_counts: dict[tuple[str, int, str], int] = {}
         self.desired_counts: dict[Key, int] = {}
         self.metrics = ControlMetrics(self, registry) if registry is not None else None
         self.sessions = control.sessions
         self.settings = control.settings
-        self.actuator = Actuator(backend, self.settings.drain_s, self._remove)
+        self.actuator = Actuator(self.backend, self.settings.drain_s, self._remove)
         self.prober = Prober()
         self.dev = DevWatcher()
         self._live_failures: dict[str, int] = {}
@@ -124,7 +132,8 @@ class Reconciler:
     async def _run(self) -> None:
         while True:
             try:
-                await self.tick()
+                if await self._lead():
+                    await self.tick()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -133,17 +142,36 @@ class Reconciler:
                 await asyncio.wait_for(self._wake.wait(), self.settings.interval_s)
             self._wake.clear()
 
+    async def _lead(self) -> bool:
+        """Without a lease this process reconciles; with one, while it holds the lease (re-adopting the
+        replicas each time it takes over, since another process ran them meanwhile)."""
+        if self.lease is None:
+            return True
+        held = await asyncio.to_thread(self.lease.hold)
+        if not held:
+            self._adopted = False
+        return held
+
     async def shutdown(self) -> None:
-        """Stop the loop, then every replica (gracefully, in parallel); no process is left behind."""
+        """Stop the loop, then every replica (gracefully, in parallel); no process is left behind. With a
+        lease the replicas belong to every platform on the store: they keep running, and the lease is handed
+        over at once."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+        if self.lease is not None:
+            if self.actuator.stopping:
+                await asyncio.gather(*self.actuator.stopping.values(), return_exceptions=True)
+            await asyncio.to_thread(self.lease.release)
+            await self.prober.close()
+            return
         await self.actuator.stop_all(await asyncio.to_thread(self._load_replicas))
         await self.prober.close()
 
     # ---- one tick ------------------------------------------------------------------------------
     async def tick(self) -> None:
+        checks = await asyncio.to_thread(self.failover.sync)  # before adopting: replicas of every pool are found
         if not self._adopted:
             await self._adopt()
             self._adopted = True
@@ -159,6 +187,7 @@ class Reconciler:
         running = [r for r in plan.replicas if r.pid and r.state in (ReplicaState.STARTING, ReplicaState.READY,
                                                                      ReplicaState.UNREADY)]
         verdicts = self._assess(plan, probes, await self.actuator.inspect(running))
+        await self._fail_over(plan, verdicts, checks)
         failed = [r for r in running if verdicts.get(r.id, Verdict()).kind == "fail"]
         tails = await self.actuator.tails(failed, LOG_TAIL_ON_ERROR)
         to_stop, launches = await asyncio.to_thread(self._decide, plan, verdicts, tails)
@@ -167,6 +196,7 @@ class Reconciler:
                 self.actuator.stop(snap, drain=drain, remove=remove, grace=grace)
         if launches:
             results = await self.actuator.launch(launches)
+            self.failover.launched({spec.replica_id: spec.pool for spec in launches}, results)
             leftovers = await asyncio.to_thread(self._record, plan, results)
             for snap in leftovers:  # started for a row that went away meanwhile
                 self.actuator.stop(snap, drain=False, remove=False, grace=5.0)
@@ -174,6 +204,16 @@ class Reconciler:
             self._last_rotate = time.monotonic()
             await self.actuator.rotate(plan.replicas)
         self.ticks += 1
+
+    async def _fail_over(self, plan: Plan, verdicts: dict[str, Verdict], checks: dict[str, str | None]) -> None:
+        """Pools that went down: stop their replicas now (replacements are placed by this tick's scaling)."""
+        stops, moved = await asyncio.to_thread(self.failover.step, plan.replicas, verdicts, checks)
+        for snap in stops:
+            verdicts.pop(snap.id, None)
+            if snap.id not in self.actuator.stopping:
+                self.actuator.stop(snap, drain=False, remove=True, grace=5.0)
+        if moved:
+            self.control.routing.changed()
 
     def _period(self, plan: Plan, r: ReplicaRow) -> float:
         vp = plan.versions.get((r.deployment, r.version))
@@ -244,10 +284,12 @@ class Reconciler:
                 if v.kind == "fail":
                     self._live_failures.pop(rid, None)
                     self.prober.forget(rid)
-            routed |= scale(s, rows, plan.versions, self.actuator.stopping, now, new_replica_id, self.backend.name,
-                            to_stop)
+            placement = Placement.of(infos(s, self.backend.name), [
+                (r.deployment, r.version, r.pool) for r in rows.values()
+                if r.state in ACTIVE_STATES and r.id not in self.actuator.stopping])
+            routed |= scale(s, rows, plan.versions, self.actuator.stopping, now, new_replica_id, placement, to_stop)
             launches = [self._spec(r, plan.versions[(r.deployment, r.version)]) for r in rows.values()
-                        if _due(r, now) and r.id not in self.actuator.stopping
+                        if _due(r, now) and r.id not in self.actuator.stopping and r.pool
                         and (r.deployment, r.version) in plan.versions]
         if routed:
             self.control.routing.changed()
@@ -261,7 +303,7 @@ class Reconciler:
     @staticmethod
     def _spec(r: Replica, vp: VersionPlan) -> ReplicaSpec:
         return ReplicaSpec(replica_id=r.id, deployment=vp.deployment, version=vp.number,
-                           package_path=Path(vp.package_path), resources=vp.config.resources)
+                           package_path=Path(vp.package_path), resources=vp.config.resources, pool=r.pool)
 
     def _record(self, plan: Plan, results: list[Launched]) -> list[ReplicaRow]:
         with self.sessions() as s, s.begin():

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ballast.config import BallastConfig
 from ballast.control.configs import CONFIGS
 from ballast.control.planner import env_traffic
-from ballast.store import Deployment, Environment, Replica, Version
+from ballast.store import Deployment, Environment, Pool, Replica, Version
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class VersionTarget:
     number: int
     config: BallastConfig
     replicas: list[tuple[str, str]] = field(default_factory=list)  # ready (replica id, url)
+    remote: set[str] = field(default_factory=set)  # ready replicas outside the platform's own (default) pool
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,9 @@ class Routing:
             deps = {d.id: d.name for d in s.scalars(select(Deployment)).all()}
             versions = s.scalars(select(Version)).all()
             envs = s.scalars(select(Environment)).all()
-            ready = s.execute(select(Replica.id, Replica.deployment, Replica.version, Replica.url)
+            ready = s.execute(select(Replica.id, Replica.deployment, Replica.version, Replica.url, Replica.pool)
                               .where(Replica.state == "ready")).all()
+            home = {p.name for p in s.scalars(select(Pool)).all() if (p.labels or {}).get("default")} or {"local"}
             targets = {(v.deployment_id, v.number): VersionTarget(v.number, CONFIGS.get(v))
                        for v in versions}
         out: dict[str, DeploymentTargets] = {}
@@ -83,8 +85,10 @@ class Routing:
                 {e.name: env_traffic(e) for e in envs if e.deployment_id == dep_id},
                 {e.name: e.pending_version for e in envs if e.deployment_id == dep_id and e.pending_version},
                 {n: t for (d, n), t in targets.items() if d == dep_id})
-        for rid, dep, number, url in ready:
+        for rid, dep, number, url, pool in ready:
             d = out.get(dep)
             if d is not None and url and number in d.versions:
                 d.versions[number].replicas.append((rid, url))
+                if pool not in home:
+                    d.versions[number].remote.add(rid)
         return RoutingSnapshot(generation, out)

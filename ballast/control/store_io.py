@@ -17,6 +17,7 @@ from ballast.control.configs import CONFIGS
 from ballast.control.events import add_event, record
 from ballast.control.health import ACTIVE_STATES, SCALE_DOWN_ORDER, ReplicaState, Verdict, backoff_s, crashlooping
 from ballast.control.packages import source_signature
+from ballast.control.placement import Placement
 from ballast.control.planner import (
     ENV_FIELDS,
     ClusterState,
@@ -178,21 +179,45 @@ def _after_failure(s: Session, row: Replica, reason: str, now: datetime, setting
                   version=row.version, error=reason)
 
 
+def _place(s: Session, row: Replica, vp: VersionPlan, placement: Placement) -> str:
+    """Choose a pool for a new replica, or again for one that has no process and whose pool cannot take it."""
+    pool = placement.choose(vp.deployment, vp.number, vp.config) or ""
+    if pool != row.pool:
+        row.pool = pool
+    if not pool:
+        why = placement.why_none(vp.config)
+        if row.state != ReplicaState.PENDING or row.last_error != why:
+            row.state, row.last_error = ReplicaState.PENDING, why
+            add_event(s, row.deployment, "replica_pending", f"replica {row.id} pending: {why}", replica=row.id,
+                      version=row.version, reason=why)
+    return pool
+
+
+def _new_row(s: Session, vp: VersionPlan, now: datetime, new_id: Callable[[], str], placement: Placement) -> Replica:
+    row = Replica(id=new_id(), deployment=vp.deployment, version=vp.number, pool="", state=ReplicaState.STARTING,
+                  started_at=now, restarts=0, failures=0, revision=vp.revision, data={})
+    s.add(row)
+    _place(s, row, vp, placement)
+    return row
+
+
 def scale(s: Session, rows: dict[str, Replica], versions: dict[Key, VersionPlan], stopping: Collection[str],
-          now: datetime, new_id: Callable[[], str], pool: str, to_stop: list[Stop]) -> bool:
-    """Move each version toward its desired count; replicas of an older revision are replaced once the
-    current revision serves. Returns whether traffic moved."""
+          now: datetime, new_id: Callable[[], str], placement: Placement, to_stop: list[Stop]) -> bool:
+    """Move each version toward its desired count, each new replica placed in a pool; replicas of an older
+    revision, or in a pool that is draining, are replaced once the replacements serve. Returns whether traffic
+    moved."""
     routed = False
+    usable = placement.usable()
     for key, vp in versions.items():
         mine = [r for r in rows.values() if (r.deployment, r.version) == key and r.state in ACTIVE_STATES
                 and r.id not in stopping]
-        current = [r for r in mine if r.revision >= vp.revision]
-        stale = [r for r in mine if r.revision < vp.revision]
+        for r in mine:
+            if r.pid is None and r.pool not in usable:
+                _place(s, r, vp, placement)
+        current = [r for r in mine if r.revision >= vp.revision and (r.pool in usable or r.pid is None)]
+        stale = [r for r in mine if r not in current]
         for _ in range(vp.desired - len(current)):
-            row = Replica(id=new_id(), deployment=vp.deployment, version=vp.number, pool=pool,
-                          state=ReplicaState.STARTING, started_at=now, restarts=0, failures=0, revision=vp.revision,
-                          data={})
-            s.add(row)
+            row = _new_row(s, vp, now, new_id, placement)
             rows[row.id] = row
             current.append(row)
         excess = len(current) - vp.desired
@@ -205,7 +230,8 @@ def scale(s: Session, rows: dict[str, Replica], versions: dict[Key, VersionPlan]
         ready_current = sum(r.state == ReplicaState.READY for r in current)
         if stale and (ready_current >= max(vp.desired, 1) or vp.desired == 0):
             for r in stale:
-                routed |= _mark_stopping(s, r, "replaced by a newer revision")
+                why = "replaced by a newer revision" if r.revision < vp.revision else f"pool {r.pool} is draining"
+                routed |= _mark_stopping(s, r, why)
                 to_stop.append((ReplicaRow.of(r), True, True, vp.grace_s))
     return routed
 

@@ -71,8 +71,22 @@ class Router:
             return candidates[0]
         if key is not None:
             return self._prefix(candidates, key)
+        candidates = self._nearest(candidates)
+        if len(candidates) == 1:
+            return candidates[0]
         a, b = self.rng.sample(candidates, 2)
         return a if a.outstanding <= b.outstanding else b
+
+    def _nearest(self, candidates: list[Endpoint]) -> list[Endpoint]:
+        """Replicas in the platform's own pool first (no hop to another cluster or region), while the least
+        busy of them carries at most `load_slack` requests more than the least busy replica anywhere; beyond
+        that, and when none is left (its pool failed over), every pool's replicas share the load."""
+        near = [e for e in candidates if not e.meta.get("remote")]
+        if not near or len(near) == len(candidates):
+            return candidates
+        if min(e.outstanding for e in near) <= min(e.outstanding for e in candidates) + self.load_slack:
+            return near
+        return candidates
 
     def _prefix(self, candidates: list[Endpoint], key: bytes) -> Endpoint:
         """The replica this prefix went to last, unless it is overloaded; a new prefix (cached nowhere yet)

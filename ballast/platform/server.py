@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from ballast.backends import Backend, LocalBackend
 from ballast.control import ControlPlane, Settings
+from ballast.control.lease import Lease
 from ballast.home import ballast_home
 from ballast.observe import configure_logging
 from ballast.platform.app import create_app
@@ -49,6 +51,7 @@ class PlatformOptions:
     max_package_bytes: int | None = None
     backend: str = "local"
     ray_address: str | None = None
+    ha: bool = False  # one of several platforms on one store: reconcile under a lease, leave replicas on stop
 
 
 def _env_float(name: str, default: float) -> float:
@@ -130,7 +133,8 @@ def run_platform(opts: PlatformOptions, announce: Callable[[str], None] = print)
         raise ValueError(f"unknown backend {opts.backend!r} (local or ray)")
     control = ControlPlane(sessions, home, settings)
     registry = CollectorRegistry()
-    reconciler, gateway = assemble(control, backend, registry, webhook_allow=opts.webhook_allow)
+    lease = Lease(sessions, f"{socket.gethostname()}-{os.getpid()}-{os.urandom(2).hex()}") if opts.ha else None
+    reconciler, gateway = assemble(control, backend, registry, webhook_allow=opts.webhook_allow, lease=lease)
     app = create_app(control, reconciler, gateway=gateway, registry=registry)
     if opts.max_package_bytes:
         rest: Any = getattr(app, "api", app)  # the FastAPI app behind the platform's front
@@ -157,8 +161,8 @@ def run_platform(opts: PlatformOptions, announce: Callable[[str], None] = print)
     try:
         server.run(sockets=[sock])
     finally:
-        # Belt and braces: nothing of this instance survives a clean exit.
-        for h in backend.list():
+        # Belt and braces: nothing of this instance survives a clean exit (with --ha the replicas are the fleet's).
+        for h in [] if opts.ha else reconciler.backend.list():  # every pool's
             log.warning("stopping leftover replica process %s (pid %s)", h.replica_id, h.pid)
             backend.stop(h, 5.0)
     announce("ballast platform stopped")

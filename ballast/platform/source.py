@@ -20,6 +20,7 @@ from ballast.control.async_queue import AsyncPolicy, AsyncQueue
 from ballast.control.autoscaler import Autoscaler
 from ballast.control.batches import BatchStore
 from ballast.control.keys import KeyRecord, KeyStore
+from ballast.control.lease import Lease
 from ballast.control.snapshot import DeploymentTargets
 from ballast.control.webhooks import WebhookSecrets, WebhookSender, allow_from_env, parse_allow
 from ballast.gateway.async_api import AsyncAPI
@@ -69,7 +70,8 @@ def _route(d: DeploymentTargets) -> DeploymentRoute:
     cfg = target.config if target is not None else None
     llm = cfg is not None and cfg.engine is not None
     policy = cfg.routing.policy if cfg is not None else "auto"
-    versions = {n: VersionRoute(n, [Endpoint(rid, url, n) for rid, url in t.replicas], _served_name(t.config),
+    versions = {n: VersionRoute(n, [Endpoint(rid, url, n, meta={"remote": True} if rid in t.remote else {})
+                                    for rid, url in t.replicas], _served_name(t.config),
                                 frozenset(getattr(t.config.engine, "adapters", None) or ()))
                 for n, t in d.versions.items()}
     return DeploymentRoute(name=d.name, llm=llm, versions=versions, environments=environments,
@@ -82,10 +84,10 @@ def _route(d: DeploymentTargets) -> DeploymentRoute:
 
 
 def assemble(control: ControlPlane, backend: Backend, registry: CollectorRegistry,
-             webhook_allow: list[str] | None = None) -> tuple[Reconciler, Gateway]:
+             webhook_allow: list[str] | None = None, lease: Lease | None = None) -> tuple[Reconciler, Gateway]:
     """Build the reconciler and the gateway of one platform process, each knowing what it needs of the other."""
     autoscaler = Autoscaler()
-    reconciler = Reconciler(control, backend, autoscaler=autoscaler, registry=registry)
+    reconciler = Reconciler(control, backend, autoscaler=autoscaler, registry=registry, lease=lease)
     gateway = Gateway(StoreSource(control, reconciler.wake), registry)
     autoscaler.signal = install_async(control, gateway, webhook_allow or [])
     return reconciler, gateway

@@ -21,6 +21,23 @@ def test_p2c_prefers_less_loaded():
     assert all(router.choose(eps) is eps[1] for _ in range(20))
 
 
+def test_replicas_of_the_platforms_own_pool_first_then_spill_over_and_fail_over():
+    eps = _eps(4)
+    for e in eps[2:]:
+        e.meta["remote"] = True  # placed in another pool (another cluster or region)
+    router = Router(rng=random.Random(0), load_slack=4)
+    assert {router.choose(eps).replica_id for _ in range(50)} == {"r0", "r1"}
+    eps[0].outstanding = eps[1].outstanding = 5  # the own pool is busier than slack allows: all share
+    picks = Counter(router.choose(eps).replica_id for _ in range(60))
+    assert picks["r2"] + picks["r3"] > 30 and set(picks) == {"r0", "r1", "r2", "r3"}
+    eps[2].outstanding = eps[3].outstanding = 2
+    assert {router.choose(eps).replica_id for _ in range(50)} == {"r0", "r1"}  # within slack again
+    # The own pool's replicas refuse (a retry excludes them) or are ejected: the other pool serves.
+    assert router.choose(eps, exclude={"r0", "r1"}).replica_id in {"r2", "r3"}
+    eps[0].ejected_until = eps[1].ejected_until = time.monotonic() + 60
+    assert {router.choose(eps).replica_id for _ in range(20)} == {"r2", "r3"}
+
+
 def test_ejected_and_excluded_replicas_are_skipped():
     eps = _eps(3)
     eps[0].ejected_until = time.monotonic() + 60

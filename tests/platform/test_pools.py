@@ -1,0 +1,207 @@
+"""Capacity pools end to end: a real `ballast up` with two local pools, real replica processes, real failures.
+
+A second pool is another set of local processes (with its own logs directory). It is made to fail for real: its
+replica processes are SIGKILLed, and a file put where its logs directory was, so it cannot start new ones either.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import write_package
+from tests.control.platform import Platform, kill_leftovers, pid_alive
+
+MODEL = """
+import os
+
+class Model:
+    def predict(self, inputs):
+        return {"replica": os.environ["BALLAST_REPLICA_ID"], "inputs": inputs}
+"""
+
+
+def package(root: Path, name: str, extra: str = "") -> Path:
+    yaml = (f"name: {name}\nruntime: {{shutdown_grace_s: 2}}\nhealth: {{liveness_period_s: 0.5}}\n"
+            f"autoscaling: {{min_replicas: 2, max_replicas: 4}}\n{extra}")
+    return write_package(root, yaml, MODEL)
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    p = Platform(tmp_path_factory.mktemp("home"), retire_grace_s=4)
+    p.env["BALLAST_POOL_RETRY_S"] = "1"
+    p.start()
+    pids: list[int] = []
+    try:
+        yield p
+        pids = p.replica_pids()
+    finally:
+        p.stop()
+        kill_leftovers([pid for pid in pids if pid_alive(pid)])
+
+
+def ready(p: Platform, name: str, n: int) -> list[dict[str, Any]] | None:
+    reps = [r for r in p.show(name)["replicas"] if r["state"] == "ready"]
+    return reps if len(reps) == n else None
+
+
+def pools(p: Platform) -> dict[str, dict[str, Any]]:
+    return {x["name"]: x for x in p.api("GET", "/pools")["data"]}
+
+
+class Load(threading.Thread):
+    """Non-streaming requests through the gateway, one at a time, bounded in count."""
+
+    def __init__(self, p: Platform, name: str, max_requests: int = 5000):
+        super().__init__(daemon=True)
+        self.p, self.name, self.max_requests = p, name, max_requests
+        self.stop_flag = threading.Event()
+        self.sent = 0
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        headers = {"Authorization": f"Bearer {self.p.key}"}
+        with httpx.Client(timeout=30, headers=headers) as c:
+            while not self.stop_flag.is_set() and self.sent < self.max_requests:
+                self.sent += 1
+                try:
+                    r = c.post(f"{self.p.url}/deployments/{self.name}/predict", json={"i": self.sent})
+                    if r.status_code != 200:
+                        self.errors.append(f"{r.status_code}: {r.text[:200]}")
+                except httpx.HTTPError as e:
+                    self.errors.append(f"{type(e).__name__}: {e}")
+
+    def finish(self) -> None:
+        self.stop_flag.set()
+        self.join(60)
+
+
+def test_pools_cli_rest_and_placement(platform: Platform, tmp_path: Path) -> None:
+    p = platform
+    p.wait("the default pool", lambda: "local" in pools(p))
+    assert pools(p)["local"]["default"] and pools(p)["local"]["healthy"]
+    out = p.cli("pools", "add", "b", "--region", "west", "--label", "tier=spot", "--max-replicas", "3").stdout
+    assert "pool b added (local)" in out
+    listed = p.cli("pools", "list").stdout
+    assert "local (default)" in listed and "west" in listed and "healthy" in listed
+
+    # Bad input: OpenAI-style errors, nothing written.
+    assert p.api("POST", "/pools", json={"name": "b"}, expect=409)["error"]["code"] == "pool_exists"
+    assert p.api("POST", "/pools", json={"name": "Bad_Name"}, expect=400)["error"]["type"]
+    assert p.api("POST", "/pools", json={"name": "r", "ray_address": "../etc:1"}, expect=400)["error"]["type"]
+    assert p.api("POST", "/pools", json={"name": "r", "max_replicas": -1}, expect=400)["error"]["type"]
+    assert p.api("DELETE", "/pools/local", expect=409)["error"]["code"] == "pool_is_default"
+    assert p.api("DELETE", "/pools/nope", expect=404)["error"]["code"] == "pool_not_found"
+    assert set(pools(p)) == {"local", "b"}
+
+    # Spread: two replicas, one in each pool; `show` names the pool.
+    p.cli("deploy", str(package(tmp_path / "s", "spread")), "--wait", "--timeout", "90")
+    reps = p.wait("two ready replicas", lambda: ready(p, "spread", 2), timeout=60)
+    assert sorted(r["pool"] for r in reps) == ["b", "local"]
+    show = p.cli("show", "spread").stdout
+    assert " b " in show and " local " in show
+    assert p.api("DELETE", "/pools/b", expect=409)["error"]["code"] == "pool_not_empty"
+    # The logs of a replica in pool b are read like any other.
+    b_rep = next(r for r in reps if r["pool"] == "b")
+    assert f"[v1 {b_rep['id']}]" in p.cli("logs", "spread", "--tail", "50").stdout
+
+    # Pinned to pool b by ballast.yaml; pinned to a pool that does not exist: pending with the reason.
+    p.cli("deploy", str(package(tmp_path / "p", "pinned", "placement: {pools: [b]}\n")), "--wait", "--timeout", "90")
+    reps = p.wait("two ready pinned replicas", lambda: ready(p, "pinned", 2), timeout=60)
+    assert {r["pool"] for r in reps} == {"b"}
+    p.cli("deploy", str(package(tmp_path / "n", "nowhere", "placement: {pools: [mars]}\n")))
+
+    def pending() -> list[dict[str, Any]] | None:
+        reps = p.show("nowhere")["replicas"]
+        return reps if len(reps) == 2 and all(r["state"] == "pending" and r["reason"] for r in reps) else None
+
+    reps = p.wait("pending replicas", pending, timeout=30)
+    assert "no pool can take it: mars unknown" in reps[0]["reason"]
+    # Pool b holds 3 at most: pinned has 2, spread 1 -> full.
+    p.api("POST", "/deployments/pinned/scale", json={"env": "production", "min": 3, "max": 3})
+    p.wait("a pinned replica waits for room", lambda: any(
+        r["state"] == "pending" and "b full (3 replicas)" in (r["reason"] or "") for r in p.show("pinned")["replicas"]))
+    for name in ("pinned", "nowhere"):
+        p.api("DELETE", f"/deployments/{name}")
+
+    # Drain: b's replicas move to other pools (each once its replacement serves), then b can be removed.
+    assert "pool b draining" in p.cli("pools", "drain", "b").stdout
+    p.wait("spread leaves b", lambda: (lambda r: r is not None and {x["pool"] for x in r} == {"local"})(
+        ready(p, "spread", 2)) and not [x for x in p.show("spread")["replicas"] if x["pool"] == "b"], timeout=60)
+    p.wait("b is empty", lambda: pools(p)["b"]["replicas"]["total"] == 0, timeout=30)
+    assert "pool b active" in p.cli("pools", "drain", "b", "--undo").stdout
+    p.api("DELETE", "/deployments/spread")
+    p.wait("b is empty", lambda: pools(p)["b"]["replicas"]["total"] == 0, timeout=30)
+    assert "pool b removed" in p.cli("pools", "remove", "b").stdout
+    kinds = [e["kind"] for e in p.api("GET", "/events?deployment=-")["data"]]
+    assert {"pool_added", "pool_draining", "pool_active", "pool_removed"} <= set(kinds)
+
+
+def downs(p: Platform, pool: str) -> int:
+    return len([e for e in p.api("GET", "/events?deployment=-")["data"]
+                if e["kind"] == "pool_down" and e["data"]["pool"] == pool])
+
+
+def only_in(p: Platform, name: str, n: int, pools_: set[str]) -> list[dict[str, Any]] | None:
+    reps = ready(p, name, n)
+    return reps if reps and {x["pool"] for x in reps} == pools_ else None
+
+
+@pytest.mark.parametrize("lost", ["c", "local"])  # another pool; the platform's own one (the gateway prefers it)
+def test_pool_failover_under_load_and_recovery(platform: Platform, tmp_path: Path, lost: str) -> None:
+    p = platform
+    other = "local" if lost == "c" else "c"
+    name = f"fail-{lost}"
+    if "c" not in pools(p):
+        p.api("POST", "/pools", json={"name": "c"}, expect=201)
+    p.wait("pool c healthy", lambda: pools(p)["c"]["healthy"], timeout=30)
+    p.cli("deploy", str(package(tmp_path / "f", name)), "--wait", "--timeout", "90")
+    reps = p.wait("one replica in each pool", lambda: (lambda r: r if r and sorted(x["pool"] for x in r) ==
+                                                      ["c", "local"] else None)(ready(p, name, 2)), timeout=60)
+    victim = next(r for r in reps if r["pool"] == lost)
+    downs_before = downs(p, lost)
+    load = Load(p, name)
+    load.start()
+    logs = p.home / "logs" / ("_pools/c" if lost == "c" else "") / name
+    try:
+        p.wait("traffic", lambda: load.sent >= 20, timeout=30)
+        # The pool is lost for real: it cannot start replicas any more, and its processes die.
+        logs.rename(logs.with_name(name + ".saved"))
+        logs.write_text(f"not a directory: replicas of {name} cannot start in pool {lost}\n")
+        os.kill(victim["pid"], signal.SIGKILL)
+        p.wait(f"pool {lost} down", lambda: not pools(p)[lost]["healthy"], timeout=30)
+        moved = p.wait(f"two ready replicas in {other}", lambda: only_in(p, name, 2, {other}), timeout=60)
+        assert victim["id"] not in {r["id"] for r in moved}
+        sent_at_failover = load.sent
+        p.wait("traffic after the failover", lambda: load.sent >= sent_at_failover + 20, timeout=30)
+    finally:
+        load.finish()
+    assert load.errors == [], load.errors[:5]
+    down = [e for e in p.api("GET", "/events?deployment=-")["data"] if e["kind"] == "pool_down"][-1]
+    assert down["data"]["pool"] == lost and "failed" in down["message"]
+
+    # It comes back (retry after a backoff) while it still cannot start replicas: a replica placed there
+    # fails to start, and the pool goes down again; the replica is placed elsewhere.
+    p.wait(f"pool {lost} back", lambda: pools(p)[lost]["healthy"], timeout=30)
+    p.api("POST", f"/deployments/{name}/scale", json={"env": "production", "min": 3, "max": 3})
+    p.wait(f"{lost} down twice", lambda: downs(p, lost) >= downs_before + 2, timeout=60)
+    p.wait(f"three ready in {other}", lambda: only_in(p, name, 3, {other}), timeout=60)
+    # Repaired: once it is back it takes capacity again (the next replica spreads to it).
+    logs.unlink()
+    logs.with_name(name + ".saved").rename(logs)
+    p.wait(f"pool {lost} healthy", lambda: pools(p)[lost]["healthy"], timeout=60)
+    p.api("POST", f"/deployments/{name}/scale", json={"env": "production", "min": 4, "max": 4})
+    reps = p.wait(f"a replica in {lost} again", lambda: (lambda r: r if r and lost in {x["pool"] for x in r}
+                                                         else None)(ready(p, name, 4)), timeout=60)
+    assert [r["pool"] for r in reps].count(lost) == 1
+    assert "pool_up" in [e["kind"] for e in p.api("GET", "/events?deployment=-")["data"]]
+    p.api("DELETE", f"/deployments/{name}")
+    p.wait("its replicas stop", lambda: not p.show(name)["replicas"] if name in
+           [d["name"] for d in p.api("GET", "/deployments")["data"]] else True, timeout=30)
