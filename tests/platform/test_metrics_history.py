@@ -1,6 +1,6 @@
 """Metrics history end to end: a real `ballast up` sampling every second, real replicas (a Python model and a tiny
 LLM on the native engine), real traffic through the gateway, read back through the REST API; and the store's
-bounds and rollups on a real SQLite file."""
+bounds and rollups on real SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -139,8 +139,8 @@ def test_errors_of_the_route(plat: Platform) -> None:
 
 
 # ---- the store: bounded whatever the traffic, rollups from summed deltas -----------------------------------
-def test_the_table_stays_bounded_and_prunes_by_age(tmp_path: Path) -> None:
-    _engine, sessions = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+def test_the_table_stays_bounded_and_prunes_by_age(database_url: str) -> None:
+    _engine, sessions = open_store(database_url)
     with sessions() as s, s.begin():
         s.add(Deployment(name="work", created_at=utcnow()))
     history = MetricsHistory(sessions, fine_s=10)
