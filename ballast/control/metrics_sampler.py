@@ -13,10 +13,10 @@ import os
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
 from ballast.control.metrics_history import COARSE_S, MetricsHistory, Window
@@ -28,12 +28,14 @@ _HISTOGRAMS = {"ballast_gateway_request_duration_seconds": "latency",
                "ballast_gateway_inter_token_latency_seconds": "itl"}
 _REPLICA = {"ballast_llm_kv_cache_usage": "kv", "ballast_llm_prefix_cache_hits": "hits",
             "ballast_llm_prefix_cache_queries": "queries"}
+T = TypeVar("T")
 Targets = Callable[[], list[tuple[str, str, str]]]  # (deployment, replica id, url) of every ready replica
 
 
 def interval_from_env() -> int:
+    """Seconds between samples (BALLAST_METRICS_INTERVAL_S, default 10); 0 turns the metrics history off."""
     try:
-        return max(1, int(os.environ.get("BALLAST_METRICS_INTERVAL_S", "10")))
+        return max(0, int(os.environ.get("BALLAST_METRICS_INTERVAL_S", "10")))
     except ValueError:
         return 10
 
@@ -90,7 +92,10 @@ class Sampler:
         self._last_t = time.time()
         self._client: httpx.AsyncClient | None = None
         self._task: asyncio.Task[None] | None = None
-        self.samples = 0
+        self.cpu = Counter("ballast_metrics_history_cpu_seconds", "CPU time the metrics-history sampler spent "
+                           "(its own synchronous work; HTTP scrapes of replicas not included).", registry=registry)
+        self.samples = Counter("ballast_metrics_history_samples", "Samples taken into the metrics history.",
+                               registry=registry)
 
     async def start(self) -> None:
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(2.0, connect=1.0), trust_env=False)
@@ -119,14 +124,18 @@ class Sampler:
                 log.exception("sampling metrics failed; the next interval tries again")
 
     async def sample(self) -> None:
-        """One interval: read everything, write the fine point and grow the 5-minute one."""
+        """One interval: read everything, write the fine point and grow the 5-minute one. The CPU time of its own
+        synchronous work (reading, parsing, computing, the store) goes to `ballast_metrics_history_cpu_seconds`."""
+        t0 = time.thread_time()
         now = time.time()
         since = datetime.fromtimestamp(self._last_t, UTC)
         self._last_t = now
         seconds = float(self.interval_s)  # nominal: the loop keeps a fixed cadence, so rate x width = count
         gateway = self._delta_gateway(read_gateway(self.registry))
-        replicas = await self._scrape()
-        counts = await asyncio.to_thread(self.history.replica_gauges, since)
+        cpu = time.thread_time() - t0
+        replicas, parse_cpu = await self._scrape()
+        counts, store_cpu = await asyncio.to_thread(_timed, self.history.replica_gauges, since)
+        t1 = time.thread_time()
         windows = {dep: self._window(dep, seconds, gateway, replicas.get(dep, []), g) for dep, g in counts.items()}
         fine_ts = int(now // self.interval_s) * self.interval_s
         coarse_ts = int(now // COARSE_S) * COARSE_S
@@ -136,8 +145,10 @@ class Sampler:
             self._coarse.setdefault(dep, Window()).add(w)
         fine = {dep: w.values() for dep, w in windows.items()}
         coarse = {dep: self._coarse[dep].values() for dep in windows}
-        await asyncio.to_thread(self._write, fine_ts, fine, coarse_ts, coarse, now)
-        self.samples += 1
+        cpu += time.thread_time() - t1
+        _, write_cpu = await asyncio.to_thread(_timed, self._write, fine_ts, fine, coarse_ts, coarse, now)
+        self.cpu.inc(cpu + parse_cpu + store_cpu + write_cpu)
+        self.samples.inc()
 
     def _write(self, fine_ts: int, fine: dict[str, Any], coarse_ts: int, coarse: dict[str, Any], now: float) -> None:
         self.history.write(self.interval_s, fine_ts, fine)
@@ -157,6 +168,7 @@ class Sampler:
     def _window(self, dep: str, seconds: float, gateway: dict[tuple[str, str, float], float],
                 replicas: list[tuple[str, dict[str, float]]], gauges: dict[str, float]) -> Window:
         w = Window(seconds=seconds, cold_starts=int(gauges.get("cold_starts", 0)))
+        w.gauges["queue_depth"] = [0.0]  # the gauge exists once a request was held
         cumulative: dict[str, dict[float, float]] = {}
         for (d, name, le), v in gateway.items():
             if d != dep:
@@ -182,16 +194,21 @@ class Sampler:
                     w.prefix = [w.prefix[0] + hits, w.prefix[1] + queries]
         return w
 
-    async def _scrape(self) -> dict[str, list[tuple[str, dict[str, float]]]]:
-        """Each ready replica's metrics, concurrently; a replica that does not answer in time is left out."""
+    async def _scrape(self) -> tuple[dict[str, list[tuple[str, dict[str, float]]]], float]:
+        """Each ready replica's metrics, concurrently (a replica that does not answer in time is left out), and
+        the CPU time spent parsing them."""
         assert self._client is not None
         client = self._client
         targets = self.targets()
+        cpu = [0.0]
 
         async def one(url: str) -> dict[str, float]:
             try:
                 r = await client.get(url.rstrip("/") + "/metrics")
-                return parse_replica(r.text) if r.status_code == 200 else {}
+                t = time.thread_time()
+                out = parse_replica(r.text) if r.status_code == 200 else {}
+                cpu[0] += time.thread_time() - t
+                return out
             except (httpx.HTTPError, ValueError):
                 return {}
 
@@ -199,7 +216,14 @@ class Sampler:
         out: dict[str, list[tuple[str, dict[str, float]]]] = {}
         for (dep, rid, _url), m in zip(targets, results, strict=True):
             out.setdefault(dep, []).append((rid, m))
-        return out
+        return out, cpu[0]
+
+
+def _timed(fn: Callable[..., T], *args: Any) -> tuple[T, float]:
+    """`fn(*args)` and the CPU time it took on this thread."""
+    t = time.thread_time()
+    out = fn(*args)
+    return out, time.thread_time() - t
 
 
 def _per_bucket(cumulative: dict[float, float]) -> dict[float, float]:

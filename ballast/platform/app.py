@@ -29,6 +29,7 @@ from ballast.control import ControlError, ControlPlane, Reconciler
 from ballast.control.keys import KeyStore
 from ballast.control.metrics_history import MetricsHistory
 from ballast.control.metrics_sampler import interval_from_env
+from ballast.dashboard import routes as dashboard_routes
 from ballast.gateway.service import Gateway
 from ballast.observe import RequestIdMiddleware, is_loopback, request_id_var
 from ballast.openai import APIError, error_body
@@ -148,7 +149,9 @@ def create_app(control: ControlPlane, reconciler: Reconciler | None = None, *, g
     app.include_router(upload_router(changed))
     app.include_router(keys_api.router(KeyStore(control.sessions), refreshed))
     app.include_router(async_router())
-    app.include_router(metrics_api.router(MetricsHistory(control.sessions, interval_from_env())))
+    history = MetricsHistory(control.sessions, interval_from_env() or 10)
+    app.include_router(metrics_api.router(history))
+    app.router.routes.extend(dashboard_routes(control, history, changed, refreshed))  # the web dashboard at /
     openapi.install(app, public={"/health", "/api/v1/health"})
     app.add_middleware(RequestIdMiddleware)
     if gateway is None:

@@ -93,14 +93,18 @@ def assemble(control: ControlPlane, backend: Backend, registry: CollectorRegistr
     return reconciler, gateway
 
 
-def install_history(control: ControlPlane, gateway: Gateway, registry: CollectorRegistry) -> Sampler:
-    """The metrics-history sampler, a gateway companion reading its registry and its ready replicas."""
+def install_history(control: ControlPlane, gateway: Gateway, registry: CollectorRegistry) -> Sampler | None:
+    """The metrics-history sampler, a gateway companion reading its registry and its ready replicas (none when
+    BALLAST_METRICS_INTERVAL_S=0)."""
+    interval = interval_from_env()
+    if not interval:
+        return None
 
     def targets() -> list[tuple[str, str, str]]:
         return [(d.name, ep.replica_id, ep.url) for d in gateway.routes.values() for v in d.versions.values()
                 for ep in v.endpoints]
 
-    sampler = Sampler(MetricsHistory(control.sessions, interval_from_env()), registry, targets)
+    sampler = Sampler(MetricsHistory(control.sessions, interval), registry, targets)
     gateway.companions.append(sampler)
     return sampler
 
