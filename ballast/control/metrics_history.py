@@ -8,6 +8,7 @@ from the summed deltas of its window (not averaged percentiles), so its p99 is t
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -129,21 +130,25 @@ class MetricsHistory:
             s.execute(stmt.on_conflict_do_update(index_elements=["deployment", "resolution", "ts"],
                                                  set_={"values": stmt.excluded["values"]}))
 
-    def prune(self, now: float) -> None:
-        """Drop what is past its horizon: the table stays deployments x buckets rows."""
+    def prune(self, now: float, deployments: Iterable[str], orphans: bool = False) -> None:
+        """Drop what is past its horizon, deployment by deployment (along the primary key, never a table scan), and
+        with `orphans` the rows of deleted deployments: the table stays deployments x buckets rows."""
         with self.sessions() as s, s.begin():
-            s.execute(delete(MetricPoint).where(MetricPoint.resolution == self.fine_s,
-                                                MetricPoint.ts < int(now) - FINE_KEEP_S))
-            s.execute(delete(MetricPoint).where(MetricPoint.resolution == COARSE_S,
-                                                MetricPoint.ts < int(now) - COARSE_KEEP_S))
-            s.execute(delete(MetricPoint).where(MetricPoint.deployment.not_in(select(Deployment.name))))
+            for d in deployments:
+                for resolution, keep in ((self.fine_s, FINE_KEEP_S), (COARSE_S, COARSE_KEEP_S)):
+                    s.execute(delete(MetricPoint).where(MetricPoint.deployment == d,
+                                                        MetricPoint.resolution == resolution,
+                                                        MetricPoint.ts < int(now) - keep))
+            if orphans:
+                s.execute(delete(MetricPoint).where(MetricPoint.deployment.not_in(select(Deployment.name))))
 
     def query(self, deployment: str, range_: str, now: float) -> dict[str, Any]:
         """Columnar series for a chart: `t` (bucket starts, Unix s) and one list per series, oldest first."""
         span = RANGES.get(range_)
         if span is None:
             raise ControlError(400, f"range must be one of {', '.join(RANGES)}", "invalid_range", "range")
-        resolution = COARSE_S if span > FINE_KEEP_S else self.fine_s
+        # A day of 10 s points is 8,640 per series, more than a chart is wide: 24h and 7d read the 5-minute points.
+        resolution = COARSE_S if span >= FINE_KEEP_S else self.fine_s
         with self.sessions() as s:
             if s.scalar(select(Deployment.id).where(Deployment.name == deployment)) is None:
                 raise ControlError(404, f"no deployment named {deployment!r}", "deployment_not_found", "name")

@@ -139,21 +139,23 @@ class Sampler:
         windows = {dep: self._window(dep, seconds, gateway, replicas.get(dep, []), g) for dep, g in counts.items()}
         fine_ts = int(now // self.interval_s) * self.interval_s
         coarse_ts = int(now // COARSE_S) * COARSE_S
-        if coarse_ts != self._coarse_ts:
+        new_bucket = coarse_ts != self._coarse_ts
+        if new_bucket:
             self._coarse, self._coarse_ts = {}, coarse_ts
         for dep, w in windows.items():
             self._coarse.setdefault(dep, Window()).add(w)
         fine = {dep: w.values() for dep, w in windows.items()}
         coarse = {dep: self._coarse[dep].values() for dep in windows}
         cpu += time.thread_time() - t1
-        _, write_cpu = await asyncio.to_thread(_timed, self._write, fine_ts, fine, coarse_ts, coarse, now)
+        _, write_cpu = await asyncio.to_thread(_timed, self._write, fine_ts, fine, coarse_ts, coarse, new_bucket)
         self.cpu.inc(cpu + parse_cpu + store_cpu + write_cpu)
         self.samples.inc()
 
-    def _write(self, fine_ts: int, fine: dict[str, Any], coarse_ts: int, coarse: dict[str, Any], now: float) -> None:
+    def _write(self, fine_ts: int, fine: dict[str, Any], coarse_ts: int, coarse: dict[str, Any],
+               new_bucket: bool) -> None:
         self.history.write(self.interval_s, fine_ts, fine)
         self.history.write(COARSE_S, coarse_ts, coarse)
-        self.history.prune(now)
+        self.history.prune(fine_ts, fine, orphans=new_bucket)  # deleted deployments: every 5 minutes
 
     def _delta(self, key: Any, value: float) -> float:
         """The increase of a cumulative value since the last sample (a reset counts from zero)."""

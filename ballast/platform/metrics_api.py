@@ -24,7 +24,7 @@ def router(history: MetricsHistory) -> APIRouter:
         """The deployment's metrics history: `t` (bucket starts, Unix seconds) and one list per series
         (requests/s by status class, error rate, latency, TTFT and inter-token p50/p95/p99, tokens/s, replicas,
         held queue, KV-cache use, prefix-cache hit rate, cold starts), oldest first; null where nothing was
-        measured. 10 s buckets up to 24h, 5 min buckets for 7d."""
+        measured. 10 s buckets for 15m and 1h, 5 min buckets for 24h and 7d."""
         return await run_in_threadpool(history.query, name, range, time.time())
 
     return api
