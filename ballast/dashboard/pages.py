@@ -61,8 +61,10 @@ async def metrics(dash: Dash, request: Request) -> Response:
     range_ = request.query_params.get("range", "1h")
     try:
         data = await run_in_threadpool(dash.history.query, name, range_, time.time())
-    except ControlError as e:
-        return JSONResponse({"error": e.message}, status_code=e.status)
+    except ControlError as e:  # the OpenAI error shape the REST API uses (x-request-id is set by the middleware)
+        kind = "invalid_request_error" if e.status == 400 else "not_found_error"
+        return JSONResponse({"error": {"message": e.message, "type": kind, "param": e.param, "code": e.code}},
+                            status_code=e.status)
     return JSONResponse(data, headers={"cache-control": "no-store"})
 
 

@@ -95,7 +95,8 @@ def test_a_key_limited_to_one_deployment_sees_only_it(plat: Platform) -> None:
 def test_bad_input_is_a_page_not_a_stack_trace(plat: Platform) -> None:
     c = sign_in(plat, plat.key)
     assert c.get("/ui/deployments/Not_A_Name").status_code == 404
-    assert c.get("/ui/deployments/alpha/metrics", params={"range": "2y"}).status_code == 400
+    r = c.get("/ui/deployments/alpha/metrics", params={"range": "2y"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "range" and r.headers["x-request-id"]
     assert c.get("/ui/static/..%2f..%2fstate.db").status_code == 404
     assert c.get("/ui/usage", params={"days": "-1"}).status_code == 200
     page = c.get("/ui/deployments/alpha").text
