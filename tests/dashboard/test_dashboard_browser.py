@@ -123,10 +123,12 @@ def test_sign_in(page: Any, plat: Platform) -> None:
 
 def test_watch_a_deployment_go_ready(page: Any, plat: Platform) -> None:
     page.goto("/")
+    expect(page.get_by_text("No deployments yet")).to_be_visible()
     plat.api("POST", "/deployments", expect=201, json={"path": str(_package(plat.root, 1))})  # type: ignore[attr-defined]
     row = page.get_by_role("row").filter(has=page.get_by_role("link", name="work"))
     expect(row).to_be_visible()  # polled in, no reload
     expect(row.get_by_text("healthy")).to_be_visible(timeout=90_000)
+    expect(page.get_by_text("No deployments yet")).to_have_count(0)
     expect(row).to_contain_text("1 / 1")
     expect(row).to_contain_text("production → v1")
     shot(page, "deployments")
