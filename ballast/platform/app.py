@@ -27,11 +27,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ballast.control import ControlError, ControlPlane, Reconciler
 from ballast.control.keys import KeyStore
+from ballast.control.metrics_history import MetricsHistory
+from ballast.control.metrics_sampler import interval_from_env
 from ballast.control.pools import PoolStore
+from ballast.dashboard import routes as dashboard_routes
 from ballast.gateway.service import Gateway
 from ballast.observe import RequestIdMiddleware, is_loopback, request_id_var
 from ballast.openai import APIError, error_body
-from ballast.platform import deployments, keys_api, openapi, pools_api
+from ballast.platform import deployments, keys_api, metrics_api, openapi, pools_api
 from ballast.platform.async_routes import async_router
 from ballast.platform.uploads import upload_router
 
@@ -148,6 +151,9 @@ def create_app(control: ControlPlane, reconciler: Reconciler | None = None, *, g
     app.include_router(keys_api.router(KeyStore(control.sessions), refreshed))
     app.include_router(async_router())
     app.include_router(pools_api.router(PoolStore(control.sessions), changed))
+    history = MetricsHistory(control.sessions, interval_from_env() or 10)
+    app.include_router(metrics_api.router(history))
+    app.router.routes.extend(dashboard_routes(control, history, changed, refreshed))  # the web dashboard at /
     openapi.install(app, public={"/health", "/api/v1/health"})
     app.add_middleware(RequestIdMiddleware)
     if gateway is None:

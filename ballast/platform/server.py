@@ -150,6 +150,7 @@ def run_platform(opts: PlatformOptions, announce: Callable[[str], None] = print)
     announce(f"ballast platform: {base}/api/v1 (store: {safe_url(url)}, home: {home}; "
              f"API docs: {base}/api/v1/docs)")
     announce(f"OpenAI-compatible gateway: {base}/v1 (keys: `ballast keys create --scope inference`)")
+    announce(f"dashboard: {base}/ (sign in with an API key)")
     if not ssl and not is_loopback(opts.host):
         announce(PLAINTEXT_WARNING.format(host=opts.host))
     if secret:

@@ -21,6 +21,8 @@ from ballast.control.autoscaler import Autoscaler
 from ballast.control.batches import BatchStore
 from ballast.control.keys import KeyRecord, KeyStore
 from ballast.control.lease import Lease
+from ballast.control.metrics_history import MetricsHistory
+from ballast.control.metrics_sampler import Sampler, interval_from_env
 from ballast.control.snapshot import DeploymentTargets
 from ballast.control.webhooks import WebhookSecrets, WebhookSender, allow_from_env, parse_allow
 from ballast.gateway.async_api import AsyncAPI
@@ -90,7 +92,24 @@ def assemble(control: ControlPlane, backend: Backend, registry: CollectorRegistr
     reconciler = Reconciler(control, backend, autoscaler=autoscaler, registry=registry, lease=lease)
     gateway = Gateway(StoreSource(control, reconciler.wake), registry)
     autoscaler.signal = install_async(control, gateway, webhook_allow or [])
+    install_history(control, gateway, registry)
     return reconciler, gateway
+
+
+def install_history(control: ControlPlane, gateway: Gateway, registry: CollectorRegistry) -> Sampler | None:
+    """The metrics-history sampler, a gateway companion reading its registry and its ready replicas (none when
+    BALLAST_METRICS_INTERVAL_S=0)."""
+    interval = interval_from_env()
+    if not interval:
+        return None
+
+    def targets() -> list[tuple[str, str, str]]:
+        return [(d.name, ep.replica_id, ep.url) for d in gateway.routes.values() for v in d.versions.values()
+                for ep in v.endpoints]
+
+    sampler = Sampler(MetricsHistory(control.sessions, interval), registry, targets)
+    gateway.companions.append(sampler)
+    return sampler
 
 
 def install_async(control: ControlPlane, gateway: Gateway, webhook_allow: list[str]) -> Dispatcher:

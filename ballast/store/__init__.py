@@ -3,6 +3,7 @@
 from ballast.store.async_tables import AsyncRequest
 from ballast.store.batch_tables import Batch, BatchFile
 from ballast.store.db import default_url, make_engine, open_store, safe_url, session_factory, upgrade
+from ballast.store.metric_tables import MetricPoint
 from ballast.store.pool_tables import Pool
 from ballast.store.tables import (
     ApiKey,
@@ -28,6 +29,7 @@ __all__ = [
     "Deployment",
     "Environment",
     "Event",
+    "MetricPoint",
     "Pool",
     "Replica",
     "Setting",
