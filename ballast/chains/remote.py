@@ -1,8 +1,10 @@
 """A dependency that is another deployment: the same `StepHandle` rules, the call made through the gateway.
 
-The caller's request id and what is left of its deadline travel in an envelope around the inputs; a
-`ChainError` raised on the far side comes back as an error body (code `chain_<kind>`, param = the step) and
-is raised here again as the same `ChainError`, so a deployed chain fails exactly like a local one.
+The caller's request id, what is left of its deadline and the trace id travel in an envelope around the inputs
+(the trace id also as `traceparent`); a `ChainError` raised on the far side comes back as an error body (code
+`chain_<kind>`, param = the step) and is raised here again as the same `ChainError`, so a deployed chain fails
+exactly like a local one. A step that could not answer at all (its replica died: 502/503) raises
+`StepUnavailable`, which the handle retries when the step is idempotent.
 """
 
 from __future__ import annotations
@@ -12,17 +14,26 @@ from typing import Any
 import httpx
 
 from ballast.chains.chainlet import Contract, Dependency
-from ballast.chains.context import current_request_id, remaining_s
+from ballast.chains.context import current_request_id, remaining_s, trace_id_var
 from ballast.chains.errors import ChainError, Kind
 from ballast.chains.handle import StepHandle
+from ballast.observe.hops import ENVELOPE, trace_headers
 
-ENVELOPE = "__ballast_chain__"
 KINDS: dict[str, Kind] = {"chain_error": "error", "chain_contract": "contract", "chain_deadline": "deadline"}
+UNAVAILABLE = (502, 503)
+
+__all__ = ["ENVELOPE", "RemoteHandle", "StepUnavailable", "decode_error", "envelope"]
 
 
-def envelope(inputs: dict[str, Any], request_id: str, deadline_s: float | None) -> dict[str, Any]:
-    """The body of one hop: the step's inputs plus the request id and the seconds left."""
-    return {ENVELOPE: {"request_id": request_id, "deadline_s": deadline_s}, "inputs": inputs}
+class StepUnavailable(ConnectionError):
+    """The step gave no answer of its own (no replica, or its replica died mid-call)."""
+
+
+def envelope(inputs: dict[str, Any], request_id: str, deadline_s: float | None, trace_id: str = ""
+             ) -> dict[str, Any]:
+    """The body of one hop: the step's inputs plus the request id, the seconds left and the trace id."""
+    return {ENVELOPE: {"request_id": request_id, "deadline_s": deadline_s, "trace_id": trace_id or None},
+            "inputs": inputs}
 
 
 def decode_error(status: int, body: Any, step: str, request_id: str) -> ChainError:
@@ -34,25 +45,39 @@ def decode_error(status: int, body: Any, step: str, request_id: str) -> ChainErr
     return ChainError(step, request_id, f"HTTP {status} from the gateway: {message}")
 
 
+def _from_a_step(body: Any) -> bool:
+    err = body.get("error") if isinstance(body, dict) else None
+    return isinstance(err, dict) and err.get("code") in KINDS
+
+
 class RemoteHandle(StepHandle):
-    """`self.embed` when Embed runs as its own deployment: `POST {gateway}/deployments/{name}/predict`."""
+    """`self.embed` when Embed runs as its own deployment: `POST {gateway}/deployments/{name}[/versions/{n}]/predict`
+    (a chain version pins the versions of the steps its steps call)."""
 
     def __init__(self, contract: Contract, dep: Dependency, gateway_url: str, deployment: str, api_key: str,
-                 client: httpx.AsyncClient) -> None:
+                 client: httpx.AsyncClient, version: int | None = None) -> None:
         super().__init__(None, contract, dep)  # type: ignore[arg-type]
-        self.url = f"{gateway_url.rstrip('/')}/deployments/{deployment}/predict"
+        pinned = f"/versions/{version}" if version else ""
+        self.url = f"{gateway_url.rstrip('/')}/deployments/{deployment}{pinned}/predict"
         self.api_key = api_key
         self.client = client
 
     async def _once(self, inputs: dict[str, Any]) -> Any:
         rid = current_request_id()
+        trace = trace_id_var.get()
         payload = self._contract.inputs.model_validate(inputs).model_dump(mode="json")
-        headers = {"Authorization": f"Bearer {self.api_key}", "x-request-id": rid}
-        r = await self.client.post(self.url, json=envelope(payload, rid, remaining_s()), headers=headers)
+        headers = {"Authorization": f"Bearer {self.api_key}", "x-request-id": rid, **trace_headers(trace)}
+        try:
+            r = await self.client.post(self.url, json=envelope(payload, rid, remaining_s(), trace), headers=headers)
+        except httpx.TransportError as e:
+            raise StepUnavailable(f"the gateway could not be reached: {e!r}") from None
         try:
             body = r.json()
         except ValueError:
             body = r.text
         if r.status_code != 200:
-            raise decode_error(r.status_code, body, self.step, rid)
+            err = decode_error(r.status_code, body, self.step, rid)
+            if r.status_code in UNAVAILABLE and not _from_a_step(body):
+                raise StepUnavailable(err.message)
+            raise err
         return body

@@ -30,7 +30,7 @@ from ballast.control.keys import KeyStore
 from ballast.gateway.service import Gateway
 from ballast.observe import RequestIdMiddleware, is_loopback, request_id_var
 from ballast.openai import APIError, error_body
-from ballast.platform import deployments, keys_api, openapi
+from ballast.platform import chains_api, deployments, keys_api, openapi
 from ballast.platform.async_routes import async_router
 from ballast.platform.uploads import upload_router
 
@@ -146,6 +146,7 @@ def create_app(control: ControlPlane, reconciler: Reconciler | None = None, *, g
     app.include_router(upload_router(changed))
     app.include_router(keys_api.router(KeyStore(control.sessions), refreshed))
     app.include_router(async_router())
+    app.include_router(chains_api.router(control, changed))
     openapi.install(app, public={"/health", "/api/v1/health"})
     app.add_middleware(RequestIdMiddleware)
     if gateway is None:
@@ -197,7 +198,7 @@ class Front:
     """The platform's ASGI app: inference paths go straight to the gateway's routes, everything else (and the
     lifespan) to the REST API."""
 
-    PREFIXES = ("/v1/", "/deployments/", "/metrics", "/async_requests/")
+    PREFIXES = ("/v1/", "/deployments/", "/metrics", "/async_requests/", "/chains/")
 
     def __init__(self, api: FastAPI, gateway_app: ASGIApp):
         self.api = api

@@ -14,7 +14,7 @@ from ballast.store import Base, open_store
 from tests.conftest import write_package
 
 TABLES = {"deployments", "versions", "environments", "replicas", "events", "api_keys", "usage", "settings",
-          "async_requests", "batches", "batch_files"}
+          "async_requests", "batches", "batch_files", "chain_versions", "chain_environments"}
 
 
 def _pkg(root: Path, i: int) -> Path:
@@ -25,7 +25,7 @@ def test_migrations_reach_head_and_are_idempotent(database_url):
     engine, _ = open_store(database_url)
     assert set(sa.inspect(engine).get_table_names()) >= TABLES
     with engine.connect() as c:
-        assert c.execute(sa.text("select version_num from alembic_version")).scalar() == "0004"
+        assert c.execute(sa.text("select version_num from alembic_version")).scalar() == "0008"
         # The migrations produce exactly the schema the models describe.
         diff = compare_metadata(MigrationContext.configure(c, opts={"compare_type": True}), Base.metadata)
         assert diff == []
