@@ -17,7 +17,7 @@ from ballast.chains.chainlet import Contract, Dependency
 from ballast.chains.context import current_request_id, remaining_s, trace_id_var
 from ballast.chains.errors import ChainError, Kind
 from ballast.chains.handle import StepHandle
-from ballast.observe.hops import ENVELOPE, trace_headers
+from ballast.observe.hops import ENVELOPE, IDEMPOTENT_HEADER, trace_headers
 
 KINDS: dict[str, Kind] = {"chain_error": "error", "chain_contract": "contract", "chain_deadline": "deadline"}
 UNAVAILABLE = (502, 503)
@@ -51,14 +51,17 @@ def _from_a_step(body: Any) -> bool:
 
 
 class RemoteHandle(StepHandle):
-    """`self.embed` when Embed runs as its own deployment: `POST {gateway}/deployments/{name}[/versions/{n}]/predict`
-    (a chain version pins the versions of the steps its steps call)."""
+    """`self.embed` when Embed runs as its own deployment: `POST {gateway}/chains/{chain}/steps/{deployment}/
+    versions/{n}/run` (a chain version pins the versions of the steps its steps call; the gateway's chain routes
+    cancel the call when its caller goes away), or `/deployments/{name}/predict` without a pinned version."""
 
     def __init__(self, contract: Contract, dep: Dependency, gateway_url: str, deployment: str, api_key: str,
-                 client: httpx.AsyncClient, version: int | None = None) -> None:
+                 client: httpx.AsyncClient, version: int | None = None, chain: str = "") -> None:
         super().__init__(None, contract, dep)  # type: ignore[arg-type]
-        pinned = f"/versions/{version}" if version else ""
-        self.url = f"{gateway_url.rstrip('/')}/deployments/{deployment}{pinned}/predict"
+        self.idempotent = dep.target.config.idempotent
+        base = gateway_url.rstrip("/")
+        self.url = (f"{base}/chains/{chain}/steps/{deployment}/versions/{version}/run" if version and chain
+                    else f"{base}/deployments/{deployment}/predict")
         self.api_key = api_key
         self.client = client
 
@@ -66,7 +69,8 @@ class RemoteHandle(StepHandle):
         rid = current_request_id()
         trace = trace_id_var.get()
         payload = self._contract.inputs.model_validate(inputs).model_dump(mode="json")
-        headers = {"Authorization": f"Bearer {self.api_key}", "x-request-id": rid, **trace_headers(trace)}
+        headers = {"Authorization": f"Bearer {self.api_key}", "x-request-id": rid, **trace_headers(trace),
+                   IDEMPOTENT_HEADER: "true" if self.idempotent else "false"}
         try:
             r = await self.client.post(self.url, json=envelope(payload, rid, remaining_s(), trace), headers=headers)
         except httpx.TransportError as e:

@@ -63,7 +63,7 @@ class StepModel:
                         self.chain, KEY_VAR)
         self.client = httpx.AsyncClient(timeout=None, trust_env=False)
         handles = {name: RemoteHandle(contract_of(d.target), d, gateway, deployment_name(self.chain, d.target.__name__),
-                                      key, self.client, self.versions.get(d.target.__name__))
+                                      key, self.client, self.versions.get(d.target.__name__), self.chain)
                    for name, d in deps.items()}
         self.handle = StepHandle(cls(**handles), contract_of(cls), Dependency(cls))
 

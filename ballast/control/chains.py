@@ -31,6 +31,7 @@ class ChainTarget:
 
     environments: dict[str, tuple[str, int]]
     versions: dict[int, tuple[str, int]]
+    steps: set[str]  # every step deployment of every version: the calls between steps go to these
 
 
 def _entry_version(v: ChainVersion) -> tuple[str, int]:
@@ -173,8 +174,10 @@ class ChainStore:
             envs = s.scalars(select(ChainEnvironment)).all()
             by_version = {(v.chain, v.number): _entry_version(v) for v in versions}
         out: dict[str, ChainTarget] = {}
-        for (chain, number), target in by_version.items():
-            out.setdefault(chain, ChainTarget({}, {})).versions[number] = target
+        for v in versions:
+            t = out.setdefault(v.chain, ChainTarget({}, {}, set()))
+            t.versions[v.number] = by_version[(v.chain, v.number)]
+            t.steps.update(s["deployment"] for s in v.steps)
         for e in envs:
             if (e.chain, e.version) in by_version:
                 out[e.chain].environments[e.name] = by_version[(e.chain, e.version)]

@@ -10,6 +10,7 @@ request id, the caller's deadline (`x-ballast-deadline`) and one trace id (from 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import time
@@ -22,7 +23,14 @@ from starlette.responses import Response
 from ballast.control.chains import ChainTarget
 from ballast.gateway.service import Gateway, _read_body
 from ballast.observe import current_request_id
-from ballast.observe.hops import DEADLINE_HEADER, ENVELOPE, TRACE_HEADER, new_trace_id, trace_id_of
+from ballast.observe.hops import (
+    DEADLINE_HEADER,
+    ENVELOPE,
+    IDEMPOTENT_HEADER,
+    TRACE_HEADER,
+    new_trace_id,
+    trace_id_of,
+)
 from ballast.openai import APIError
 
 Route = tuple[str, Callable[[Request], Awaitable[Response]], list[str]]
@@ -65,6 +73,11 @@ class ChainRoutes:
         chain = (await self._current()).get(name)
         if chain is None:
             raise APIError(404, f"the chain `{name}` does not exist", param="name", code="chain_not_found")
+        if "step" in params:  # a call between steps: the version is the one the calling step pins
+            if params["step"] not in chain.steps:
+                raise APIError(404, f"chain `{name}` has no step `{params['step']}`", param="step",
+                               code="chain_not_found")
+            return f"{params['step']}:{params['version']}"
         if "version" in params:
             target = chain.versions.get(int(params["version"]))
             where = f"version {params['version']}"
@@ -91,11 +104,38 @@ class ChainRoutes:
             meta.update({k: v for k, v in given.items() if v is not None and k in meta})
             inputs = inputs.get("inputs", {})
         body = json.dumps({ENVELOPE: meta, "inputs": inputs}).encode()
-        response = await gw.forward(key, "predict", model, body, None, request.headers.get("x-ballast-session"),
-                                    started)
+        # A call between steps says whether the step may run twice; a client's call to the entry is a predict.
+        resend = "step" not in request.path_params or request.headers.get(IDEMPOTENT_HEADER) == "true"
+        work = gw.forward(key, "predict", model, body, None, request.headers.get("x-ballast-session"), started,
+                          resend=resend)
+        response = await _unless_disconnected(work, request)
         response.headers[TRACE_HEADER] = str(meta["trace_id"])
         return response
 
     def routes(self) -> list[Route]:
         return [(path, self.run, ["POST"]) for path in (
-            "/chains/{name}/run", "/chains/{name}/environments/{env}/run", "/chains/{name}/versions/{version:int}/run")]
+            "/chains/{name}/run", "/chains/{name}/environments/{env}/run", "/chains/{name}/versions/{version:int}/run",
+            "/chains/{name}/steps/{step}/versions/{version:int}/run")]
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Returns when the client goes away (its body has been read, so only a disconnect can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(work: Awaitable[Response], request: Request) -> Response:
+    """Run the forward, cancelling it when the client disconnects: the replica sees its connection close and
+    cancels the step, whose own calls to other steps close in turn, so a cancelled client cancels the tree."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return Response(status_code=499)  # nobody is listening; for the logs and metrics only

@@ -12,6 +12,7 @@ import secrets
 ENVELOPE = "__ballast_chain__"
 TRACE_HEADER = "x-ballast-trace"
 DEADLINE_HEADER = "x-ballast-deadline"  # seconds the whole chain may take, from the caller
+IDEMPOTENT_HEADER = "x-ballast-idempotent"  # "true" on a call to a step that may run twice (the gateway may resend)
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 _TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
 
