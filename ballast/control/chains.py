@@ -132,7 +132,9 @@ class ChainStore:
     def _move(self, chain: str, env: str, number: int, previous: int | None, actor: str, verb: str
               ) -> dict[str, Any]:
         with self.sessions() as s:
-            steps = list(self._version(s, chain, number).steps)
+            row = self._version(s, chain, number)
+            steps = list(row.steps)
+            self._check_steps(s, row.entry, steps)  # every step version still exists: move all or none
         moved = [{**st, **self.control.promote(st["deployment"], st["version"], env, actor=actor)} for st in steps]
         with self.control.lock, self.sessions() as s, s.begin():
             row = s.scalar(select(ChainEnvironment).where(ChainEnvironment.chain == chain,
