@@ -12,6 +12,7 @@ from contextvars import ContextVar
 
 request_id_var: ContextVar[str] = ContextVar("ballast_chain_request_id", default="")
 deadline_var: ContextVar[float | None] = ContextVar("ballast_chain_deadline", default=None)
+trace_id_var: ContextVar[str] = ContextVar("ballast_chain_trace_id", default="")  # one id for every hop
 
 
 def current_request_id() -> str:

@@ -10,9 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from ballast.chains import LocalChain, find_entry, load_module
-from ballast.chains.deploy import build_packages
-from ballast.chains.local import chain_steps
-from ballast.chains.serve import KEY_FILE, deployment_name
+from ballast.chains.deploy import StepPackage, build_packages
 from ballast.cli.options import KeyOpt, UrlOpt, make_console
 from ballast.cli.platform_client import PlatformClient
 from ballast.home import ballast_home
@@ -50,44 +48,66 @@ def run(
     asyncio.run(_run(chain, inputs, deadline, request_id))
 
 
-def _chain_key(c: PlatformClient, chain: str, names: list[str], key_file: Path) -> str:
-    """The chain's key from the last deploy while it is still active and fits; else a new one.
-
-    Reusing it keeps unchanged steps' packages identical, so a redeploy of an unchanged chain reuses versions.
-    """
-    label = f"chain {chain}"
-    old = key_file.read_text().strip() if key_file.is_file() else ""
-    if old:
-        for k in c.get("/keys")["data"]:
-            if (k["name"] == label and not k["revoked_at"] and old.startswith(k["prefix"])
-                    and sorted(k["deployments"] or []) == sorted(names)):
-                return old
-    return str(c.post("/keys", {"name": label, "scopes": ["inference"], "deployments": names})["key"])
-
-
 @app.command("deploy")
 def deploy(
     path: Annotated[str, typer.Argument(help="The Python file that defines the chain's steps.")],
     name: Annotated[str, typer.Option("--name", "-n", help="Chain name; step Embed deploys as NAME-embed.")],
+    env: Annotated[str, typer.Option(help="The environment the new chain version serves.")] = "production",
     out: Annotated[Path | None, typer.Option(help="Where the generated packages go "
                                              "(default $BALLAST_HOME/chains/NAME).")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for each step to be ready.")] = 900.0,
     url: UrlOpt = None,
     api_key: KeyOpt = None,
 ) -> None:
-    """Deploy each step as its own deployment (dependencies first); steps call each other through the gateway."""
+    """Deploy each step as its own deployment (dependencies first), record them as one chain version and
+    promote it to ENV; steps call each other through the gateway with a key the platform issues."""
     c = PlatformClient(url, api_key)
-    entry = find_entry(load_module(path))
-    names = [deployment_name(name, s.__name__) for s in chain_steps(entry)]
     out_dir = (out or ballast_home() / "chains" / name).resolve()
-    key = _chain_key(c, name, names, out_dir / names[-1] / KEY_FILE)
-    packages = build_packages(path, name, out_dir, c.url, key)
-    for pkg in packages:
-        r = c.deploy(pkg.path, pkg.deployment, None)
-        c.wait_for(r["deployment"], r["version"], None, timeout)
-        console.print(f"{pkg.step}: {r['deployment']} version {r['version']} ready")
-    entry_pkg = next(p for p in packages if p.entry)
-    console.print(f"call it: POST {c.url}/deployments/{entry_pkg.deployment}/predict")
+
+    def upload(pkg: StepPackage) -> int:
+        return int(c.deploy(pkg.path, pkg.deployment, None)["version"])
+
+    built = build_packages(path, name, out_dir, c.url, upload)
+    entry = next(p for p, _ in built if p.entry)
+    steps = [{"step": p.step, "deployment": p.deployment, "version": v} for p, v in built]
+    version = c.post(f"/chains/{name}/versions", {"entry": entry.deployment, "steps": steps})
+    c.post(f"/chains/{name}/promote", {"version": version["version"], "env": env})
+    for p, v in built:
+        c.wait_for(p.deployment, v, env, timeout)
+        console.print(f"{p.step}: {p.deployment} version {v} ready")
+    reused = " (unchanged: reused)" if version["reused"] else ""
+    console.print(f"chain {name} version {version['version']}{reused} serves {env}")
+    route = "run" if env == "production" else f"environments/{env}/run"
+    console.print(f"call it: POST {c.url}/chains/{name}/{route}")
+
+
+def _show(result: dict[str, Any]) -> None:
+    for st in result["steps"]:
+        console.print(f"{st['step']}: {st['deployment']} version {st['version']} ({st.get('state', '')})")
+    console.print(f"chain {result['chain']}: {result['environment']} -> version {result['version']}")
+
+
+@app.command("promote")
+def promote(
+    name: Annotated[str, typer.Argument(help="The chain.")],
+    version: Annotated[int | None, typer.Option("--version", help="Chain version (default: the newest).")] = None,
+    env: Annotated[str, typer.Option(help="Environment to move.")] = "production",
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+) -> None:
+    """Move ENV of the chain and of every step to a chain version, together."""
+    _show(PlatformClient(url, api_key).post(f"/chains/{name}/promote", {"version": version, "env": env}))
+
+
+@app.command("rollback")
+def rollback(
+    name: Annotated[str, typer.Argument(help="The chain.")],
+    env: Annotated[str, typer.Option(help="Environment to move back.")] = "production",
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+) -> None:
+    """Point ENV of the chain and of every step back at the chain version it served before."""
+    _show(PlatformClient(url, api_key).post(f"/chains/{name}/rollback", {"env": env}))
 
 
 def register(root: typer.Typer) -> None:

@@ -35,6 +35,7 @@ from ballast.backends import Backend, ReplicaSpec, ReplicaStatus
 from ballast.backends.pools import PoolBackend
 from ballast.control.actuator import Actuator, Launched, ReplicaRow
 from ballast.control.autoscaler import Autoscaler
+from ballast.control.chain_keys import ChainKeys
 from ballast.control.events import add_event
 from ballast.control.failover import Failover
 from ballast.control.health import ACTIVE_STATES, Probe, ReplicaState, Verdict, assess
@@ -110,6 +111,7 @@ class Reconciler:
         self.actuator = Actuator(self.backend, self.settings.drain_s, self._remove)
         self.prober = Prober()
         self.dev = DevWatcher()
+        self.chain_keys = ChainKeys(control.sessions)  # step replicas of a chain get its internal key
         self._live_failures: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
         self._adopted = False
@@ -121,6 +123,7 @@ class Reconciler:
     # ---- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self.chain_keys.secret, "")  # read (or make) the platform secret outside any tick
         await self.prober.start()
         self._task = asyncio.create_task(self._run(), name="ballast-reconciler")
 
@@ -300,10 +303,10 @@ class Reconciler:
         if self.metrics is not None:
             self.metrics.ready(row.deployment, row.version, cold_s)
 
-    @staticmethod
-    def _spec(r: Replica, vp: VersionPlan) -> ReplicaSpec:
+    def _spec(self, r: Replica, vp: VersionPlan) -> ReplicaSpec:
         return ReplicaSpec(replica_id=r.id, deployment=vp.deployment, version=vp.number,
-                           package_path=Path(vp.package_path), resources=vp.config.resources, pool=r.pool)
+                           package_path=Path(vp.package_path), resources=vp.config.resources, pool=r.pool,
+                           env=self.chain_keys.replica_env(vp.deployment, vp.config))
 
     def _record(self, plan: Plan, results: list[Launched]) -> list[ReplicaRow]:
         with self.sessions() as s, s.begin():

@@ -49,6 +49,16 @@ class Outcome:
     error: bool = False
 
 
+@dataclass
+class _Again:
+    """A try that got no answer: why, the 429 to show if every replica is busy, and whether the replica may
+    have started on the request (a connection that never opened did not)."""
+
+    why: str
+    busy: Response | None = None
+    started: bool = False
+
+
 class Proxy:
     def __init__(
         self, router: Router, *, max_attempts: int = 3, eject_after: int = 3, eject_s: float = 10.0,
@@ -102,8 +112,11 @@ class Proxy:
         extract_usage: bool,
         strip_usage: bool = False,
         timeout_s: float | None = None,
+        resend: bool = True,
     ) -> Response:
-        """Send to a chosen replica; `on_done` runs once the response has been fully relayed."""
+        """Send to a chosen replica; `on_done` runs once the response has been fully relayed. Without `resend`
+        (a chain step that is not idempotent) a request a replica may have started is not sent again: only a
+        connection that never opened is retried elsewhere."""
         tried: set[str] = set()
         started = time.monotonic()
         last_error = "no ready replica"
@@ -116,43 +129,53 @@ class Proxy:
                 self.on_retry(ep)
             tried.add(ep.replica_id)
             ep.outstanding += 1
-            timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=3.0) if timeout_s else None
-            try:
-                resp = await self.session.post(ep.url + path, data=body, headers=headers, timeout=timeout,
-                                               allow_redirects=False)
-            except _RETRYABLE as e:
-                ep.outstanding -= 1
-                self._failed(ep, hard=isinstance(e, _CONNECT))
-                last_error = f"{type(e).__name__} from replica {ep.replica_id}"
-                continue
-            except BaseException:
-                ep.outstanding -= 1
-                raise
-            status = resp.status
-            if status == 429 and len(tried) < self.max_attempts:
-                # That replica's queue is full (a hot prefix, say): another may have room. Not a failure.
-                busy = Response(await resp.read(), status_code=429,
-                                headers={k: v for k, v in resp.headers.items() if k.lower() not in _HOP})
-                resp.release()
-                ep.outstanding -= 1
-                last_error = f"replica {ep.replica_id} is at capacity"
-                continue
-            if status == 503:
-                resp.close()
-                ep.outstanding -= 1
-                self._failed(ep, hard=False)
-                last_error = f"replica {ep.replica_id} answered 503"
-                continue
-            if resp.content_type == "text/event-stream":
-                ep.consecutive_failures = 0
-                return self._stream(resp, ep, outcome, on_done, extract_usage, started, strip_usage)
-            content = await self._read_whole(resp, ep)
-            if content is None:
-                last_error = f"replica {ep.replica_id} failed while answering"
-                continue
+            answer = await self._attempt(ep, path, body, headers, timeout_s, len(tried) < self.max_attempts)
+            if isinstance(answer, _Again):
+                last_error, busy = answer.why, answer.busy or busy
+                if resend or not answer.started:
+                    continue
+                break
+            resp, content = answer
             ep.consecutive_failures = 0
+            if content is None:
+                return self._stream(resp, ep, outcome, on_done, extract_usage, started, strip_usage)
             return self._whole(resp, content, ep, outcome, on_done, extract_usage, started)
         return _no_replica(outcome, on_done, busy, last_error)
+
+    async def _attempt(self, ep: Endpoint, path: str, body: bytes, headers: dict[str, str], timeout_s: float | None,
+                       more: bool) -> _Again | tuple[aiohttp.ClientResponse, bytes | None]:
+        """One try on one replica: its response with the whole body (None for a stream), or why to try again."""
+        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=3.0) if timeout_s else None
+        try:
+            resp = await self.session.post(ep.url + path, data=body, headers=headers, timeout=timeout,
+                                           allow_redirects=False)
+        except _RETRYABLE as e:
+            ep.outstanding -= 1
+            self._failed(ep, hard=isinstance(e, _CONNECT))
+            return _Again(f"{type(e).__name__} from replica {ep.replica_id}",
+                          started=not isinstance(e, aiohttp.ClientConnectorError))
+        except BaseException:
+            ep.outstanding -= 1
+            raise
+        status = resp.status
+        if status == 429 and more:
+            # That replica's queue is full (a hot prefix, say): another may have room. Not a failure.
+            busy = Response(await resp.read(), status_code=429,
+                            headers={k: v for k, v in resp.headers.items() if k.lower() not in _HOP})
+            resp.release()
+            ep.outstanding -= 1
+            return _Again(f"replica {ep.replica_id} is at capacity", busy)
+        if status == 503:
+            resp.close()
+            ep.outstanding -= 1
+            self._failed(ep, hard=False)
+            return _Again(f"replica {ep.replica_id} answered 503")
+        if resp.content_type == "text/event-stream":
+            return resp, None
+        content = await self._read_whole(resp, ep)
+        if content is None:
+            return _Again(f"replica {ep.replica_id} failed while answering", started=True)
+        return resp, content
 
     def _headers(self, resp: aiohttp.ClientResponse, ep: Endpoint, outcome: Outcome, started: float) -> dict:
         outcome.endpoint = ep

@@ -295,8 +295,8 @@ class Gateway:
         return await self.forward(key, kind, model, body, parsed, request.headers.get("x-ballast-session"), started)
 
     async def forward(self, key: KeyRecord, kind: str, model: str | None, body: bytes, parsed: Any,
-                      session: str | None, started: float, admit: bool = True, priority: int | None = None
-                      ) -> Response:
+                      session: str | None, started: float, admit: bool = True, priority: int | None = None,
+                      resend: bool = True) -> Response:
         """Resolve, admit (unless the caller was admitted already: async requests are, at submission), route,
         proxy and meter one authenticated request. `priority` (queued work only) goes to the replica's engine as
         x-ballast-priority; interactive requests send none, so the engine runs them first (0), and a client's
@@ -326,7 +326,7 @@ class Gateway:
 
         return await self.proxy.forward(
             endpoints, INFERENCE_PATHS[kind], body, headers, key=prefix, outcome=Outcome(), on_done=done,
-            extract_usage=is_llm_call, strip_usage=strip_usage,
+            extract_usage=is_llm_call, strip_usage=strip_usage, resend=resend,
         )
 
     def _finished(self, o: Outcome, key: KeyRecord, deployment: str, version: int, limiter: KeyLimiter | None,

@@ -34,7 +34,7 @@ from ballast.dashboard import routes as dashboard_routes
 from ballast.gateway.service import Gateway
 from ballast.observe import RequestIdMiddleware, is_loopback, request_id_var
 from ballast.openai import APIError, error_body
-from ballast.platform import deployments, keys_api, metrics_api, openapi, pools_api
+from ballast.platform import chains_api, deployments, keys_api, metrics_api, openapi, pools_api
 from ballast.platform.async_routes import async_router
 from ballast.platform.uploads import upload_router
 
@@ -151,6 +151,7 @@ def create_app(control: ControlPlane, reconciler: Reconciler | None = None, *, g
     app.include_router(keys_api.router(KeyStore(control.sessions), refreshed))
     app.include_router(async_router())
     app.include_router(pools_api.router(PoolStore(control.sessions), changed))
+    app.include_router(chains_api.router(control, changed))
     history = MetricsHistory(control.sessions, interval_from_env() or 10)
     app.include_router(metrics_api.router(history))
     app.router.routes.extend(dashboard_routes(control, history, changed, refreshed))  # the web dashboard at /
@@ -205,7 +206,7 @@ class Front:
     """The platform's ASGI app: inference paths go straight to the gateway's routes, everything else (and the
     lifespan) to the REST API."""
 
-    PREFIXES = ("/v1/", "/deployments/", "/metrics", "/async_requests/")
+    PREFIXES = ("/v1/", "/deployments/", "/metrics", "/async_requests/", "/chains/")
 
     def __init__(self, api: FastAPI, gateway_app: ASGIApp):
         self.api = api

@@ -19,6 +19,7 @@ from ballast.control import ControlPlane, Reconciler
 from ballast.control.async_queue import AsyncPolicy, AsyncQueue
 from ballast.control.autoscaler import Autoscaler
 from ballast.control.batches import BatchStore
+from ballast.control.chains import ChainStore
 from ballast.control.keys import KeyRecord, KeyStore
 from ballast.control.lease import Lease
 from ballast.control.metrics_history import MetricsHistory
@@ -28,6 +29,7 @@ from ballast.control.webhooks import WebhookSecrets, WebhookSender, allow_from_e
 from ballast.gateway.async_api import AsyncAPI
 from ballast.gateway.async_dispatch import Dispatcher
 from ballast.gateway.batches import BatchAPI
+from ballast.gateway.chains import ChainRoutes
 from ballast.gateway.metering import UsageCounts, UsageKey
 from ballast.gateway.routing import Endpoint
 from ballast.gateway.service import DeploymentRoute, Gateway, VersionRoute
@@ -93,6 +95,7 @@ def assemble(control: ControlPlane, backend: Backend, registry: CollectorRegistr
     gateway = Gateway(StoreSource(control, reconciler.wake), registry)
     autoscaler.signal = install_async(control, gateway, webhook_allow or [])
     install_history(control, gateway, registry)
+    gateway.extra_routes += ChainRoutes(gateway, ChainStore(control).targets).routes()
     return reconciler, gateway
 
 

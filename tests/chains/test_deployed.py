@@ -64,48 +64,84 @@ def _local(path: Path, inputs: dict, request_id: str = "local") -> object:
     return asyncio.run(chain.call(inputs, request_id=request_id))
 
 
-def _predict(p: Platform, deployment: str, inputs: dict, request_id: str) -> httpx.Response:
-    return httpx.post(f"{p.url}/deployments/{deployment}/predict", json=inputs, timeout=60,
-                      headers={"Authorization": f"Bearer {p.key}", "x-request-id": request_id})
+def _run(p: Platform, route: str, inputs: dict, request_id: str = "", key: str | None = None,
+         **headers: str) -> httpx.Response:
+    h = {"Authorization": f"Bearer {key or p.key}", **headers}
+    if request_id:
+        h["x-request-id"] = request_id
+    return httpx.post(f"{p.url}/chains/{route}", json=inputs, timeout=60, headers=h)
+
+
+def _deploy(p: Platform, path: Path, name: str, out: Path) -> str:
+    return p.cli("chains", "deploy", str(path), "--name", name, "--out", str(out), "--timeout", "120").stdout
 
 
 @pytest.mark.slow
 def test_a_deployed_chain_gives_the_local_output(platform: Platform, tmp_path: Path) -> None:
-    out = platform.cli("chains", "deploy", str(PIPELINE), "--name", "demo", "--out", str(tmp_path / "pkgs"),
-                       "--timeout", "120").stdout
+    out = _deploy(platform, PIPELINE, "demo", tmp_path / "pkgs")
     assert "demo-pipeline" in out and "demo-embed" in out and "demo-split" in out
+    assert "chain demo version 1 serves production" in out
     inputs = {"text": "banana apple kiwi"}
-    r = _predict(platform, "demo-pipeline", inputs, "req-d1")
-    assert r.status_code == 200, r.text
-    assert r.json() == _local(PIPELINE, inputs).model_dump(mode="json")  # type: ignore[attr-defined]
+    expected = _local(PIPELINE, inputs).model_dump(mode="json")  # type: ignore[attr-defined]
+    for route in ("demo/run", "demo/environments/production/run", "demo/versions/1/run"):
+        r = _run(platform, route, inputs, "req-d1")
+        assert r.status_code == 200, r.text
+        assert r.json() == expected
+        assert r.headers["x-request-id"] == "req-d1"
 
-    # Deploying the unchanged chain again reuses its key, hence identical packages and the same versions.
-    again = platform.cli("chains", "deploy", str(PIPELINE), "--name", "demo", "--out", str(tmp_path / "pkgs"),
-                         "--timeout", "120").stdout
-    assert again.count("version 1 ready") == 3, again
-    assert len([k for k in platform.api("GET", "/keys")["data"] if k["name"] == "chain demo"]) == 1
+    # Deploying the unchanged chain again reuses every step version and the chain version.
+    again = _deploy(platform, PIPELINE, "demo", tmp_path / "pkgs")
+    assert again.count("version 1 ready") == 3 and "version 1 (unchanged: reused)" in again, again
+    chain = platform.api("GET", "/chains/demo")
+    assert [v["version"] for v in chain["versions"]] == [1]
+    assert chain["versions"][0]["entry"] == "demo-pipeline"
+    assert {s["deployment"]: s["version"] for s in chain["versions"][0]["steps"]} == {
+        "demo-split": 1, "demo-embed": 1, "demo-pipeline": 1}
+    assert chain["environments"][0]["name"] == "production" and chain["environments"][0]["version"] == 1
+
+
+@pytest.mark.slow
+def test_the_chain_route_checks_keys_and_names(platform: Platform, tmp_path: Path) -> None:
+    _deploy(platform, PIPELINE, "demo", tmp_path / "pkgs")
+    assert _run(platform, "demo/run", {"text": "a"}, key="bk_nope").status_code == 401
+    other = platform.api("POST", "/keys", json={"name": "other", "scopes": ["inference"],
+                                                "deployments": ["demo-split"]}, expect=201)["key"]
+    denied = _run(platform, "demo/run", {"text": "a"}, key=other)
+    assert denied.status_code == 403 and denied.json()["error"]["code"] == "deployment_not_allowed"
+    missing = _run(platform, "nope/run", {"text": "a"})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "chain_not_found"
+    assert _run(platform, "demo/versions/9/run", {"text": "a"}).status_code == 404
+    assert _run(platform, "demo/environments/staging/run", {"text": "a"}).status_code == 404
+    bad = httpx.post(f"{platform.url}/chains/demo/run", content=b"[1, 2", timeout=30,
+                     headers={"Authorization": f"Bearer {platform.key}"})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json" and bad.headers["x-request-id"]
+    wrong = _run(platform, "demo/run", {"txt": "a"})
+    assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "Pipeline", wrong.text
+    assert wrong.json()["error"]["code"] == "chain_contract" and "'text'" in wrong.json()["error"]["message"]
+    late = _run(platform, "demo/run", {"text": "a"}, **{"x-ballast-deadline": "-1"})
+    assert late.status_code == 400 and late.json()["error"]["param"] == "x-ballast-deadline"
 
 
 @pytest.mark.slow
 def test_a_deployed_chain_fails_like_the_local_one(platform: Platform, tmp_path: Path) -> None:
     chain_file = tmp_path / "shout.py"
     chain_file.write_text(SHOUT)
-    platform.cli("chains", "deploy", str(chain_file), "--name", "loud", "--out", str(tmp_path / "pkgs"),
-                 "--timeout", "120")
-    ok = _predict(platform, "loud-shout", {"text": "hi there"}, "req-ok")
+    _deploy(platform, chain_file, "loud", tmp_path / "pkgs")
+    ok = _run(platform, "loud/run", {"text": "hi there"}, "req-ok")
     assert ok.status_code == 200, ok.text
     assert ok.json() == {"text": "HI THERE", "words": 2}
 
     with pytest.raises(ChainError) as local:
         _local(chain_file, {"text": "big boom"}, request_id="req-e1")
-    r = _predict(platform, "loud-shout", {"text": "big boom"}, "req-e1")
+    r = _run(platform, "loud/run", {"text": "big boom"}, "req-e1")
     remote = decode_error(r.status_code, r.json(), "Shout", "req-e1")
     assert (remote.step, remote.kind, remote.message) == ("UpperWord", "error", "ValueError: cannot shout boom")
     assert str(remote) == str(local.value)
 
-    # A caller's deadline (sent in the envelope) crosses the hop; running out names the step that was running.
-    late = httpx.post(f"{platform.url}/deployments/loud-shout/predict", timeout=60,
-                      headers={"Authorization": f"Bearer {platform.key}"},
-                      json=envelope({"text": "zzz"}, "req-late", 0.5))
+    # A caller's deadline crosses the hop; running out names the step that was running.
+    late = _run(platform, "loud/run", {"text": "zzz"}, "req-late", **{"x-ballast-deadline": "0.5"})
     err = decode_error(late.status_code, late.json(), "Shout", "req-late")
-    assert (err.step, err.kind) == ("UpperWord", "deadline"), late.text
+    assert late.status_code == 504 and (err.step, err.kind) == ("UpperWord", "deadline"), late.text
+    # The same through the envelope a client may send itself.
+    late = _run(platform, "loud/run", envelope({"text": "zzz"}, "req-late2", 0.5))
+    assert decode_error(late.status_code, late.json(), "Shout", "req-late2").step == "UpperWord"

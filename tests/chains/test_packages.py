@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import stat
 import textwrap
 from pathlib import Path
 
 import pytest
 
 from ballast.chains import ChainDefinitionError
-from ballast.chains.deploy import build_packages
+from ballast.chains.deploy import StepPackage, build_packages
 from ballast.chains.serve import deployment_name
 from ballast.package.package import load_package
 from tests.chains.test_local import PIPELINE
@@ -25,14 +24,23 @@ def test_each_step_becomes_a_valid_package_with_its_config(tmp_path: Path) -> No
     chain.write_text(PIPELINE.read_text().replace(
         "config = ChainletConfig(idempotent=True)",
         "config = ChainletConfig(idempotent=True, resources={'cpu': 0.5}, autoscaling={'max_replicas': 3})"))
-    pkgs = build_packages(chain, "demo", tmp_path / "out", "http://127.0.0.1:9", "bk-secret")
+    deployed: list[str] = []
+
+    def deploy(pkg: StepPackage) -> int:
+        deployed.append(pkg.deployment)
+        return len(deployed) + 6
+
+    built = build_packages(chain, "demo", tmp_path / "out", "http://127.0.0.1:9", deploy)
+    pkgs = [p for p, _ in built]
     assert [(p.step, p.deployment, p.entry) for p in pkgs] == [
         ("Split", "demo-split", False), ("Embed", "demo-embed", False), ("Pipeline", "demo-pipeline", True)]
+    assert deployed == ["demo-split", "demo-embed", "demo-pipeline"] and [v for _, v in built] == [7, 8, 9]
     embed = load_package(pkgs[1].path).config
     assert (embed.name, embed.resources.cpu, embed.autoscaling.max_replicas) == ("demo-embed", 0.5, 3)
-    assert embed.environment_variables == {"BALLAST_CHAIN_GATEWAY": "http://127.0.0.1:9"}
-    key = pkgs[1].path / ".chain-key"
-    assert key.read_text() == "bk-secret" and stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert embed.environment_variables == {"BALLAST_CHAIN_GATEWAY": "http://127.0.0.1:9", "BALLAST_CHAIN": "demo"}
+    # No credential in any package; the entry pins the versions of the steps it calls.
+    assert not any(f.name.startswith(".") for p in pkgs for f in p.path.iterdir())
+    assert "versions = {'Embed': 8, 'Split': 7}" in (pkgs[2].path / "model.py").read_text()
 
 
 def test_a_streaming_step_is_refused_for_deployment(tmp_path: Path) -> None:
@@ -50,4 +58,4 @@ def test_a_streaming_step_is_refused_for_deployment(tmp_path: Path) -> None:
                     yield i
     '''))
     with pytest.raises(ChainDefinitionError, match="step Tokens streams"):
-        build_packages(chain, "demo", tmp_path / "out", "http://127.0.0.1:9", "k")
+        build_packages(chain, "demo", tmp_path / "out", "http://127.0.0.1:9", lambda p: 1)

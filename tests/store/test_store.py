@@ -16,7 +16,8 @@ from ballast.store.db import alembic_config
 from tests.conftest import write_package
 
 TABLES = {"deployments", "versions", "environments", "replicas", "events", "api_keys", "usage", "settings",
-          "async_requests", "batches", "batch_files", "pools", "metric_points"}
+          "async_requests", "batches", "batch_files", "pools", "metric_points", "chain_versions",
+          "chain_environments"}
 
 
 def _pkg(root: Path, i: int) -> Path:

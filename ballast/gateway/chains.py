@@ -1,0 +1,141 @@
+"""`/chains/{name}/run` (and its environment and version forms): a chain's entry behind the gateway.
+
+The chain's name resolves (in memory, re-read only after a routing change) to its entry step's deployment and
+the version the chain version pins; the request then goes through `Gateway.forward` like a predict request to
+that version, so keys, limits, metering and retries are the same. The body becomes the hop envelope: the
+request id, the caller's deadline (`x-ballast-deadline`) and one trace id (from `traceparent` or
+`x-ballast-trace`, else new) travel to every step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ballast.control.chains import ChainTarget
+from ballast.gateway.service import Gateway, _read_body
+from ballast.observe import current_request_id
+from ballast.observe.hops import (
+    DEADLINE_HEADER,
+    ENVELOPE,
+    IDEMPOTENT_HEADER,
+    TRACE_HEADER,
+    new_trace_id,
+    trace_id_of,
+)
+from ballast.openai import APIError
+
+Route = tuple[str, Callable[[Request], Awaitable[Response]], list[str]]
+
+
+def _deadline(request: Request) -> float | None:
+    raw = request.headers.get(DEADLINE_HEADER)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < 1e6:
+        raise APIError(400, f"{DEADLINE_HEADER} must be a number of seconds above 0", param=DEADLINE_HEADER,
+                       code="invalid_deadline")
+    return value
+
+
+class ChainRoutes:
+    def __init__(self, gateway: Gateway, read: Callable[[], dict[str, ChainTarget]]) -> None:
+        self.gateway = gateway
+        self.read = read
+        self.targets: dict[str, ChainTarget] = {}
+        self._generation = -1
+        self._lock = asyncio.Lock()
+
+    async def _current(self) -> dict[str, ChainTarget]:
+        """The chains' targets, re-read after a routing change (a promote moves the generation)."""
+        gen = self.gateway.source.generation()
+        if gen != self._generation:
+            async with self._lock:
+                if gen != self._generation:
+                    self.targets = await asyncio.to_thread(self.read)
+                    self._generation = gen
+        return self.targets
+
+    async def _resolve(self, params: dict[str, Any]) -> str:
+        name = str(params["name"])
+        chain = (await self._current()).get(name)
+        if chain is None:
+            raise APIError(404, f"the chain `{name}` does not exist", param="name", code="chain_not_found")
+        if "step" in params:  # a call between steps: the version is the one the calling step pins
+            if params["step"] not in chain.steps:
+                raise APIError(404, f"chain `{name}` has no step `{params['step']}`", param="step",
+                               code="chain_not_found")
+            return f"{params['step']}:{params['version']}"
+        if "version" in params:
+            target = chain.versions.get(int(params["version"]))
+            where = f"version {params['version']}"
+        else:
+            env = str(params.get("env", "production"))
+            target, where = chain.environments.get(env), f"environment `{env}`"
+        if target is None:
+            raise APIError(404, f"chain `{name}` has no {where}", param="name", code="chain_not_found")
+        return f"{target[0]}:{target[1]}"
+
+    async def run(self, request: Request) -> Response:
+        started = time.monotonic()
+        gw = self.gateway
+        if gw.source.generation() != gw._generation:
+            await gw._catch_up()
+        key = gw.authenticate(request, "inference")
+        model = await self._resolve(dict(request.path_params))
+        deadline = _deadline(request)
+        _, inputs = await _read_body(request, parse=True)
+        trace = trace_id_of(request.headers) or new_trace_id()
+        meta = {"request_id": current_request_id(), "deadline_s": deadline, "trace_id": trace}
+        if ENVELOPE in inputs:  # the caller speaks the hop protocol itself: keep its values, add what is missing
+            given = inputs[ENVELOPE] if isinstance(inputs[ENVELOPE], dict) else {}
+            meta.update({k: v for k, v in given.items() if v is not None and k in meta})
+            inputs = inputs.get("inputs", {})
+        body = json.dumps({ENVELOPE: meta, "inputs": inputs}).encode()
+        # A call between steps says whether the step may run twice; a client's call to the entry is a predict.
+        resend = "step" not in request.path_params or request.headers.get(IDEMPOTENT_HEADER) == "true"
+        work = gw.forward(key, "predict", model, body, None, request.headers.get("x-ballast-session"), started,
+                          resend=resend)
+        response = await _unless_disconnected(work, request)
+        response.headers[TRACE_HEADER] = str(meta["trace_id"])
+        return response
+
+    def routes(self) -> list[Route]:
+        return [(path, self.run, ["POST"]) for path in (
+            "/chains/{name}/run", "/chains/{name}/environments/{env}/run", "/chains/{name}/versions/{version:int}/run",
+            "/chains/{name}/steps/{step}/versions/{version:int}/run")]
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Returns when the client goes away (its body has been read, so only a disconnect can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(work: Awaitable[Response], request: Request) -> Response:
+    """Run the forward, cancelling it when the client disconnects: the replica sees its connection close and
+    cancels the step, whose own calls to other steps close in turn, so a cancelled client cancels the tree."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return Response(status_code=499)  # nobody is listening; for the logs and metrics only
