@@ -1,4 +1,4 @@
-"""`ballast models ...`: make tiny test checkpoints and import the demo LLM, all offline."""
+"""`ballast models ...`: make tiny test checkpoints and import the demo LLM (offline); download Hub checkpoints."""
 
 from __future__ import annotations
 
@@ -67,3 +67,22 @@ def import_gguf_cmd(
 
         path = import_gguf(target, gguf_file=gguf, progress=step)
     typer.echo(f"imported {path}")
+
+
+@app.command("download")
+def download_cmd(
+    ref: Annotated[str, typer.Argument(help="hf:ORG/NAME or hf:ORG/NAME@REVISION.")],
+) -> None:
+    """Download and verify a Hub checkpoint into the model cache now (what a replica does at its first start),
+    e.g. while building a machine image. HF_ENDPOINT and HF_TOKEN come from the environment."""
+    import os
+
+    from ballast.engine import EngineError
+    from ballast.engine.hub import download
+
+    try:
+        path = download(ref, token=os.environ.get("HF_TOKEN") or None)
+    except EngineError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"ready: {path}")

@@ -140,3 +140,20 @@ def test_replica_with_a_corrupt_download_fails_its_health_with_the_reason(tiny: 
             time.sleep(0.1)
         assert live.status_code == 503
         assert "model.safetensors failed verification" in live.json()["reason"]
+
+
+def test_cli_download_fills_the_cache_a_replica_then_uses(tiny: Path, hub_env: Path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from ballast.cli.models import app
+
+    with FakeHub(tiny, "org/tiny") as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        result = CliRunner().invoke(app, ["download", "hf:org/tiny@main"])
+        assert result.exit_code == 0, result.output
+        path = Path(result.output.rpartition("ready: ")[2].strip())  # after huggingface_hub's progress bar
+        assert (path / "model.safetensors").read_bytes() == hub.files["model.safetensors"]
+        before = len(hub.log())
+        assert resolve_checkpoint("hf:org/tiny@main") == path and len(hub.log()) == before
+        bad = CliRunner().invoke(app, ["download", "hf:not a repo"])
+        assert bad.exit_code == 1 and "expected hf:ORG/NAME" in bad.output
