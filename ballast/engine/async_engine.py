@@ -93,7 +93,7 @@ class AsyncEngine:
         ids = self.core.check_request(prompt, params)
         q: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._queues[request_id] = q
-        self._commands.put(("add", (request_id, ids, params)))
+        self._commands.put(("add", (request_id, ids, params, time.time_ns())))
         self._wake.set()
         return self._outputs(request_id, q)
 
@@ -139,9 +139,9 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "add":
-                rid, ids, params = arg
+                rid, ids, params, queued_ns = arg
                 try:
-                    self.core.add_request(rid, ids, params)
+                    self.core.add_request(rid, ids, params, queued_ns)
                 except EngineError as e:
                     self._send([RequestOutput(rid, ids, [], finished=True, error=str(e), error_code=e.code)])
                 except Exception as e:  # the engine's fault, but this request's alone

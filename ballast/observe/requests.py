@@ -7,10 +7,11 @@ Prometheus metrics) without a second middleware layer on the hot path.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ballast.observe import tracing
 from ballast.observe.logging import REQUEST_ID_HEADER, new_request_id, request_id_var
 
 _HEADER = REQUEST_ID_HEADER.encode()
@@ -40,17 +41,48 @@ def incoming_request_id(scope: Scope) -> str:
 
 
 class RequestIdMiddleware:
-    """Request id on every response and log line; request start/first byte/end to the observer, if any."""
+    """Request id on every response and log line; request start/first byte/end to the observer, if any.
 
-    def __init__(self, app: ASGIApp, observer: RequestObserver | None = None):
+    With a `tracer` (tracing on), each POST (inference; not probes or scrapes) gets a SERVER span, current for
+    the whole response (a stream included), carrying the request id; its trace id goes on log lines."""
+
+    def __init__(self, app: ASGIApp, observer: RequestObserver | None = None, tracer: Any = None):
         self.app = app
         self.observer = observer
+        self.tracer = tracer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if self.tracer is not None and scope["method"] == "POST":
+            await self._traced(scope, receive, send)
+            return
+        await self._handle(scope, receive, send)
+
+    async def _traced(self, scope: Scope, receive: Receive, send: Send) -> None:
         rid = incoming_request_id(scope)
+        span = tracing.start_server_span(self.tracer, f"POST {scope['path']}", scope["headers"], rid)
+        tokens = (tracing.span_var.set(span), tracing.tracer_var.set(self.tracer),
+                  tracing.trace_id_var.set(tracing.trace_id_of(span)))
+        status = [500]
+
+        async def send_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self._handle(scope, receive, send_status, rid)
+        finally:
+            tracing.set_error(span, status[0])
+            span.end()
+            tracing.span_var.reset(tokens[0])
+            tracing.tracer_var.reset(tokens[1])
+            tracing.trace_id_var.reset(tokens[2])
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, rid: str | None = None) -> None:
+        rid = rid or incoming_request_id(scope)
         header = (_HEADER, rid.encode("latin-1"))
         token = request_id_var.set(rid)
         observed = self.observer.start(scope) if self.observer is not None else None

@@ -8,6 +8,7 @@ streams.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import importlib
 import importlib.util
 import inspect
@@ -187,7 +188,9 @@ class ModelHost:
         fn = self._methods[name]
         kind = self._kinds[name]
         if kind == "sync":
-            result = await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+            # In the request's context, so the model's own log lines carry its request id (and trace id).
+            ctx = contextvars.copy_context()
+            result = await asyncio.get_running_loop().run_in_executor(self.executor, ctx.run, fn, *args)
         elif kind == "async":
             result = await fn(*args)
         elif kind == "asyncgen":
