@@ -312,11 +312,10 @@ class Gateway:
         served = dep.versions[version].model_name if is_llm_call else None
         body, strip_usage = rewrite_body(body, parsed, kind, served)
         span = current_span()
-        if span is not None:
-            spans.on_route(span, kind, model, dep.name, version, headers)
+        traced = (span, spans.on_route(span, kind, model, dep.name, version, headers)) if span is not None else None
 
         def done(o: Outcome) -> None:
-            self._finished(o, key, dep.name, version, limiter, started, span)
+            self._finished(o, key, dep.name, version, limiter, started, traced)
 
         return await self.proxy.forward(
             endpoints, INFERENCE_PATHS[kind], body, headers, key=prefix, outcome=Outcome(), on_done=done,
@@ -324,7 +323,7 @@ class Gateway:
         )
 
     def _finished(self, o: Outcome, key: KeyRecord, deployment: str, version: int, limiter: KeyLimiter | None,
-                  started: float, span: Any = None) -> None:
+                  started: float, traced: tuple[Any, dict[str, Any]] | None = None) -> None:
         """A request is over (answer relayed, or failed): metrics, metering, and the key's token bucket."""
         m = self.metrics
         m.requests.labels(deployment, str(version), str(o.status)).inc()
@@ -338,8 +337,8 @@ class Gateway:
             m.tokens.labels(deployment, "prompt").inc(counts.prompt_tokens)
             m.tokens.labels(deployment, "completion").inc(counts.completion_tokens)
         self.meter.record(key.id, deployment, version, counts)
-        if span is not None:
-            spans.on_done(span, o, counts)
+        if traced is not None:
+            spans.on_done(*traced, o, counts)
         if limiter is not None:
             limiter.charge(counts.prompt_tokens + counts.completion_tokens)
 

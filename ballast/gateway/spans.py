@@ -20,8 +20,10 @@ PROVIDER = "ballast"
 
 
 def on_route(span: Any, kind: str, model: str | None, deployment: str, version: int,
-             headers: dict[str, str]) -> None:
-    """The route is resolved: name the span, record the deployment and version, pass the trace on."""
+             headers: dict[str, str]) -> dict[str, Any]:
+    """The route is resolved: name the span and pass the trace on. Returns its attributes, set with the
+    outcome's in `on_done` (one `set_attributes` per request: each call takes the span's lock and checks
+    every value)."""
     op = OPERATIONS.get(kind)
     attrs: dict[str, Any] = {"ballast.deployment": deployment, "ballast.version": version}
     if op is not None:
@@ -30,13 +32,13 @@ def on_route(span: Any, kind: str, model: str | None, deployment: str, version: 
         if model:
             attrs["gen_ai.request.model"] = model
     span.update_name(f"{op or 'predict'} {model or deployment}")
-    span.set_attributes(attrs)
     headers[TRACEPARENT] = traceparent(span)
+    return attrs
 
 
-def on_done(span: Any, o: Outcome, counts: UsageCounts) -> None:
-    """The answer was relayed (or failed): which replica served, and the tokens it reported."""
-    attrs: dict[str, Any] = {"http.response.status_code": o.status}
+def on_done(span: Any, attrs: dict[str, Any], o: Outcome, counts: UsageCounts) -> None:
+    """The answer was relayed (or failed): the route, which replica served, and the tokens it reported (the
+    middleware adds the status)."""
     if o.endpoint is not None:
         attrs["ballast.replica"] = o.endpoint.replica_id
     if counts.prompt_tokens or counts.completion_tokens:

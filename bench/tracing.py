@@ -1,0 +1,169 @@
+"""Tracing cost: the latency the gateway adds with tracing off vs on, side by side in one run.
+
+One command: `python bench/tracing.py [--quick] [--baseline /path/to/other/checkout]`. It starts two Ballast
+platforms (`ballast up`), each with bench/peers/echo_chat deployed (one replica: the backend does no work, so the
+gateway's own cost shows):
+
+  off   no OTEL_EXPORTER_OTLP_ENDPOINT: tracing off, as by default
+  on    OTEL_EXPORTER_OTLP_ENDPOINT pointing at a loopback OTLP/HTTP receiver (tests/observe/otlp_receiver.py in
+        its own process): a gateway span per request, its traceparent to the replica, the replica's span,
+        all batched and exported over OTLP/HTTP
+  base  (with --baseline) the same as `off`, from another checkout (e.g. main): is `off` unchanged?
+
+Each platform process is pinned to CPU 0; replicas, the receiver and wrk share CPU 1. wrk sends one POST
+/v1/chat/completions at a time (1 connection), first straight to the system's replica (`direct`), then through
+its gateway; the added latency is gateway minus direct, per round, for p50 and p99; the platform's CPU time per
+request (from /proc, less its replica) is recorded too. Rounds are interleaved (off, on, base, off, on, ...).
+Results: bench/results/tracing.json and a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import (
+    ROOT,
+    Proc,
+    free_port,
+    print_ratios,
+    print_table,
+    ratio_stats,
+    require_wrk,
+    running,
+    stop_on_sigterm,
+    summarize,
+    versions,
+    write_results,
+    wrk,
+)
+from bench.gateway import BACKEND_CPUS, BODY, PACKAGE, PROXY_CPUS, check, cpu_seconds, pin_tree
+
+
+def start_platform(name: str, tmp: Path, procs: list[Proc], env: dict[str, str], source: Path) -> dict[str, Any]:
+    """A platform from `source` (a checkout) with the echo deployed; its urls, key and pids."""
+    home = tmp / name
+    home.mkdir()
+    port = free_port()
+    cmd = [sys.executable, "-m", "ballast.cli.main", "up", "--port", str(port), "--no-isolation"]
+    procs.append(Proc(cmd, cpus=PROXY_CPUS, cwd=source, log=tmp / f"{name}.log",
+                      env={"BALLAST_HOME": str(home), "PYTHONPATH": str(source), **env}))
+    url = f"http://127.0.0.1:{port}"
+    procs[-1].wait_http(url + "/api/v1/health", timeout=120)
+    key = json.loads((home / "credentials.json").read_text())["api_key"]
+    api = httpx.Client(base_url=url + "/api/v1", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    api.post("/deployments", json={"path": str(PACKAGE), "name": "echo"}).raise_for_status()
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        reps = [x for x in api.get("/deployments/echo").json()["replicas"] if x["state"] == "ready"]
+        if reps:
+            break
+        time.sleep(0.2)
+    else:
+        raise RuntimeError(f"the echo replica of {name} did not become ready; see {tmp / name}.log")
+    pin_tree(reps[0]["pid"], BACKEND_CPUS)
+    return {"gateway": url + "/v1/chat/completions", "direct": reps[0]["url"] + "/v1/chat/completions",
+            "headers": {"Authorization": f"Bearer {key}"}, "pid": procs[-1].proc.pid, "replica_pid": reps[0]["pid"]}
+
+
+def measure(s: dict[str, Any], seconds: int) -> dict[str, float]:
+    """direct, then through the gateway (with the platform's CPU per request): one round of one system."""
+    d = wrk(s["direct"], BODY, connections=1, seconds=seconds, cpus=BACKEND_CPUS, timeout_s=30)
+    c0 = cpu_seconds(s["pid"], exclude=s["replica_pid"])
+    g = wrk(s["gateway"], BODY, connections=1, seconds=seconds, cpus=BACKEND_CPUS, headers=s["headers"], timeout_s=30)
+    cpu_us = (cpu_seconds(s["pid"], exclude=s["replica_pid"]) - c0) / max(g["requests"], 1) * 1e6
+    return {"direct_p50_ms": d["p50_ms"], "gateway_p50_ms": g["p50_ms"],
+            "added_p50_us": (g["p50_ms"] - d["p50_ms"]) * 1e3, "added_p99_us": (g["p99_ms"] - d["p99_ms"]) * 1e3,
+            "gateway_rps": g["rps"], "platform_cpu_us_per_req": cpu_us, "errors": d["errors"] + g["errors"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="3 rounds of 3 s")
+    ap.add_argument("--rounds", type=int, help="rounds (default 5; quick 3)")
+    ap.add_argument("--seconds", type=int, help="seconds per wrk run (default 6; quick 3)")
+    ap.add_argument("--baseline", type=Path, help="another checkout to run as `base` (tracing off), e.g. main")
+    a = ap.parse_args()
+    require_wrk()
+    stop_on_sigterm()
+    rounds = a.rounds or (3 if a.quick else 5)
+    seconds = a.seconds or (3 if a.quick else 6)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-tracing-"))
+    clean = {k: "" for k in os.environ if k.startswith("OTEL_")}
+    samples: dict[str, list[dict[str, float]]] = {}
+    load_before, started = os.getloadavg(), time.monotonic()
+    with running([]) as procs:
+        rport = free_port()
+        procs.append(Proc([sys.executable, "-m", "tests.observe.otlp_receiver", str(rport)], cpus=BACKEND_CPUS,
+                          cwd=ROOT, env={"PYTHONPATH": str(ROOT)}, log=tmp / "receiver.log"))
+        receiver = f"http://127.0.0.1:{rport}"
+        procs[-1].wait_http(receiver + "/count", timeout=60)
+        systems = {"off": start_platform("off", tmp, procs, clean, ROOT),
+                   "on": start_platform("on", tmp, procs, {**clean, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver}, ROOT)}
+        if a.baseline:
+            systems["base"] = start_platform("base", tmp, procs, clean, a.baseline.resolve())
+        for name, s in systems.items():
+            check(name, s["gateway"], s["headers"])
+            wrk(s["gateway"], BODY, connections=1, seconds=2, cpus=BACKEND_CPUS, headers=s["headers"])  # warm-up
+            wrk(s["direct"], BODY, connections=1, seconds=2, cpus=BACKEND_CPUS)
+        for r in range(rounds):
+            for name, s in systems.items():
+                res = measure(s, seconds)
+                samples.setdefault(name, []).append(res)
+                print(f"round {r + 1}/{rounds} {name:<5} direct p50 {res['direct_p50_ms']:.3f} ms  gateway p50 "
+                      f"{res['gateway_p50_ms']:.3f} ms  added p50 {res['added_p50_us']:6.0f} us  "
+                      f"platform cpu {res['platform_cpu_us_per_req']:5.0f} us/req  errors {res['errors']:.0f}",
+                      flush=True)
+        time.sleep(1)  # the exporter's batch delay (5 s by default) may still hold spans: count what arrived
+        spans = int(httpx.get(receiver + "/count", timeout=10).text)
+    units = {"direct_p50_ms": "ms", "gateway_p50_ms": "ms", "added_p50_us": "us", "added_p99_us": "us",
+             "gateway_rps": "req/s", "platform_cpu_us_per_req": "us", "errors": "count"}
+    rows = [{"system": name, "metric": m, **summarize([x[m] for x in rs]), "unit": units[m]}
+            for name, rs in samples.items() for m in rs[0]]
+
+    def col(name: str, m: str) -> list[float]:
+        return [x[m] for x in samples[name]]
+
+    ratios: dict[str, Any] = {
+        "on/off platform_cpu_us_per_req": ratio_stats(col("on", "platform_cpu_us_per_req"),
+                                                      col("off", "platform_cpu_us_per_req")),
+        "on/off gateway_p50": ratio_stats(col("on", "gateway_p50_ms"), col("off", "gateway_p50_ms")),
+    }
+    if "base" in samples:
+        ratios["off/base platform_cpu_us_per_req"] = ratio_stats(col("off", "platform_cpu_us_per_req"),
+                                                                 col("base", "platform_cpu_us_per_req"))
+        ratios["off/base gateway_p50"] = ratio_stats(col("off", "gateway_p50_ms"), col("base", "gateway_p50_ms"))
+    delta = [on - off for on, off in zip(col("on", "added_p50_us"), col("off", "added_p50_us"), strict=True)]
+    rows.append({"system": "on-off", "metric": "added_p50_us", **summarize(delta), "unit": "us"})
+    ratios["aim"] = {"tracing on adds < 50 us at p50": summarize(delta)["median"] < 50, "spans exported": spans > 0}
+    params = {
+        "rounds": rounds, "seconds_per_run": seconds, "connections": 1, "body": BODY, "spans_received": spans,
+        "order": "per round: " + ", ".join(f"{n} (direct, then gateway)" for n in systems),
+        "pinning": f"platforms on CPU {PROXY_CPUS}; replicas, the OTLP receiver and wrk on CPU {BACKEND_CPUS}",
+        "on": "OTEL_EXPORTER_OTLP_ENDPOINT=<loopback receiver>, SDK defaults (BatchSpanProcessor: 5 s delay, "
+              "batches of 512), OTLP/HTTP protobuf",
+        "baseline": str(a.baseline) if a.baseline else None,
+        "added": "gateway minus direct p50/p99 of the same system in the same round",
+        "versions": versions("opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http", "uvicorn", "aiohttp"),
+        "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "wall_s": round(time.monotonic() - started, 1),
+    }
+    out = write_results("tracing", params, rows, ratios)
+    print()
+    print_table(rows)
+    print_ratios(ratios, ratios["aim"])
+    print(f"\n{spans} spans received by the loopback OTLP receiver; wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
