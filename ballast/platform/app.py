@@ -29,6 +29,7 @@ from ballast.control import ControlError, ControlPlane, Reconciler
 from ballast.control.keys import KeyStore
 from ballast.gateway.service import Gateway
 from ballast.observe import RequestIdMiddleware, is_loopback, request_id_var
+from ballast.observe.requests import with_tracing
 from ballast.observe.tracing import get_tracer
 from ballast.openai import APIError, error_body
 from ballast.platform import deployments, keys_api, openapi
@@ -160,7 +161,8 @@ def create_app(control: ControlPlane, reconciler: Reconciler | None = None, *, g
 
     inference = [Route(path, _Guard(handler, methods)) for path, handler, methods in gateway.routes_for_app()]
     inference.append(Route("/metrics", _Guard(metrics, ["GET"])))
-    return Front(app, RequestIdMiddleware(Router(inference, default=_not_found), tracer=get_tracer("ballast-gateway")))
+    gateway_app = RequestIdMiddleware(Router(inference, default=_not_found))
+    return Front(app, with_tracing(gateway_app, get_tracer("ballast-gateway")))
 
 
 Handler = Callable[[Request], Awaitable[Response]]

@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ballast.config import RuntimeConfig
 from ballast.observe import RequestIdMiddleware, request_id_var
+from ballast.observe.requests import with_tracing
 from ballast.observe.tracing import get_tracer
 from ballast.openai import DONE, APIError, error_body, sse_event
 from ballast.openai.priority import PRIORITY_HEADER, parse_priority_header
@@ -115,7 +116,7 @@ class ReplicaApp:
         app.add_exception_handler(Exception, self._internal_error)
         routes = {"/predict", "/health", "/health/live", "/health/ready", "/metrics", "/openapi.json",
                   *OPENAI_METHODS.values(), *extra_paths}
-        return RequestIdMiddleware(app, RequestMetrics(self.metrics, routes), tracer=self._tracer())
+        return with_tracing(RequestIdMiddleware(app, RequestMetrics(self.metrics, routes)), self._tracer())
 
     def _tracer(self) -> Any:
         """The replica's tracer when OTEL_EXPORTER_OTLP_ENDPOINT is set (the platform passes it on), else None."""

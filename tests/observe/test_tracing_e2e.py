@@ -118,3 +118,13 @@ def test_probes_and_scrapes_are_not_traced(plat: Platform, receiver: OTLPReceive
         assert httpx.get(rep + "/metrics", timeout=10).status_code == 200
     receiver.wait_for("any span", lambda spans: spans)
     assert not [s for s in receiver.spans() if "health" in s["name"] or "metrics" in s["name"]]
+
+
+def test_a_request_without_an_id_gets_one_id_on_its_answer_and_both_spans(plat: Platform,
+                                                                          receiver: OTLPReceiver) -> None:
+    r = httpx.post(plat.url + "/deployments/echo/predict", json={"x": 2}, timeout=60,
+                   headers={"Authorization": f"Bearer {plat.key}"})
+    assert r.status_code == 200
+    rid = r.headers["x-request-id"]
+    spans = _trace_of(receiver, rid, {"ballast-gateway", "ballast-replica"}, {"predict"})
+    assert {s["attributes"]["ballast.request_id"] for s in spans} == {rid}
