@@ -135,6 +135,42 @@ def span_cpu(n: int) -> None:
     print(json.dumps({"in_request_us": cpu_per_request(silent), "with_export_us": cpu_per_request(exporting)}))
 
 
+def middleware_us() -> None:
+    """(Run in a child, with PYTHONPATH naming the checkout to measure.) CPU time per request of the request-id
+    middleware as the platform and replicas build it with tracing off, around an app that answers at once:
+    best of 7 runs of 50,000 requests. Prints JSON."""
+    import asyncio
+
+    from ballast.observe.requests import RequestIdMiddleware
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def send(message: Any) -> None:
+        pass
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b""}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions",
+             "headers": [(b"content-type", b"application/json"), (b"authorization", b"Bearer bk_x")]}
+    mw = RequestIdMiddleware(app)
+
+    async def run() -> float:
+        for _ in range(20000):
+            await mw(scope, receive, send)
+        best = float("inf")
+        for _ in range(7):
+            c = time.process_time()
+            for _ in range(50000):
+                await mw(scope, receive, send)
+            best = min(best, (time.process_time() - c) / 50000 * 1e6)
+        return best
+
+    print(json.dumps({"middleware_off_us": asyncio.run(run())}))
+
+
 def calibrate() -> float:
     """CPU microseconds of a fixed pure-Python loop: how slow this machine is right now."""
     t0 = time.process_time()
@@ -143,24 +179,74 @@ def calibrate() -> float:
     return (time.process_time() - t0) / 20000 * 1e6
 
 
-def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == "--span-cpu":
-        span_cpu(int(sys.argv[2]))
-        return
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="3 rounds of 3 s")
-    ap.add_argument("--rounds", type=int, help="rounds (default 5; quick 3)")
-    ap.add_argument("--seconds", type=int, help="seconds per wrk run (default 6; quick 3)")
-    ap.add_argument("--baseline", type=Path, help="another checkout to run as `base` (tracing off), e.g. main")
-    a = ap.parse_args()
-    require_wrk()
-    stop_on_sigterm()
+def child_json(args: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """Run this file in a child process with `args` and read the JSON line it prints."""
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                         env={**os.environ, **env}, timeout=300, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def micro_spans(receiver: str, rounds: int) -> list[dict[str, float]]:
+    """The gateway's tracing work alone, per round, exporting to the receiver; with the machine's calibration."""
+    micro = []
+    for _ in range(rounds):
+        res = child_json(["--span-cpu", "5000"], {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver, "PYTHONPATH": str(ROOT)})
+        micro.append({**res, "calibration_us": calibrate()})
+        print(f"span work alone: {res['in_request_us']:.1f} us CPU/request on the request's path, "
+              f"{res['with_export_us']:.1f} with the export (calibration loop {micro[-1]['calibration_us']:.2f} us)",
+              flush=True)
+    return micro
+
+
+def micro_middleware(sources: dict[str, Path], clean: dict[str, str]) -> dict[str, list[float]]:
+    """The request-id middleware with tracing off, this checkout vs the baseline's, interleaved."""
+    out: dict[str, list[float]] = {}
+    for _ in range(3):
+        for name, source in sources.items():
+            res = child_json(["--middleware"], {**clean, "PYTHONPATH": str(source)})
+            out.setdefault(name, []).append(res["middleware_off_us"])
+    for name, values in out.items():
+        print(f"request-id middleware, tracing off, {name}: {min(values):.3f} us CPU/request", flush=True)
+    return out
+
+
+def summarize_all(samples: dict[str, list[dict[str, float]]], micro: list[dict[str, float]],
+                  micro_mw: dict[str, list[float]], spans: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows (median, min, max per system and metric) and ratios (per round), with the aims."""
+    units = {"direct_p50_ms": "ms", "gateway_p50_ms": "ms", "added_p50_us": "us", "added_p99_us": "us",
+             "gateway_rps": "req/s", "platform_cpu_us_per_req": "us", "errors": "count"}
+    rows = [{"system": name, "metric": m, **summarize([x[m] for x in rs]), "unit": units[m]}
+            for name, rs in samples.items() for m in rs[0]]
+
+    def col(name: str, m: str) -> list[float]:
+        return [x[m] for x in samples[name]]
+
+    ratios: dict[str, Any] = {}
+    for a, b in (("on", "off"), ("off", "base")):
+        if b in samples:
+            for m in ("platform_cpu_us_per_req", "gateway_p50_ms"):
+                ratios[f"{a}/{b} {m}"] = ratio_stats(col(a, m), col(b, m))
+    for m in ("in_request_us", "with_export_us", "calibration_us"):
+        rows.append({"system": "span work alone", "metric": m, **summarize([x[m] for x in micro]), "unit": "us"})
+    for name, values in micro_mw.items():
+        rows.append({"system": name, "metric": "middleware_off_us", **summarize(values), "unit": "us"})
+    if "base" in micro_mw:
+        ratios["off/base middleware_off_us"] = ratio_stats(micro_mw["off"], micro_mw["base"])
+    delta = [on - off for on, off in zip(col("on", "added_p50_us"), col("off", "added_p50_us"), strict=True)]
+    rows.append({"system": "on-off", "metric": "added_p50_us", **summarize(delta), "unit": "us"})
+    in_request = summarize([x["in_request_us"] for x in micro])["median"]
+    ratios["aim"] = {"tracing on adds < 50 us at p50 (wrk, on - off)": summarize(delta)["median"] < 50,
+                     "span work on the request's path < 50 us CPU": in_request < 50, "spans exported": spans > 0}
+    return rows, ratios
+
+
+def run(a: argparse.Namespace, tmp: Path) -> tuple[dict[str, list[dict[str, float]]], list[dict[str, float]],
+                                                     dict[str, list[float]], int, list[str]]:
+    """Start everything, measure round by round, stop everything."""
     rounds = a.rounds or (3 if a.quick else 5)
     seconds = a.seconds or (3 if a.quick else 6)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-tracing-"))
     clean = {k: "" for k in os.environ if k.startswith("OTEL_")}
     samples: dict[str, list[dict[str, float]]] = {}
-    load_before, started = os.getloadavg(), time.monotonic()
     with running([]) as procs:
         rport = free_port()
         procs.append(Proc([sys.executable, "-m", "tests.observe.otlp_receiver", str(rport)], cpus=BACKEND_CPUS,
@@ -183,45 +269,36 @@ def main() -> None:
                       f"{res['gateway_p50_ms']:.3f} ms  added p50 {res['added_p50_us']:6.0f} us  "
                       f"platform cpu {res['platform_cpu_us_per_req']:5.0f} us/req  errors {res['errors']:.0f}",
                       flush=True)
-        micro = []
-        for _ in range(rounds):  # the gateway's tracing work alone, in a child process, exporting to the receiver
-            out = subprocess.run([sys.executable, __file__, "--span-cpu", "5000"], capture_output=True, text=True,
-                                 env={**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver, "PYTHONPATH": str(ROOT)},
-                                 timeout=300, check=True)
-            micro.append({**json.loads(out.stdout.strip().splitlines()[-1]), "calibration_us": calibrate()})
-            print(f"span work alone: {micro[-1]['in_request_us']:.1f} us CPU/request on the request's path, "
-                  f"{micro[-1]['with_export_us']:.1f} with the export (calibration loop "
-                  f"{micro[-1]['calibration_us']:.2f} us)", flush=True)
+        micro = micro_spans(receiver, rounds)
+        micro_mw = micro_middleware({"off": ROOT, **({"base": a.baseline.resolve()} if a.baseline else {})}, clean)
         time.sleep(1)  # the exporter's batch delay (5 s by default) may still hold spans: count what arrived
         spans = int(httpx.get(receiver + "/count", timeout=10).text)
-    units = {"direct_p50_ms": "ms", "gateway_p50_ms": "ms", "added_p50_us": "us", "added_p99_us": "us",
-             "gateway_rps": "req/s", "platform_cpu_us_per_req": "us", "errors": "count"}
-    rows = [{"system": name, "metric": m, **summarize([x[m] for x in rs]), "unit": units[m]}
-            for name, rs in samples.items() for m in rs[0]]
+    return samples, micro, micro_mw, spans, list(systems)
 
-    def col(name: str, m: str) -> list[float]:
-        return [x[m] for x in samples[name]]
 
-    ratios: dict[str, Any] = {
-        "on/off platform_cpu_us_per_req": ratio_stats(col("on", "platform_cpu_us_per_req"),
-                                                      col("off", "platform_cpu_us_per_req")),
-        "on/off gateway_p50": ratio_stats(col("on", "gateway_p50_ms"), col("off", "gateway_p50_ms")),
-    }
-    if "base" in samples:
-        ratios["off/base platform_cpu_us_per_req"] = ratio_stats(col("off", "platform_cpu_us_per_req"),
-                                                                 col("base", "platform_cpu_us_per_req"))
-        ratios["off/base gateway_p50"] = ratio_stats(col("off", "gateway_p50_ms"), col("base", "gateway_p50_ms"))
-    for m in ("in_request_us", "with_export_us", "calibration_us"):
-        rows.append({"system": "span work alone", "metric": m, **summarize([x[m] for x in micro]), "unit": "us"})
-    delta = [on - off for on, off in zip(col("on", "added_p50_us"), col("off", "added_p50_us"), strict=True)]
-    rows.append({"system": "on-off", "metric": "added_p50_us", **summarize(delta), "unit": "us"})
-    ratios["aim"] = {"tracing on adds < 50 us at p50 (wrk, on - off)": summarize(delta)["median"] < 50,
-                     "span work on the request's path < 50 us CPU": summarize([x["in_request_us"] for x in micro])[
-                         "median"] < 50,
-                     "spans exported": spans > 0}
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--span-cpu":
+        span_cpu(int(sys.argv[2]))
+        return
+    if sys.argv[1:] == ["--middleware"]:
+        middleware_us()
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="3 rounds of 3 s")
+    ap.add_argument("--rounds", type=int, help="rounds (default 5; quick 3)")
+    ap.add_argument("--seconds", type=int, help="seconds per wrk run (default 6; quick 3)")
+    ap.add_argument("--baseline", type=Path, help="another checkout to run as `base` (tracing off), e.g. main")
+    a = ap.parse_args()
+    require_wrk()
+    stop_on_sigterm()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-tracing-"))
+    load_before, started = os.getloadavg(), time.monotonic()
+    samples, micro, micro_mw, spans, names = run(a, tmp)
+    rows, ratios = summarize_all(samples, micro, micro_mw, spans)
     params = {
-        "rounds": rounds, "seconds_per_run": seconds, "connections": 1, "body": BODY, "spans_received": spans,
-        "order": "per round: " + ", ".join(f"{n} (direct, then gateway)" for n in systems),
+        "rounds": len(samples["off"]), "seconds_per_run": a.seconds or (3 if a.quick else 6), "connections": 1,
+        "body": BODY, "spans_received": spans,
+        "order": "per round: " + ", ".join(f"{n} (direct, then gateway)" for n in names),
         "pinning": f"platforms on CPU {PROXY_CPUS}; replicas, the OTLP receiver and wrk on CPU {BACKEND_CPUS}",
         "on": "OTEL_EXPORTER_OTLP_ENDPOINT=<loopback receiver>, SDK defaults (BatchSpanProcessor: 5 s delay, "
               "batches of 512), OTLP/HTTP protobuf",
@@ -232,6 +309,8 @@ def main() -> None:
                            "with the real SDK and OTLP/HTTP exporter to the receiver, flushed (with_export_us); "
                            "process CPU time (all threads) per request. calibration_us: a fixed pure-Python loop "
                            "(sum(range(100))), about 0.6 us on an idle machine of this kind",
+        "middleware_off_us": "the request-id middleware as built with tracing off, around an app that answers at "
+                             "once, in a child process per checkout (3 each, interleaved): best of 7 x 50,000 requests",
         "versions": versions("opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http", "uvicorn", "aiohttp"),
         "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "wall_s": round(time.monotonic() - started, 1),
