@@ -155,7 +155,8 @@ class RayBackend:
             options["num_gpus"] = need.pop("GPU")
         if need:
             options["resources"] = need
-        env = {**spec.env, "BALLAST_INSTANCE": f"ray:{self.instance_id}", "BALLAST_REPLICA_ID": spec.replica_id,
+        otel = {k: v for k, v in os.environ.items() if k.startswith("OTEL_")}  # traces: as for local replicas
+        env = {**otel, **spec.env, "BALLAST_INSTANCE": f"ray:{self.instance_id}", "BALLAST_REPLICA_ID": spec.replica_id,
                "BALLAST_DEPLOYMENT": spec.deployment, "BALLAST_VERSION": str(spec.version)}
         host = os.environ.get("BALLAST_RAY_REPLICA_HOST") or self._ray.util.get_node_ip_address()
         actor = self._actor_class.options(**options).remote(

@@ -96,7 +96,7 @@ class AsyncEngine:
         ids = self.core.check_request(prompt, params)
         q: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._queues[request_id] = q
-        self._commands.put(("add", (request_id, ids, params, ref)))
+        self._commands.put(("add", (request_id, ids, params, ref, time.time_ns())))
         self._wake.set()
         return self._outputs(request_id, q)
 
@@ -142,9 +142,9 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "add":
-                rid, ids, params, ref = arg
+                rid, ids, params, ref, queued_ns = arg
                 try:
-                    self.core.add_request(rid, ids, params, lora=ref)
+                    self.core.add_request(rid, ids, params, lora=ref, queued_ns=queued_ns)
                 except EngineError as e:
                     self._send([RequestOutput(rid, ids, [], finished=True, error=str(e), error_code=e.code)])
                 except Exception as e:  # the engine's fault, but this request's alone

@@ -8,6 +8,7 @@ request alone; a failed forward pass fails the batch it ran; the engine keeps st
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ from ballast.engine.sequence import (
     CompletionOutput,
     Logprob,
     RequestOutput,
+    RequestTimes,
     SamplingParams,
     Sequence,
     Status,
@@ -44,6 +46,13 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     error: str | None = None
     forks: list[Sequence] = field(default_factory=list)  # n > 1: siblings waiting for the shared prompt
+    queued_ns: int = 0  # time.time_ns() when it was submitted
+
+    def times(self) -> RequestTimes:
+        """Its phases, over all its sequences (the earliest schedule and first token)."""
+        return RequestTimes(self.queued_ns, min((s.scheduled_ns for s in self.seqs if s.scheduled_ns), default=0),
+                            min((s.first_token_ns for s in self.seqs if s.first_token_ns), default=0),
+                            time.time_ns())
 
     @property
     def finished(self) -> bool:
@@ -118,15 +127,16 @@ class LLMEngine:
         return ids
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    lora: str | LoraRef | None = None) -> Request:
-        """Queue a request, on the base model or on the adapter `lora` (a registered name)."""
+                    lora: str | LoraRef | None = None, queued_ns: int = 0) -> Request:
+        """Queue a request, on the base model or on the adapter `lora` (a registered name); `queued_ns` is when it
+        was submitted (AsyncEngine: before the hand-over to this thread)."""
         if request_id in self.requests:
             raise EngineError(f"request id {request_id} is already in use", "duplicate_request_id")
         ref = lora_adapters.resolve(self.adapters, lora)
         ids = self.check_request(prompt, params)
         want = params.max_tokens if params.max_tokens is not None else self.default_max_tokens
         max_len = min(self.max_model_len, len(ids) + want)
-        req = Request(request_id, ids, params)
+        req = Request(request_id, ids, params, queued_ns=queued_ns or time.time_ns())
         for i in range(params.n):
             self._arrival += 1
             seq = Sequence(request_id, i, ids, params, self._arrival, max_len, lora=ref)
@@ -179,6 +189,10 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return self._fail_unschedulable()
+        now = time.time_ns()
+        for sch in batch:
+            if not sch.seq.scheduled_ns:
+                sch.seq.scheduled_ns = now
         try:
             result = self.runner.run(batch)
         except Exception as e:  # not attributable to one request: the batch fails, the engine goes on
@@ -277,6 +291,8 @@ class LLMEngine:
     def _append(self, seq: Sequence, token: int, logprobs: torch.Tensor | None) -> None:
         p = seq.params
         seq.token_ids.append(token)
+        if not seq.first_token_ns:
+            seq.first_token_ns = time.time_ns()
         if logprobs is not None:
             top: list[tuple[str, float]] = []
             if p.logprobs:
@@ -336,4 +352,5 @@ class LLMEngine:
         finished = req.finished
         if finished:
             self.requests.pop(req.request_id, None)
-        return RequestOutput(req.request_id, req.prompt_ids, outs, req.seqs[0].num_cached_tokens, finished)
+        return RequestOutput(req.request_id, req.prompt_ids, outs, req.seqs[0].num_cached_tokens, finished,
+                             times=req.times() if finished else None)

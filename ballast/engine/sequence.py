@@ -104,6 +104,18 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestTimes:
+    """When a request went through the engine's phases (time.time_ns(), 0 = never reached): queued, first
+    scheduled (prefill starts), first token sampled (prefill done), finished. Recorded in the engine thread; the
+    replica turns them into trace spans after the fact, so the engine loop makes no tracing call."""
+
+    queued_ns: int
+    scheduled_ns: int = 0
+    first_token_ns: int = 0
+    finished_ns: int = 0
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
@@ -112,6 +124,7 @@ class RequestOutput:
     finished: bool = False
     error: str | None = None
     error_code: str | None = None  # set when the error is the client's fault (a 400), else the engine's (a 500)
+    times: RequestTimes | None = None  # on the finished output only
 
 
 class Sequence:
@@ -136,6 +149,8 @@ class Sequence:
         self.block_hashes: list[bytes] = []
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache on first admission
         self.admitted = False
+        self.scheduled_ns = 0  # first time in a batch (time.time_ns())
+        self.first_token_ns = 0  # first token sampled
         self.finish_reason: str | None = None
         self.finish_reported = False
         self.max_len = max_len

@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 
 from ballast.control.async_queue import AsyncPolicy
 from ballast.control.keys import KeyRecord
+from ballast.gateway import spans
 from ballast.gateway.adapters import Adapters
 from ballast.gateway.auth import MISSING_KEY_MESSAGE, api_key_from_headers
 from ballast.gateway.limits import KeyLimiter
@@ -30,6 +31,7 @@ from ballast.gateway.proxy import Outcome, Proxy
 from ballast.gateway.routing import Endpoint, Router, WeightedSplit
 from ballast.gateway.targets import affinity_key, model_of_path, parse_model, rewrite_body
 from ballast.observe import REQUEST_ID_HEADER, current_request_id
+from ballast.observe.tracing import current_span
 from ballast.openai import APIError
 from ballast.openai.priority import PRIORITY_HEADER
 from ballast.store import hash_key
@@ -318,9 +320,11 @@ class Gateway:
             headers[PRIORITY_HEADER] = str(priority)
         served = adapter or (dep.versions[version].model_name if is_llm_call else None)
         body, strip_usage = rewrite_body(body, parsed, kind, served)
+        span = current_span()
+        traced = (span, spans.on_route(span, kind, model, dep.name, version, headers)) if span is not None else None
 
         def done(o: Outcome) -> None:
-            self._finished(o, key, dep.name, version, limiter, started)
+            self._finished(o, key, dep.name, version, limiter, started, traced)
             if adapter:
                 self.adapters.observe(dep.name, adapter, o)
 
@@ -330,7 +334,7 @@ class Gateway:
         )
 
     def _finished(self, o: Outcome, key: KeyRecord, deployment: str, version: int, limiter: KeyLimiter | None,
-                  started: float) -> None:
+                  started: float, traced: tuple[Any, dict[str, Any]] | None = None) -> None:
         """A request is over (answer relayed, or failed): metrics, metering, and the key's token bucket."""
         m = self.metrics
         m.requests.labels(deployment, str(version), str(o.status)).inc()
@@ -344,6 +348,8 @@ class Gateway:
             m.tokens.labels(deployment, "prompt").inc(counts.prompt_tokens)
             m.tokens.labels(deployment, "completion").inc(counts.completion_tokens)
         self.meter.record(key.id, deployment, version, counts)
+        if traced is not None:
+            spans.on_done(*traced, o, counts)
         if limiter is not None:
             limiter.charge(counts.prompt_tokens + counts.completion_tokens)
 

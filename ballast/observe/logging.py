@@ -14,6 +14,8 @@ import random
 import sys
 import time
 
+from ballast.observe.tracing import trace_id_var
+
 REQUEST_ID_HEADER = "x-request-id"
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("ballast_request_id", default="-")
 
@@ -34,8 +36,14 @@ def current_request_id() -> str:
 
 
 class _RequestIdFilter(logging.Filter):
+    """Request id on every record; with tracing on, the trace id too (` trace=<id>` in text, so lines without
+    a trace read as before), which links a log line to its trace."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id_var.get()
+        trace_id = trace_id_var.get()
+        record.trace_id = trace_id
+        record.trace = f" trace={trace_id}" if trace_id else ""
         return True
 
 
@@ -48,6 +56,9 @@ class _JsonFormatter(logging.Formatter):
             "request_id": getattr(record, "request_id", "-"),
             "msg": record.getMessage(),
         }
+        trace_id = getattr(record, "trace_id", "")
+        if trace_id:
+            out["trace_id"] = trace_id
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=False)
@@ -63,7 +74,7 @@ def configure_logging(level: str | None = None, fmt: str | None = None) -> None:
         handler.setFormatter(_JsonFormatter())
     else:
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)-5s [%(request_id)s] %(name)s: %(message)s")
+            logging.Formatter("%(asctime)s %(levelname)-5s [%(request_id)s%(trace)s] %(name)s: %(message)s")
         )
     root = logging.getLogger()
     for h in list(root.handlers):

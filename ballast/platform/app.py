@@ -33,6 +33,8 @@ from ballast.control.pools import PoolStore
 from ballast.dashboard import routes as dashboard_routes
 from ballast.gateway.service import Gateway
 from ballast.observe import RequestIdMiddleware, is_loopback, request_id_var
+from ballast.observe.requests import with_tracing
+from ballast.observe.tracing import get_tracer
 from ballast.openai import APIError, error_body
 from ballast.platform import chains_api, deployments, keys_api, metrics_api, openapi, pools_api
 from ballast.platform.async_routes import async_router
@@ -168,7 +170,8 @@ def create_app(control: ControlPlane, reconciler: Reconciler | None = None, *, g
 
     inference = [Route(path, _Guard(handler, methods)) for path, handler, methods in gateway.routes_for_app()]
     inference.append(Route("/metrics", _Guard(metrics, ["GET"])))
-    return Front(app, RequestIdMiddleware(Router(inference, default=_not_found)))
+    gateway_app = RequestIdMiddleware(Router(inference, default=_not_found))
+    return Front(app, with_tracing(gateway_app, get_tracer("ballast-gateway")))
 
 
 Handler = Callable[[Request], Awaitable[Response]]

@@ -31,7 +31,7 @@ from ballast.openai.schemas import (
 )
 from ballast.openai.tools import ToolRequest, parse_tools
 from ballast.package import Package
-from ballast.runtime import responses
+from ballast.runtime import llm_trace, responses
 from ballast.runtime.engine_args import engine_args
 from ballast.runtime.host import request_priority
 from ballast.runtime.llm_format import Formatter
@@ -45,6 +45,7 @@ from ballast.runtime.llm_tools import (
     forced_spec,
     template_messages,
 )
+from ballast.runtime.llm_trace import RequestTrace
 from ballast.runtime.model import LoadState, _load_secrets
 
 log = logging.getLogger("ballast.runtime.llm")
@@ -69,52 +70,64 @@ def _api_error(e: Exception, chat: bool) -> APIError:
 
 
 class EngineStream:
-    """One engine request's outputs; records token timing metrics; closing it early aborts the request."""
+    """One engine request's outputs; records token timing metrics (and, when traced, its span data); closing it
+    early aborts the request."""
 
     def __init__(self, host: EngineHost, request_id: str, outputs: AsyncIterator[Any], *, chat: bool,
-                 adapter: str | None = None):
+                 adapter: str | None = None, trace: RequestTrace | None = None):
         self.host = host
         self.adapter = adapter
         self.request_id = request_id
         self.chat = chat
+        self.trace = trace
         self._outputs = outputs
         self._started = time.monotonic()
         self._done = False
 
     async def __aiter__(self) -> AsyncIterator[Any]:
         m = self.host.metrics
-        last = None
+        last = first = None
         out = None
         total = 0
+        reasons: list[str] = []
         try:
             async for out in self._outputs:
                 now = time.monotonic()
                 ntok = sum(len(c.token_ids) for c in out.outputs)
                 if ntok and m:
                     if last is None:
-                        m.ttft.observe(now - self._started)
+                        m.observe_first_token(now - self._started, self.chat)
                     else:
                         m.itl.observe((now - last) / ntok)
                     m.generation_tokens.inc(ntok)
                 if ntok:
+                    first = first or now
                     last = now
                     total += ntok
+                if self.trace is not None:
+                    reasons += [c.finish_reason for c in out.outputs if c.finish_reason]
                 yield out
         except Exception as e:
             self._done = True
             raise _api_error(e, self.chat) from None
         if out is not None and out.finished:
             self._done = True
-            if m:
-                m.observe_finished(out, time.monotonic() - self._started)
-            self.host.lora.count(self.adapter, total)
+            self._finished(out, total, first, last, reasons)
+
+    def _finished(self, out: Any, total: int, first: float | None, last: float | None, reasons: list[str]) -> None:
+        m = self.host.metrics
+        if m:
+            per_token = (last - first) / (total - 1) if first is not None and last is not None and total > 1 else None
+            m.observe_finished(out, time.monotonic() - self._started, total, per_token, self.chat)
+        self.host.lora.count(self.adapter, total)
+        if self.trace is not None:
+            self.trace.finished(out, total, reasons)
 
     async def aclose(self) -> None:
         if not self._done:
             self._done = True
             self.host.engine.abort(self.request_id)
         await self._outputs.aclose()  # type: ignore[attr-defined]
-
 
 class EngineHost:
     """Loads the native engine for a package with `engine.kind: native` and serves the OpenAI API."""
@@ -188,7 +201,8 @@ class EngineHost:
         return True, None
 
     def bind_metrics(self, registry: CollectorRegistry) -> None:
-        self.metrics = LLMMetrics(registry, lambda: self.engine.stats() if self.engine is not None else {})
+        self.metrics = LLMMetrics(registry, lambda: self.engine.stats() if self.engine is not None else {},
+                                  lambda: self.model_name)
         self.lora.bind_metrics(registry)
 
     def extra_routes(self) -> list[tuple[str, Callable[[Request], Awaitable[Response]], list[str]]]:
@@ -285,16 +299,18 @@ class EngineHost:
         else:
             raise APIError(404, f"{name} is not served by an LLM replica")
         params = await attach(self.engine, req, self._params(req, logprobs), forced_spec(tools, parser))
-        streams = self._submit(prompts, params, chat=chat, adapter=adapter)
-        fmt = Formatter(req, adapter or self.model_name, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
-                        int(time.time()), chat=chat)
+        response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        served = adapter or self.model_name
+        streams = self._submit(prompts, params, chat=chat, adapter=adapter,
+                               trace=llm_trace.start(req, served, response_id, chat))
+        fmt = Formatter(req, served, response_id, int(time.time()), chat=chat)
         if req.stream:
             return apply_to_stream(fmt.stream(streams), parser) if tools.active else fmt.stream(streams)
         resp = await fmt.collect(streams)
         return apply_to_response(resp, parser) if tools.active else resp
 
     def _submit(self, prompts: list[str | list[int]], params: Any, *, chat: bool,
-                adapter: str | None = None) -> list[EngineStream]:
+                adapter: str | None = None, trace: RequestTrace | None = None) -> list[EngineStream]:
         """Every prompt goes to the engine at once (they batch together); any refused → none stays."""
         rid = current_request_id()
         streams: list[EngineStream] = []
@@ -302,7 +318,7 @@ class EngineHost:
             for i, prompt in enumerate(prompts):
                 erid = f"{rid}-{i}"
                 outputs = self.engine.add_request(erid, prompt, params, lora=adapter)
-                streams.append(EngineStream(self, erid, outputs, chat=chat, adapter=adapter))
+                streams.append(EngineStream(self, erid, outputs, chat=chat, adapter=adapter, trace=trace))
         except Exception as e:
             for s in streams:
                 s._done = True

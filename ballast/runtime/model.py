@@ -188,7 +188,7 @@ class ModelHost:
         fn = self._methods[name]
         kind = self._kinds[name]
         if kind == "sync":
-            # In the request's context: the model's own log lines carry its request id (logs are searched by it).
+            # In the request's context, so the model's own log lines carry its request id (and trace id).
             ctx = contextvars.copy_context()
             result = await asyncio.get_running_loop().run_in_executor(self.executor, ctx.run, fn, *args)
         elif kind == "async":

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -22,6 +23,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ballast.config import RuntimeConfig
 from ballast.observe import RequestIdMiddleware, request_id_var
+from ballast.observe.requests import with_tracing
+from ballast.observe.tracing import get_tracer
 from ballast.openai import DONE, APIError, error_body, sse_event
 from ballast.openai.priority import PRIORITY_HEADER, parse_priority_header
 from ballast.runtime.admission import Admission
@@ -113,7 +116,14 @@ class ReplicaApp:
         app.add_exception_handler(Exception, self._internal_error)
         routes = {"/predict", "/health", "/health/live", "/health/ready", "/metrics", "/openapi.json",
                   *OPENAI_METHODS.values(), *extra_paths}
-        return RequestIdMiddleware(app, RequestMetrics(self.metrics, routes))
+        return with_tracing(RequestIdMiddleware(app, RequestMetrics(self.metrics, routes)), self._tracer())
+
+    def _tracer(self) -> Any:
+        """The replica's tracer when OTEL_EXPORTER_OTLP_ENDPOINT is set (the platform passes it on), else None."""
+        attrs = {"ballast.package": self.host.package.name}
+        if replica_id := os.environ.get("BALLAST_REPLICA_ID"):
+            attrs["service.instance.id"] = replica_id
+        return get_tracer("ballast-replica", attrs)
 
     def _checked_body(self, handler: Handler) -> Handler:
         """A host's own routes read their JSON body through `read_json` too (size limit, malformed JSON), and
