@@ -52,12 +52,19 @@ class Failover:
     sessions: sessionmaker[Session]
     backend: PoolBackend
     start_errors: dict[str, str] = field(default_factory=dict)  # pool -> error, when every start there failed
+    calm: bool = False  # every pool healthy with no failures to forget, as of the last sync
+    _ensured: bool = False
 
     def sync(self) -> dict[str, str | None]:
         """Build backends of new pools and check each pool's backend (blocking: run it in a thread)."""
-        with self.sessions() as s, s.begin():
-            ensure_default(s, self.backend.name, backend_kind(self.backend.default))
-            pools = [(p.name, p.kind, p.address) for p in s.scalars(select(Pool)).all()]
+        if not self._ensured:
+            with self.sessions() as s, s.begin():
+                ensure_default(s, self.backend.name, backend_kind(self.backend.default))
+            self._ensured = True
+        with self.sessions() as s:
+            rows = s.scalars(select(Pool)).all()
+            pools = [(p.name, p.kind, p.address) for p in rows]
+            self.calm = all(p.healthy and not p.failures for p in rows)
         self.backend.sync(pools)
         return {name: self.backend.check(name) for name, _kind, _address in pools}
 
@@ -73,6 +80,9 @@ class Failover:
     def step(self, replicas: list[ReplicaRow], verdicts: dict[str, Verdict],
              checks: dict[str, str | None]) -> tuple[list[ReplicaRow], bool]:
         """One transaction: fail pools over, bring due ones back. Returns (replicas to stop, traffic moved)."""
+        if self.calm and not self.start_errors and not any(checks.values()) and not any(
+                v.kind == "fail" for v in verdicts.values()):
+            return [], False  # the common tick: nothing to fail over, bring back or forget
         now = utcnow()
         stops: list[ReplicaRow] = []
         with self.sessions() as s, s.begin():
