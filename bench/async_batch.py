@@ -4,8 +4,7 @@ accepts (SQLite and PostgreSQL side by side), and what a running batch does to i
 One command: `python bench/async_batch.py [--quick] [--part all|submit|mix]`. The submit part starts two
 platforms (`ballast up`): one on SQLite (the default store), one on a fresh PostgreSQL database on
 127.0.0.1:5432 (dropped afterwards), each with an OpenAI-shaped echo deployment (bench/peers/echo_chat, one
-replica taking 64 at once (concurrency_target 64, so the dispatcher may fill it), async max_queue raised so
-that no submission is refused), and a loopback webhook receiver.
+replica, async max_queue raised so that no submission is refused), and a loopback webhook receiver.
 Each round, for each store in turn:
 
   idle      one `POST /v1/async/chat/completions` at a time, the next after the previous webhook arrived:
@@ -122,9 +121,8 @@ def start(tmp: Path, store: str, database_url: str | None, hooks: Hooks, procs: 
     home.mkdir()
     pkg = tmp / f"pkg-{store}"
     shutil.copytree(PACKAGE, pkg)
-    # The replica runs 64 at once (predict_concurrency): let the dispatcher use them, so the queue drains.
-    cfg = (pkg / "ballast.yaml").read_text().replace("  max_replicas: 1", "  max_replicas: 1\n  concurrency_target: 64")
-    (pkg / "ballast.yaml").write_text(cfg + "async: {max_queue: 1000000, max_concurrency: 64}\n")
+    with (pkg / "ballast.yaml").open("a") as f:
+        f.write("async: {max_queue: 1000000, max_concurrency: 64}\n")
     port = free_port()
     cmd = [ballast_cli(), "up", "--port", str(port), "--no-isolation", "--webhook-allow", "127.0.0.1/32"]
     if database_url:
