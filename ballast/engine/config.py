@@ -127,6 +127,8 @@ class EngineArgs:
     default_max_tokens: int = 1024
     # No step for this long while work waits: the engine counts as stuck (unhealthy).
     stall_timeout_s: float = 120.0
+    # Speculative decoding (speculative.SpecConfig as a dict: method, num_tokens, ...); None: off.
+    speculative: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.kv_cache_memory is not None:

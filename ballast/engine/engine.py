@@ -8,6 +8,7 @@ request alone; a failed forward pass fails the batch it ran; the engine keeps st
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ from ballast.engine.sequence import (
     Sequence,
     Status,
 )
+from ballast.engine.spec_control import make_speculator
 from ballast.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger("ballast.engine")
@@ -75,6 +77,7 @@ class LLMEngine:
         self.grammars = GrammarCompiler(self.tokenizer.hf.to_str, mc.vocab_size, sorted(eos))
         self.blocks = BlockManager(num_blocks, bs, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, args.max_num_seqs, max(args.max_num_batched_tokens, 1))
+        self.spec = make_speculator(args.speculative, self.runner, self.blocks)
         self.requests: dict[str, Request] = {}
         self._forking: dict[str, Request] = {}
         self._arrival = 0
@@ -160,6 +163,7 @@ class LLMEngine:
             "num_free_blocks": b.num_free,
             "num_total_blocks": b.num_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
+            **(self.spec.stats.as_dict() if self.spec is not None else {}),
         }
 
     # ---- one step --------------------------------------------------------------------------
@@ -169,12 +173,17 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return self._fail_unschedulable()
+        t0 = time.perf_counter()
         try:
+            speculative = self.spec is not None and self.spec.attach(batch)
             result = self.runner.run(batch)
         except Exception as e:  # not attributable to one request: the batch fails, the engine goes on
             log.exception("engine step failed; failing its %d sequences", len(batch))
             return self._fail({s.seq.request_id for s in batch}, e)
         touched, outs = self._update(batch, result)
+        if self.spec is not None:
+            emitted = len(result.tokens) + sum(len(t) - 1 for t in result.extra.values())
+            self.spec.observe(batch, speculative, time.perf_counter() - t0, emitted)
         return outs + self._outputs(touched)
 
     def fail_all(self, error: BaseException) -> list[RequestOutput]:
@@ -203,13 +212,17 @@ class LLMEngine:
                 failed.setdefault(sch.seq.request_id, e)
         if self._forking:
             self._admit_forks()
+        drafted = {id(s.seq): len(s.draft) for s in batch if s.draft}
         touched: dict[str, Request] = {}
         for i, (seq, tok) in enumerate(zip(result.seqs, result.tokens, strict=True)):
             if seq.request_id in failed:
                 continue
             try:
-                self._append(seq, tok, logprobs[i] if logprobs is not None and seq.params.logprobs is not None
-                             else None)
+                if i in result.extra:
+                    self._append_speculative(seq, result.extra[i], drafted.get(id(seq), 0))
+                else:
+                    self._append(seq, tok, logprobs[i] if logprobs is not None and seq.params.logprobs is not None
+                                 else None)
             except Exception as e:
                 failed.setdefault(seq.request_id, e)
                 continue
@@ -283,6 +296,23 @@ class LLMEngine:
             self._finish(seq, "stop")
         elif seq.num_tokens >= seq.max_len:  # max_tokens (or its default) and the context
             self._finish(seq, "length")
+
+    def _append_speculative(self, seq: Sequence, tokens: list[int], proposed: int) -> None:
+        """A verified speculative step: accepted drafts (their K/V is in the cache) then one new token; stops
+        at the first that finishes the sequence. Blocks taken only for rejected drafts go back."""
+        emitted = 0
+        for j, tok in enumerate(tokens):
+            self._append(seq, tok, None)
+            emitted += 1
+            if seq.finished:
+                break
+            if j < len(tokens) - 1:
+                seq.num_computed += 1
+        if self.spec is not None:
+            self.spec.stats.record(seq.request_id, proposed, emitted)
+        if not seq.finished:
+            self.blocks.register_full_blocks(seq)
+            self.blocks.trim(seq, seq.num_tokens)
 
     def _check_stop_strings(self, seq: Sequence) -> bool:
         p = seq.params
