@@ -140,6 +140,8 @@ class LLMEngine:
         self._forking.pop(request_id, None)
         if req is None:
             return None
+        if self.spec is not None:
+            self.spec.stats.pop_request(request_id)
         outs = []
         for seq in req.seqs:
             if not seq.finished:
@@ -354,6 +356,9 @@ class LLMEngine:
                 seq.finish_reported = True
             outs.append(CompletionOutput(seq.index, text, new_ids, seq.finish_reason if report_finish else None, lps))
         finished = req.finished
+        spec = None
         if finished:
             self.requests.pop(req.request_id, None)
-        return RequestOutput(req.request_id, req.prompt_ids, outs, req.seqs[0].num_cached_tokens, finished)
+            spec = self.spec.stats.pop_request(req.request_id) if self.spec is not None else None
+        return RequestOutput(req.request_id, req.prompt_ids, outs, req.seqs[0].num_cached_tokens, finished,
+                             speculative=spec)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +59,8 @@ class ModelRunner:
         shape = (self.num_blocks, bs, 2, mc.num_kv_heads, mc.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)]
         self._workspace = torch.empty((0, *shape[1:]), dtype=self.dtype, device=self.device)
+        # Called with every step's flat batch after the forward: a draft model keeping its cache in step.
+        self.mirrors: list[Callable[[torch.Tensor, torch.Tensor, AttentionBatch], None]] = []
 
     def _workspace_for(self, num_blocks: int) -> torch.Tensor:
         if self._workspace.shape[0] < num_blocks:
@@ -153,6 +156,8 @@ class ModelRunner:
         and logprobs, and the requests whose row could not be sampled."""
         ids, pos, batch, rows, seqs, spec = self._prepare(scheduled)
         logits = self.model(ids, pos, self.kv_caches, batch, torch.tensor(rows, dtype=torch.long, device=self.device))
+        for mirror in self.mirrors:
+            mirror(ids, pos, batch)
         if spec:
             logits, spec_logits = logits[: len(seqs)], logits[len(seqs) :]
         if not seqs:

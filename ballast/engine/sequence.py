@@ -112,6 +112,7 @@ class RequestOutput:
     finished: bool = False
     error: str | None = None
     error_code: str | None = None  # set when the error is the client's fault (a 400), else the engine's (a 500)
+    speculative: dict[str, float] | None = None  # on the last output of a speculated request: its acceptance
 
 
 class Sequence:

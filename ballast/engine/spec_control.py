@@ -72,7 +72,12 @@ class Speculator:
         if self.cfg.adaptive and len(decodes) == len(batch) and not self.estimator.choose(len(batch)):
             self.stats.skipped_steps += 1
             return False
-        cands = [s for s in decodes if eligible(s.seq) and s.seq.max_len - s.seq.num_tokens > 1]
+        cands = []
+        for sch in decodes:  # blocks for the longest draft first (a model draft writes them), trimmed after
+            seq = sch.seq
+            if (seq.max_len - seq.num_tokens > 1 and eligible(seq)
+                    and self.blocks.allocate(seq, seq.num_tokens + self.cfg.num_tokens)):
+                cands.append(sch)
         if not cands:
             return False
         drafts, probs = self.proposer.propose([s.seq for s in cands], self.cfg.num_tokens)
@@ -80,11 +85,10 @@ class Speculator:
         for sch, draft, q in zip(cands, drafts, probs, strict=True):
             seq = sch.seq
             draft = draft[: seq.max_len - seq.num_tokens - 1]  # never past max_tokens or the context
-            if not draft or not self.blocks.allocate(seq, seq.num_computed + 1 + len(draft)):
-                continue
+            self.blocks.trim(seq, seq.num_tokens + len(draft))
             sch.draft = draft
-            sch.draft_probs = q[: len(draft)] if q is not None else None
-            any_draft = True
+            sch.draft_probs = q[: len(draft)] if q is not None and draft else None
+            any_draft = any_draft or bool(draft)
         return any_draft
 
     def observe(self, batch: list[ScheduledSeq], speculative: bool, seconds: float, tokens: int) -> None:

@@ -164,6 +164,14 @@ class SpecStats:
         r[2] += 1
         r[3] += emitted
 
+    def pop_request(self, request_id: str) -> dict[str, float] | None:
+        """A finished request's own figures (None if it never speculated); forgets them."""
+        r = self.per_request.pop(request_id, None)
+        if r is None:
+            return None
+        return {"proposed_tokens": r[0], "accepted_tokens": r[1], "steps": r[2],
+                "acceptance_rate": r[1] / r[0] if r[0] else 0.0, "tokens_per_step": r[3] / r[2]}
+
     def as_dict(self) -> dict[str, float]:
         return {
             "spec_proposed_tokens": self.proposed,

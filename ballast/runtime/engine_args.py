@@ -19,6 +19,11 @@ def engine_args(cfg: NativeEngineConfig, base_dir: str | Path | None = None, *, 
 
         checkpoint = str(resolve_checkpoint(cfg.checkpoint, base_dir))
     defaults = cfg.default_sampling.model_dump(exclude_none=True) if cfg.default_sampling else {}
+    spec = cfg.speculative.model_dump() if cfg.speculative else None
+    if spec and spec["draft_checkpoint"] and resolve:
+        from ballast.engine.checkpoints import resolve_checkpoint
+
+        spec["draft_checkpoint"] = str(resolve_checkpoint(spec["draft_checkpoint"], base_dir))
     return EngineArgs(
         checkpoint=checkpoint,
         max_model_len=cfg.max_model_len,
@@ -34,4 +39,5 @@ def engine_args(cfg: NativeEngineConfig, base_dir: str | Path | None = None, *, 
         default_sampling=defaults,
         default_max_tokens=cfg.default_max_tokens,
         stall_timeout_s=cfg.stall_timeout_s,
+        speculative=spec,
     )

@@ -147,3 +147,84 @@ def test_sampled_token_frequencies_match_plain_sampling(tiny: Path) -> None:
     table = table[:, table.sum(0) >= 10].numpy()  # categories with enough counts for the test
     assert table.shape[1] >= 8
     assert stats.chi2_contingency(table).pvalue > 0.001
+
+
+@pytest.fixture(scope="module")
+def tiny_draft(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second tiny checkpoint: the same tokenizer (same corpus), other weights and one layer."""
+    from ballast.engine.tools import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("draft") / "tiny", layers=1, hidden=64, vocab_size=512, seed=1)
+
+
+@pytest.mark.parametrize("method", ["self_draft", "draft_model"])
+def test_model_drafts_keep_greedy_output(tiny: Path, tiny_draft: Path, method: str) -> None:
+    prompts = _prompts(6, seed=4)
+    prompts.append(prompts[0] + [5, 6])  # a prefix-cache hit: the draft model's cache must hold it too
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    want = _tokens(LLM(str(tiny), kv_cache_memory="1Mi", num_threads=1), prompts, params)
+    spec_cfg = {"method": method, "num_tokens": 3, "adaptive": False, "draft_layers": 1,
+                "draft_checkpoint": str(tiny_draft if method == "draft_model" else tiny)}
+    spec = LLM(str(tiny), kv_cache_memory="1Mi", num_threads=1, speculative=spec_cfg)
+    assert _tokens(spec, prompts, params) == want
+    assert _tokens(spec, prompts, params) == want
+    s = spec.engine.stats()
+    assert s["spec_steps"] > 0 and 0 < s["spec_proposed_tokens"] <= 3 * s["spec_steps"]
+    assert_no_leaks(spec)
+    # A draft of the target itself (same weights, all layers) is always right: k + 1 tokens per step.
+    same = {**spec_cfg, "draft_checkpoint": str(tiny), "method": "draft_model"}
+    exact = LLM(str(tiny), kv_cache_memory="1Mi", num_threads=1, speculative=same)
+    assert _tokens(exact, prompts, params) == want
+    e = exact.engine.stats()
+    assert e["spec_accepted_tokens"] == e["spec_proposed_tokens"]
+
+
+def test_sampled_model_drafts_run(tiny: Path) -> None:
+    """Sampled rows with a model draft: seeded, bounded, and every block back in the pool."""
+    cfg = {"method": "self_draft", "num_tokens": 3, "adaptive": False, "draft_layers": 1}
+    llm = LLM(str(tiny), kv_cache_memory="1Mi", num_threads=1, speculative=cfg)
+    params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=20, seed=7, ignore_eos=True)
+    outs = llm.generate(_prompts(4, seed=5), params)
+    assert all(len(o.outputs[0].token_ids) == 20 for o in outs)
+    assert llm.engine.stats()["spec_steps"] > 0
+    assert_no_leaks(llm)
+
+
+def test_estimator_takes_the_cheaper_mode_and_explores() -> None:
+    from ballast.engine.spec_control import StepCostEstimator
+
+    est = StepCostEstimator(alpha=0.5, explore_every=4)
+    assert est.choose(8) is True  # nothing measured: speculation is tried first
+    est.observe(True, 8, 0.30, 10)  # 30 ms per token speculating
+    assert est.choose(8) is False  # plain decoding not measured yet
+    est.observe(False, 8, 0.16, 8)  # 20 ms per token plain
+    picks = [est.choose(9) for _ in range(8)]  # same bucket (8..15)
+    assert picks.count(False) == 6 and picks.count(True) == 2  # plain, with one try of the other in four
+    assert est.choose(1) is True  # another batch-size bucket has its own estimates
+    for _ in range(10):
+        est.observe(True, 8, 0.10, 10)  # speculation got cheaper (say, drafts accepted more often)
+    assert [est.choose(8) for _ in range(3)].count(True) >= 2
+
+
+def test_large_batches_turn_speculation_off(tiny: Path) -> None:
+    """Measured costs (injected through the estimator's own API) say speculation pays at batch 1 and not at
+    32: a batch of 32 decodes plainly (apart from the estimator's exploration), a lone request speculates,
+    and greedy output is the same either way."""
+    cfg = {**NGRAM, "adaptive": True}
+    llm = LLM(str(tiny), kv_cache_memory="4Mi", num_threads=1, speculative=cfg)
+    spec = llm.engine.spec
+    assert spec is not None
+    spec.estimator.observe(True, 32, 1e3, 1)  # dear per token when batched
+    spec.estimator.observe(False, 32, 1e-6, 1)
+    spec.estimator.observe(True, 1, 1e-6, 1)  # cheap alone
+    spec.estimator.observe(False, 1, 1e3, 1)
+    prompts = _prompts(32, seed=6)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    want = _tokens(LLM(str(tiny), kv_cache_memory="4Mi", num_threads=1), prompts, params)
+    assert _tokens(llm, prompts, params) == want
+    s = llm.engine.stats()
+    assert s["spec_skipped_steps"] >= 9  # 11 decode steps of 32 sequences, one explored at most
+    assert s["spec_steps"] <= 32  # sequence-steps: at most the one exploring step
+    assert _tokens(llm, prompts[:1], params) == want[:1]
+    assert llm.engine.stats()["spec_steps"] > s["spec_steps"]
+    assert_no_leaks(llm)
