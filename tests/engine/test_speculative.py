@@ -3,6 +3,7 @@ hits and preemption included), sampled outputs distributed as without speculatio
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -227,4 +228,25 @@ def test_large_batches_turn_speculation_off(tiny: Path) -> None:
     assert s["spec_steps"] <= 32  # sequence-steps: at most the one exploring step
     assert _tokens(llm, prompts[:1], params) == want[:1]
     assert llm.engine.stats()["spec_steps"] > s["spec_steps"]
+    assert_no_leaks(llm)
+
+
+def test_guided_requests_run_unspeculated_beside_speculated_ones(tiny: Path) -> None:
+    """A structured-output request in a speculative engine decodes one token per step and still follows its
+    grammar; the free requests beside it speculate and keep their greedy output."""
+    pytest.importorskip("llguidance")
+    from ballast.engine.guided import GuidedSpec
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999}},
+              "required": ["n"], "additionalProperties": False}
+    llm = LLM(str(tiny), kv_cache_memory="2Mi", num_threads=1, speculative=NGRAM)
+    g = llm.engine.grammars.compile(GuidedSpec.json_schema(schema))
+    free = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompts = _prompts(2, seed=8)
+    want = _tokens(LLM(str(tiny), kv_cache_memory="2Mi", num_threads=1), prompts, free)
+    outs = llm.generate([prompts[0], "x y z", prompts[1]],
+                        [free, SamplingParams(max_tokens=40, temperature=1.0, seed=3, guided=g), free])
+    assert [outs[0].outputs[0].token_ids, outs[2].outputs[0].token_ids] == want
+    assert 0 <= json.loads(outs[1].outputs[0].text)["n"] <= 999
+    assert llm.engine.stats()["spec_steps"] > 0
     assert_no_leaks(llm)
