@@ -19,13 +19,20 @@ from ballast.engine.speculative import NgramProposer, Proposer, SpecConfig, Spec
 
 
 class StepCostEstimator:
-    """EWMA of step seconds per emitted token, keyed by (speculative?, batch-size bucket)."""
+    """Step seconds per emitted token, keyed by (speculative?, batch-size bucket): an EWMA of step seconds
+    over an EWMA of tokens per step, so a step that emitted many tokens weighs as much as it saved (an
+    average of per-step ratios would overweight the steps whose drafts were all rejected)."""
 
     def __init__(self, alpha: float = 0.2, explore_every: int = 16):
         self.alpha = alpha
         self.explore_every = explore_every
-        self.cost: dict[tuple[bool, int], float] = {}
+        self._avg: dict[tuple[bool, int], tuple[float, float]] = {}  # (seconds, tokens) per step
         self._choices: dict[int, int] = {}
+
+    @property
+    def cost(self) -> dict[tuple[bool, int], float]:
+        """Current estimates: seconds per emitted token."""
+        return {k: s / t for k, (s, t) in self._avg.items()}
 
     @staticmethod
     def bucket(batch_size: int) -> int:
@@ -37,15 +44,19 @@ class StepCostEstimator:
         if tokens <= 0 or seconds < 0:
             return
         key = (speculative, self.bucket(batch_size))
-        per_token = seconds / tokens
-        old = self.cost.get(key)
-        self.cost[key] = per_token if old is None else old + self.alpha * (per_token - old)
+        old = self._avg.get(key)
+        if old is None:
+            self._avg[key] = (seconds, float(tokens))
+        else:
+            a = self.alpha
+            self._avg[key] = (old[0] + a * (seconds - old[0]), old[1] + a * (tokens - old[1]))
 
     def choose(self, batch_size: int) -> bool:
         """Whether to speculate at this batch size: the cheaper mode by the estimates, the unmeasured one
         first, and every `explore_every`-th step the other mode, so a stale estimate gets corrected."""
         b = self.bucket(batch_size)
-        spec, plain = self.cost.get((True, b)), self.cost.get((False, b))
+        cost = self.cost
+        spec, plain = cost.get((True, b)), cost.get((False, b))
         if spec is None:
             return True
         if plain is None:

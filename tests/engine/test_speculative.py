@@ -248,5 +248,7 @@ def test_guided_requests_run_unspeculated_beside_speculated_ones(tiny: Path) -> 
                         [free, SamplingParams(max_tokens=40, temperature=1.0, seed=3, guided=g), free])
     assert [outs[0].outputs[0].token_ids, outs[2].outputs[0].token_ids] == want
     assert 0 <= json.loads(outs[1].outputs[0].text)["n"] <= 999
+    assert outs[1].speculative is None  # the guided request never speculated
+    assert outs[0].speculative is not None and outs[0].speculative["steps"] > 0
     assert llm.engine.stats()["spec_steps"] > 0
     assert_no_leaks(llm)
