@@ -1,9 +1,9 @@
 """Speculative decoding: SmolLM2-135M-Instruct decode speed with n-gram lookup and self-draft vs without.
 
 One command: `python bench/spec.py [--quick]`. Everything runs in this process (CPU, or the GPU if any),
-with the same torch threads for every system. The task copies from its prompt: "repeat this code with
-one change" (a Python function, a different one per request), greedy, so every system emits the same
-tokens (speculation keeps greedy output identical) and the comparison is tokens per second alone.
+with the same torch threads for every system. The task copies from its prompt: "repeat this text with
+one change" (a paragraph, a different one per request; see `copy_prompt`), greedy, so every system emits
+the same tokens (speculation keeps greedy output identical) and the comparison is tokens per second alone.
 
 1. Single stream: decode tokens/s of one request (from its first output token to its last), plain vs
    n-gram (k=4) vs self-draft (the first third of the layers, k=3). Aim: n-gram >= 1.8x plain.
@@ -29,7 +29,9 @@ import torch
 from ballast.engine import LLM, SamplingParams, resolve_checkpoint
 from bench._common import print_ratios, print_table, ratio_stats, summarize, write_results
 
-NAMES = ["total", "count", "result", "acc", "value", "score", "amount", "tally"]
+SUBJECTS = ["The committee", "The engineering team", "Our neighbours", "The city council", "The museum staff",
+            "A group of students", "The hospital board", "The orchestra"]
+PLACES = ["library", "bridge", "school", "park", "station", "harbour", "clinic", "theatre"]
 SPECS: dict[str, dict[str, Any] | None] = {
     "plain": None,
     "ngram": {"method": "ngram", "num_tokens": 4},
@@ -37,15 +39,16 @@ SPECS: dict[str, dict[str, Any] | None] = {
 }
 
 
-def code_prompt(llm: LLM, i: int) -> list[int]:
-    """A chat prompt asking to repeat a small function with one variable renamed (varies with i)."""
-    old, new = NAMES[i % len(NAMES)], NAMES[(i + 3) % len(NAMES)]
-    code = (f"def summarize_{i}(items, limit={10 + i}):\n    {old} = 0\n    for item in items:\n"
-            f"        if item.price > limit:\n            {old} += item.price * item.quantity\n"
-            f"        else:\n            {old} += item.price\n    return {old}\n")
-    msg = f"Repeat this Python code exactly, but rename the variable `{old}` to `{new}`:\n\n{code}"
-    text = llm.tokenizer.apply_chat_template([{"role": "user", "content": msg}], add_generation_prompt=True)
-    return llm.tokenizer.encode(text) if isinstance(text, str) else list(text)
+def copy_prompt(llm: LLM, i: int) -> list[int]:
+    """A text and the start of its copy with one change (varies with i): the answer copies from the prompt.
+
+    SmolLM2-135M does not copy code when asked in a chat (it rewrites it), so the task is a completion
+    that repeats a paragraph; the same shape as extraction or quoting in a larger model's answer."""
+    who, place = SUBJECTS[i % len(SUBJECTS)], PLACES[(i // len(SUBJECTS) + i) % len(PLACES)]
+    text = (f"{who} met on Tuesday to review the budget for the new {place}, and agreed to fund the reading "
+            f"room, the garden and {i + 2} new positions before the end of the year.")
+    prompt = f"Text: {text}\nThe same text, repeated word for word with Tuesday changed to Friday:\nText: {who}"
+    return llm.tokenizer.encode(prompt)
 
 
 def decode_rate(llm: LLM, prompt: list[int], out_len: int) -> tuple[float, int]:
@@ -89,11 +92,11 @@ def main() -> None:
     llms = {name: LLM(str(path), kv_cache_memory="512Mi", num_threads=args.threads, speculative=spec)
             for name, spec in SPECS.items()}
     for llm in llms.values():  # warm-up: first-call allocations are nobody's decode time
-        decode_rate(llm, code_prompt(llm, 999), 8)
+        decode_rate(llm, copy_prompt(llm, 999), 8)
     single: dict[str, list[float]] = {name: [] for name in llms}
     names = list(llms)
     for r in range(rounds):
-        prompt = code_prompt(llms["plain"], r)
+        prompt = copy_prompt(llms["plain"], r)
         counts = {}
         for name in names[r % len(names):] + names[: r % len(names)]:  # a different system first each round
             rate, counts[name] = decode_rate(llms[name], prompt, out_len)
@@ -105,7 +108,7 @@ def main() -> None:
     single_stats = {name: _spec_stats(llm) for name, llm in llms.items() if name != "plain"}
     conc: dict[str, list[float]] = {"plain": [], "ngram": []}
     for r in range(rounds):
-        prompts = [code_prompt(llms["plain"], 100 * r + i) for i in range(batch)]
+        prompts = [copy_prompt(llms["plain"], 100 * r + i) for i in range(batch)]
         for name in (["plain", "ngram"] if r % 2 == 0 else ["ngram", "plain"]):
             conc[name].append(batch_rate(llms[name], prompts, batch_len))
         print(f"batch round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in conc.items()),
