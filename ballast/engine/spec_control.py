@@ -6,7 +6,8 @@ large batch the forward is bound by compute and the k extra rows per sequence co
 rejected drafts make each emitted token dearer. Where the crossover lies depends on the machine, the
 model and the acceptance rate of the traffic, so it is measured, not configured: `StepCostEstimator`
 keeps an EWMA of seconds per emitted token for speculative and plain decode steps, per batch-size bucket
-(powers of two), and each step takes the cheaper mode, trying the other one now and then to stay current.
+(powers of two), and each step takes the cheaper mode, trying the other one now and then to stay current
+(the dearer it was, the less often).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class StepCostEstimator:
 
     def choose(self, batch_size: int) -> bool:
         """Whether to speculate at this batch size: the cheaper mode by the estimates, the unmeasured one
-        first, and every `explore_every`-th step the other mode, so a stale estimate gets corrected."""
+        first, and now and then the other mode (every `explore_every` steps times how much dearer it is),
+        so a stale estimate gets corrected."""
         b = self.bucket(batch_size)
         cost = self.cost
         spec, plain = cost.get((True, b)), cost.get((False, b))
@@ -62,7 +64,9 @@ class StepCostEstimator:
         if plain is None:
             return False
         n = self._choices[b] = self._choices.get(b, 0) + 1
-        explore = self.explore_every > 0 and n % self.explore_every == 0
+        # The dearer the other mode, the rarer the try: a draft costing 3x per token is retried a third as often.
+        every = round(self.explore_every * max(spec, plain) / max(min(spec, plain), 1e-12))
+        explore = self.explore_every > 0 and n % max(1, every) == 0
         return (spec < plain) != explore
 
 
