@@ -173,6 +173,21 @@ def check_adapter_name(name: str) -> str:
     return name
 
 
+class SpeculativeConfig(_Strict):
+    """Speculative decoding on the native engine (see README "Speculative decoding")."""
+
+    method: Literal["ngram", "self_draft", "draft_model"] = Field(
+        "ngram", description="ngram: prompt lookup; self_draft: the model's first layers; draft_model: a "
+        "second checkpoint sharing the tokenizer."
+    )
+    num_tokens: int = Field(4, ge=1, le=16, description="Tokens proposed per step.")
+    ngram_max: int = Field(4, ge=1, le=16, description="ngram: longest suffix looked up.")
+    ngram_min: int = Field(1, ge=1, le=16, description="ngram: shortest suffix looked up.")
+    draft_layers: int = Field(0, ge=0, description="self_draft: layers of the draft (0: a third of the model's).")
+    draft_checkpoint: str | None = Field(None, description="draft_model: checkpoint directory or known name.")
+    adaptive: bool = Field(True, description="Turn speculation off per step where measured step costs say so.")
+
+
 class NativeEngineConfig(_Strict):
     """Ballast's own LLM engine serving a Llama-family checkpoint."""
 
@@ -208,6 +223,7 @@ class NativeEngineConfig(_Strict):
     tool_parser: Literal["auto", "hermes", "llama3_json"] = Field(
         "auto", description="How tool calls are written and parsed; auto reads the chat template."
     )
+    speculative: SpeculativeConfig | None = Field(None, description="Speculative decoding; off when unset.")
     adapters: dict[str, str] = Field(
         default_factory=dict, description="LoRA adapters served beside the base model: {name: PEFT adapter "
         "directory inside the package}. A request selects one with `model: NAME`."

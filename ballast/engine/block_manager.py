@@ -112,6 +112,16 @@ class BlockManager:
             parent = h
         seq.num_hashed_blocks = max(seq.num_hashed_blocks, full)
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back tail blocks beyond `num_tokens` (taken for rejected speculative tokens, never cached)."""
+        keep = -(-num_tokens // self.block_size)
+        while len(seq.block_table) > max(keep, seq.num_hashed_blocks):
+            block = seq.block_table.pop()
+            self.ref[block] -= 1
+            if self.ref[block] == 0:
+                self.free[block] = None
+                self.free.move_to_end(block, last=False)
+
     def free_seq(self, seq: Sequence) -> None:
         """Release a sequence's blocks (finish, abort or preemption)."""
         for block in reversed(seq.block_table):  # tail blocks are evicted before the shared prefix

@@ -133,6 +133,8 @@ class EngineArgs:
     max_loras: int = 4  # adapters in device slots at once (distinct adapters in one batch)
     max_cpu_loras: int = 32  # adapters kept read in CPU memory; more may be registered
     max_lora_rank: int = 64
+    # Speculative decoding (speculative.SpecConfig as a dict: method, num_tokens, ...); None: off.
+    speculative: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.kv_cache_memory is not None:

@@ -33,6 +33,7 @@ from ballast.engine.sequence import (
     Sequence,
     Status,
 )
+from ballast.engine.spec_control import make_speculator
 from ballast.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger("ballast.engine")
@@ -91,6 +92,7 @@ class LLMEngine:
             max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_rank=args.max_lora_rank)
         self.runner.adapters = self.adapters
         self.scheduler.max_loras = args.max_loras if self.adapters is not None else 0
+        self.spec = make_speculator(args.speculative, self.runner, self.blocks)
         self.requests: dict[str, Request] = {}
         self._forking: dict[str, Request] = {}
         self._arrival = 0
@@ -157,6 +159,8 @@ class LLMEngine:
         self._forking.pop(request_id, None)
         if req is None:
             return None
+        if self.spec is not None:
+            self.spec.stats.pop_request(request_id)
         outs = []
         for seq in req.seqs:
             if not seq.finished:
@@ -180,6 +184,7 @@ class LLMEngine:
             "num_free_blocks": b.num_free,
             "num_total_blocks": b.num_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
+            **(self.spec.stats.as_dict() if self.spec is not None else {}),
         }
 
     # ---- one step --------------------------------------------------------------------------
@@ -193,12 +198,17 @@ class LLMEngine:
         for sch in batch:
             if not sch.seq.scheduled_ns:
                 sch.seq.scheduled_ns = now
+        t0 = time.perf_counter()
         try:
+            speculative = self.spec is not None and self.spec.attach(batch)
             result = self.runner.run(batch)
         except Exception as e:  # not attributable to one request: the batch fails, the engine goes on
             log.exception("engine step failed; failing its %d sequences", len(batch))
             return self._fail({s.seq.request_id for s in batch}, e)
         touched, outs = self._update(batch, result)
+        if self.spec is not None:
+            emitted = len(result.tokens) + sum(len(t) - 1 for t in result.extra.values())
+            self.spec.observe(batch, speculative, time.perf_counter() - t0, emitted)
         return outs + self._outputs(touched)
 
     def fail_all(self, error: BaseException) -> list[RequestOutput]:
@@ -227,13 +237,17 @@ class LLMEngine:
                 failed.setdefault(sch.seq.request_id, e)
         if self._forking:
             self._admit_forks()
+        drafted = {id(s.seq): len(s.draft) for s in batch if s.draft}
         touched: dict[str, Request] = {}
         for i, (seq, tok) in enumerate(zip(result.seqs, result.tokens, strict=True)):
             if seq.request_id in failed:
                 continue
             try:
-                self._append(seq, tok, logprobs[i] if logprobs is not None and seq.params.logprobs is not None
-                             else None)
+                if i in result.extra:
+                    self._append_speculative(seq, result.extra[i], drafted.get(id(seq), 0))
+                else:
+                    self._append(seq, tok, logprobs[i] if logprobs is not None and seq.params.logprobs is not None
+                                 else None)
             except Exception as e:
                 failed.setdefault(seq.request_id, e)
                 continue
@@ -310,6 +324,23 @@ class LLMEngine:
         elif seq.num_tokens >= seq.max_len:  # max_tokens (or its default) and the context
             self._finish(seq, "length")
 
+    def _append_speculative(self, seq: Sequence, tokens: list[int], proposed: int) -> None:
+        """A verified speculative step: accepted drafts (their K/V is in the cache) then one new token; stops
+        at the first that finishes the sequence. Blocks taken only for rejected drafts go back."""
+        emitted = 0
+        for j, tok in enumerate(tokens):
+            self._append(seq, tok, None)
+            emitted += 1
+            if seq.finished:
+                break
+            if j < len(tokens) - 1:
+                seq.num_computed += 1
+        if self.spec is not None:
+            self.spec.stats.record(seq.request_id, proposed, emitted)
+        if not seq.finished:
+            self.blocks.register_full_blocks(seq)
+            self.blocks.trim(seq, seq.num_tokens)
+
     def _check_stop_strings(self, seq: Sequence) -> bool:
         p = seq.params
         longest = max(len(s) for s in p.stop)
@@ -350,7 +381,9 @@ class LLMEngine:
                 seq.finish_reported = True
             outs.append(CompletionOutput(seq.index, text, new_ids, seq.finish_reason if report_finish else None, lps))
         finished = req.finished
+        spec = None
         if finished:
             self.requests.pop(req.request_id, None)
+            spec = self.spec.stats.pop_request(req.request_id) if self.spec is not None else None
         return RequestOutput(req.request_id, req.prompt_ids, outs, req.seqs[0].num_cached_tokens, finished,
-                             times=req.times() if finished else None)
+                             times=req.times() if finished else None, speculative=spec)

@@ -56,6 +56,7 @@ class LLM:
                         a.logprobs = (a.logprobs or []) + c.logprobs
                 acc.finished = out.finished
                 acc.error = out.error
+                acc.speculative = out.speculative or acc.speculative
         return [merged[r] for r in ids]
 
     def chat(self, messages_list: list[list[dict[str, Any]]], params: SamplingParams | None = None

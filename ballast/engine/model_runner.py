@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from ballast.engine.models import LlamaModel
 from ballast.engine.sampler import sample
 from ballast.engine.scheduler import ScheduledSeq
 from ballast.engine.sequence import Sequence
+from ballast.engine.speculative import verify
 
 log = logging.getLogger("ballast.engine")
 
@@ -35,6 +37,7 @@ class StepResult:
     tokens: list[int]
     logprobs: torch.Tensor | list[torch.Tensor | None] | None
     errors: dict[str, BaseException]
+    extra: dict[int, list[int]] = field(default_factory=dict)  # speculative: index in seqs -> tokens emitted
 
 
 class ModelRunner:
@@ -59,6 +62,8 @@ class ModelRunner:
         self._workspace = torch.empty((0, *shape[1:]), dtype=self.dtype, device=self.device)
         self.adapters: AdapterManager | None = None  # set by the engine when LoRA is on (it wraps the model)
         self._owners: list[tuple[int, int, LoraRef | None]] = []  # token ranges of each sequence in a step
+        # Called with every step's flat batch after the forward: a draft model keeping its cache in step.
+        self.mirrors: list[Callable[[torch.Tensor, torch.Tensor, AttentionBatch], None]] = []
 
     def _workspace_for(self, num_blocks: int) -> torch.Tensor:
         if self._workspace.shape[0] < num_blocks:
@@ -67,11 +72,12 @@ class ModelRunner:
         return self._workspace
 
     def _prepare(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch,
-                                                                 list[int], list[Sequence]]:
-        """Flatten one step: decode tokens first (rows 0..nd-1), then each prefill chunk."""
+                                                                 list[int], list[Sequence], list[ScheduledSeq]]:
+        """Flatten one step: plain decode tokens first (rows 0..nd-1), then each prefill chunk, then each
+        speculative chunk (a decode token and its drafts), whose logits rows all come after the others'."""
         bs = self.block_size
-        decodes = [s for s in scheduled if s.num_tokens == 1 and s.seq.num_computed > 0]
-        others = [s for s in scheduled if not (s.num_tokens == 1 and s.seq.num_computed > 0)]
+        decodes = [s for s in scheduled if s.num_tokens == 1 and s.seq.num_computed > 0 and not s.draft]
+        others = [s for s in scheduled if not (s.num_tokens == 1 and s.seq.num_computed > 0) or s.draft]
         owners = self._owners = []
         if self.adapters is not None:  # each adapter's decodes side by side: one LoRA segment each
             decodes.sort(key=lambda s: s.seq.lora.uid if s.seq.lora is not None else 0)
@@ -108,41 +114,55 @@ class ModelRunner:
             ws_blocks = nd * nblk
         prefills: list[PrefillChunk] = []
         # Whole prompts of equal length with nothing cached are adjacent, so attention takes them as one batch.
-        others.sort(key=lambda s: (s.seq.num_computed > 0, s.num_tokens))
+        others.sort(key=lambda s: (bool(s.draft), s.seq.num_computed > 0, s.num_tokens))
+        spec_rows: list[int] = []
         for sch in others:
-            seq, n = sch.seq, sch.num_tokens
-            s0 = seq.num_computed
             start = len(ids)
-            owners.append((start, start + n, seq.lora))
-            ids.extend(seq.token_ids[s0 : s0 + n])
-            pos.extend(range(s0, s0 + n))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(s0, s0 + n))
-            ctx = None
-            if s0 > 0:
-                nblk = -(-(s0 + n) // bs)
-                ctx = torch.tensor(table[:nblk], dtype=torch.long, device=dev)
-                ws_blocks = max(ws_blocks, nblk)
-            last = prefills[-1] if prefills else None
-            if (ctx is None and last is not None and last.context_blocks is None
-                    and last.end - last.start == last.count * n):
-                last.end += n
-                last.count += 1
-            else:
-                prefills.append(PrefillChunk(start, start + n, ctx, s0 + n, s0))
-            if sch.samples:
+            ws_blocks = max(ws_blocks, self._add_chunk(sch, ids, pos, slots, prefills))
+            n = len(ids) - start
+            owners.append((start, start + n, sch.seq.lora))
+            if sch.draft:
+                spec_rows.extend(range(start, start + n))
+            elif sch.samples:
                 rows.append(start + n - 1)
-                seqs.append(seq)
+                seqs.append(sch.seq)
         batch = AttentionBatch(torch.tensor(slots, dtype=torch.long, device=dev), nd, decode_blocks, decode_mask,
                                prefills, self._workspace_for(ws_blocks) if ws_blocks else None)
         return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
-                batch, rows, seqs)
+                batch, rows + spec_rows, seqs, [s for s in others if s.draft])
+
+    def _add_chunk(self, sch: ScheduledSeq, ids: list[int], pos: list[int], slots: list[int],
+                   prefills: list[PrefillChunk]) -> int:
+        """One prefill chunk (or speculative chunk) into the flat batch; returns the context blocks it reads."""
+        bs = self.block_size
+        seq = sch.seq
+        s0 = seq.num_computed
+        toks = seq.token_ids[s0 : s0 + sch.num_tokens] + sch.draft
+        n = len(toks)
+        start = len(ids)
+        ids.extend(toks)
+        pos.extend(range(s0, s0 + n))
+        table = seq.block_table
+        slots.extend(table[p // bs] * bs + p % bs for p in range(s0, s0 + n))
+        ctx = None
+        nblk = 0
+        if s0 > 0:
+            nblk = -(-(s0 + n) // bs)
+            ctx = torch.tensor(table[:nblk], dtype=torch.long, device=self.device)
+        last = prefills[-1] if prefills else None
+        if (ctx is None and last is not None and last.context_blocks is None
+                and last.end - last.start == last.count * n):
+            last.end += n
+            last.count += 1
+        else:
+            prefills.append(PrefillChunk(start, start + n, ctx, s0 + n, s0))
+        return nblk
 
     @torch.inference_mode()
     def run(self, scheduled: list[ScheduledSeq]) -> StepResult:
         """One forward pass over the step, then sampling; returns the sequences that sampled, their tokens
         and logprobs, and the requests whose row could not be sampled."""
-        ids, pos, batch, rows, seqs = self._prepare(scheduled)
+        ids, pos, batch, rows, seqs, spec = self._prepare(scheduled)
         if self.adapters is not None:
             self.adapters.begin_step(self._owners, ids.shape[0], rows)
         try:
@@ -151,11 +171,15 @@ class ModelRunner:
         finally:
             if self.adapters is not None:
                 self.adapters.end_step()
+        for mirror in self.mirrors:
+            mirror(ids, pos, batch)
+        if spec:
+            logits, spec_logits = logits[: len(seqs)], logits[len(seqs) :]
         if not seqs:
-            return StepResult([], [], None, {})
+            return self._verify(StepResult([], [], None, {}), spec, spec_logits if spec else logits)
         try:
             tokens, logprobs = sample(logits, seqs)
-            return StepResult(seqs, tokens, logprobs, {})
+            return self._verify(StepResult(seqs, tokens, logprobs, {}), spec, spec_logits if spec else logits)
         except Exception:
             log.warning("batched sampling failed; sampling row by row to find the request at fault", exc_info=True)
         # A request's own parameters can break sampling (a NaN distribution): one row at a time, so it fails
@@ -170,4 +194,21 @@ class ModelRunner:
             result.seqs.append(seq)
             result.tokens.append(tok[0])
             result.logprobs.append(lp[0] if lp is not None else None)  # type: ignore[union-attr]
+        return self._verify(result, spec, spec_logits if spec else logits)
+
+    def _verify(self, result: StepResult, spec: list[ScheduledSeq], logits: torch.Tensor) -> StepResult:
+        """Speculative rows: the accepted drafts and one more token per sequence, appended to `result`
+        (`result.extra[i]` holds all of sequence i's tokens); a failure fails its request alone."""
+        row = 0
+        for sch in spec:
+            n = len(sch.draft) + 1
+            try:
+                toks = verify(logits[row : row + n], sch.seq, sch.draft, sch.draft_probs)
+            except Exception as e:
+                result.errors[sch.seq.request_id] = e
+            else:
+                result.extra[len(result.seqs)] = toks
+                result.seqs.append(sch.seq)
+                result.tokens.append(toks[0])
+            row += n
         return result

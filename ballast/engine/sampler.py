@@ -92,6 +92,13 @@ def _draw(logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> None
             tokens[sampled[j]] = int(torch.multinomial(probs[j].float().cpu(), 1, generator=s.generator))
 
 
+def sampling_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Each row's sampling distribution (temperature, top-k, min-p, top-p): what `sample` draws from for
+    an unpenalised, unconstrained row; speculative verification compares drafts against it."""
+    temps = torch.tensor([s.params.temperature for s in seqs], device=logits.device, dtype=logits.dtype)
+    return torch.softmax(_filter(logits / temps[:, None], seqs), dim=-1)
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor | None]:
     """One token per row; also returns log-softmax of the raw logits when any row wants logprobs.
 

@@ -19,7 +19,9 @@ re-queued by the platform), and aging would let a batch backlog steal interactiv
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 from ballast.engine.block_manager import BlockManager
 from ballast.engine.sequence import Sequence, Status
@@ -29,6 +31,8 @@ from ballast.engine.sequence import Sequence, Status
 class ScheduledSeq:
     seq: Sequence
     num_tokens: int  # tokens computed this step, starting at seq.num_computed
+    draft: list[int] = field(default_factory=list)  # speculative tokens verified after a decode (speculative.py)
+    draft_probs: torch.Tensor | None = None  # [len(draft), V] the draft's distributions (None: one-hot drafts)
 
     @property
     def samples(self) -> bool:

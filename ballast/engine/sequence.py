@@ -125,6 +125,7 @@ class RequestOutput:
     error: str | None = None
     error_code: str | None = None  # set when the error is the client's fault (a 400), else the engine's (a 500)
     times: RequestTimes | None = None  # on the finished output only
+    speculative: dict[str, float] | None = None  # on the last output of a speculated request: its acceptance
 
 
 class Sequence:

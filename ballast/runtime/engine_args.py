@@ -20,6 +20,11 @@ def engine_args(cfg: NativeEngineConfig, base_dir: str | Path | None = None, *, 
 
         checkpoint = str(resolve_checkpoint(cfg.checkpoint, base_dir, token=hf_token))
     defaults = cfg.default_sampling.model_dump(exclude_none=True) if cfg.default_sampling else {}
+    spec = cfg.speculative.model_dump() if cfg.speculative else None
+    if spec and spec["draft_checkpoint"] and resolve:
+        from ballast.engine.checkpoints import resolve_checkpoint
+
+        spec["draft_checkpoint"] = str(resolve_checkpoint(spec["draft_checkpoint"], base_dir))
     return EngineArgs(
         checkpoint=checkpoint,
         max_model_len=cfg.max_model_len,
@@ -40,6 +45,7 @@ def engine_args(cfg: NativeEngineConfig, base_dir: str | Path | None = None, *, 
         max_loras=cfg.max_loras,
         max_cpu_loras=cfg.max_cpu_loras,
         max_lora_rank=cfg.max_lora_rank,
+        speculative=spec,
     )
 
 

@@ -18,13 +18,16 @@ class OutputStream(Protocol):
     async def aclose(self) -> None: ...
 
 
-def usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
-    return {
+def usage(prompt: int, completion: int, cached: int, speculative: dict[str, Any] | None = None) -> dict[str, Any]:
+    u = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": cached},
     }
+    if speculative:  # an extra (vLLM-style): this request's drafts and acceptance when it speculated
+        u["speculative"] = speculative
+    return u
 
 
 def format_logprobs(lp: Any, chat: bool) -> Any:
@@ -73,6 +76,7 @@ class Formatter:
         n = self.req.n
         choices: list[dict[str, Any]] = []
         prompt_tokens = completion_tokens = cached = 0
+        spec: dict[str, Any] | None = None
         for p_index, stream in enumerate(streams):
             texts = [""] * n
             finish: list[str | None] = [None] * n
@@ -90,6 +94,7 @@ class Formatter:
             if last is not None:
                 prompt_tokens += len(last.prompt_token_ids)
                 cached += last.num_cached_tokens or 0
+                spec = getattr(last, "speculative", None) or spec
             for i in range(n):
                 choice: dict[str, Any] = {"index": p_index * n + i}
                 if self.chat:
@@ -105,7 +110,7 @@ class Formatter:
             "created": self.created,
             "model": self.model,
             "choices": choices,
-            "usage": usage(prompt_tokens, completion_tokens, cached),
+            "usage": usage(prompt_tokens, completion_tokens, cached, spec),
             "system_fingerprint": None,
         }
 

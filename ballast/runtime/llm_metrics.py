@@ -58,6 +58,13 @@ class LLMMetrics:
             ("ballast_llm_prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache."),
             ("ballast_llm_prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in the cache."),
             ("ballast_llm_preemptions", "num_preemptions", "Sequences preempted (recomputed later) so far."),
+            ("ballast_llm_spec_proposed_tokens", "spec_proposed_tokens", "Speculative draft tokens proposed."),
+            ("ballast_llm_spec_accepted_tokens", "spec_accepted_tokens", "Speculative draft tokens accepted."),
+            ("ballast_llm_spec_acceptance_rate", "spec_acceptance_rate", "Accepted / proposed draft tokens."),
+            ("ballast_llm_spec_tokens_per_step", "spec_tokens_per_step",
+             "Tokens emitted per speculative step of a sequence."),
+            ("ballast_llm_spec_skipped_steps", "spec_skipped_steps", "Decode steps run without speculation "
+             "because measured step costs said it would not pay."),
         ):
             Gauge(name, doc, registry=r).set_function(functools.partial(_stat, stats, key))
 

@@ -85,12 +85,14 @@ class LlamaModel(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-        batch: AttentionBatch, logits_rows: torch.Tensor,
+        batch: AttentionBatch, logits_rows: torch.Tensor, num_layers: int | None = None,
     ) -> torch.Tensor:
-        """Returns logits (float32) for `logits_rows` of the flat batch only."""
+        """Returns logits (float32) for `logits_rows` of the flat batch only. `num_layers`: exit after that
+        many layers (a self-draft for speculative decoding, see drafter.py)."""
         h = self.embed_tokens(input_ids)
         cos, sin = self.rope(positions, h.dtype)
-        for layer, kv in zip(cast("Sequence[Layer]", self.layers), kv_caches, strict=True):
+        n = len(self.layers) if num_layers is None else num_layers
+        for layer, kv in zip(cast("Sequence[Layer]", self.layers)[:n], kv_caches[:n], strict=True):
             h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, kv, batch)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         h = self.norm(h[logits_rows])
