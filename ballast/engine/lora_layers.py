@@ -36,6 +36,7 @@ class LoraStep:
     short_pos: torch.Tensor | None  # their positions in the padded [S * L] batch
     token_slots: list[int]  # slot per token row (-1: base)
     head_slots: list[int]  # slot per logits row (-1: base)
+    short_range: tuple[int, int] | None = None  # short segments' slots are lo..hi-1 in order: a view, no gather
 
     @classmethod
     def build(cls, segments: list[tuple[int, int, int]], num_tokens: int, rows: list[int],
@@ -44,7 +45,8 @@ class LoraStep:
         for s, e, slot in segments:
             token_slots[s:e] = [slot] * (e - s)
         long = [seg for seg in segments if seg[1] - seg[0] > _LONG]
-        short = [seg for seg in segments if seg[1] - seg[0] <= _LONG]
+        # Order in the padded batch is free (results are scattered back by row), so by slot: often a range.
+        short = sorted((seg for seg in segments if seg[1] - seg[0] <= _LONG), key=lambda seg: seg[2])
         step = cls(long, None, None, 0, None, None, token_slots, [token_slots[r] for r in rows])
         if short:
             width = max(e - s for s, e, _ in short)
@@ -61,6 +63,9 @@ class LoraStep:
 
             step.short_idx, step.short_slots, step.short_len = t(idx), t([slot for _, _, slot in short]), width
             step.short_dest, step.short_pos = t(dest), t(pos)
+            slots = [slot for _, _, slot in short]
+            if slots == list(range(slots[0], slots[0] + len(slots))):
+                step.short_range = (slots[0], slots[0] + len(slots))
         return step
 
 
@@ -86,7 +91,11 @@ class LoraLinear(nn.Module):
         if st.short_idx is not None:
             assert st.short_slots is not None and st.short_dest is not None and st.short_pos is not None
             xs = x.index_select(0, st.short_idx).view(st.short_slots.shape[0], st.short_len, -1)
-            d = torch.bmm(torch.bmm(xs, a.index_select(0, st.short_slots)), b.index_select(0, st.short_slots))
+            if st.short_range is not None:
+                a_s, b_s = a[st.short_range[0] : st.short_range[1]], b[st.short_range[0] : st.short_range[1]]
+            else:
+                a_s, b_s = a.index_select(0, st.short_slots), b.index_select(0, st.short_slots)
+            d = torch.bmm(torch.bmm(xs, a_s), b_s)
             d = d.view(-1, d.shape[-1])
             if d.shape[0] != st.short_dest.shape[0]:
                 d = d.index_select(0, st.short_pos)
