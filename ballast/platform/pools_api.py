@@ -27,7 +27,8 @@ class PoolRequest(BaseModel):
                                     "the platform's machine.")
     region: str = Field("", max_length=63, pattern=r"^[A-Za-z0-9_.-]*$")
     labels: dict[Annotated[str, Field(pattern=LABEL)], Annotated[str, Field(max_length=255)]] = Field(
-        default_factory=dict, max_length=32)
+        # patternProperties alone would let a schema-valid body hold any other key: say that none may.
+        default_factory=dict, max_length=32, json_schema_extra={"additionalProperties": False})
     max_replicas: int | None = Field(None, ge=1, le=100_000, description="Capacity; unset: what fits.")
 
 

@@ -27,6 +27,8 @@ def plat(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
         for name in ("alpha", "beta"):
             p.api("POST", "/deployments", expect=201, json={"path": str(write_package(root / name, f"name: {name}\n",
                                                                                        MODEL))})
+        for name in ("alpha", "beta"):  # production is set once the first version serves
+            p.wait_serving(name, 1, timeout=180)
         yield p
     finally:
         pids = p.replica_pids() if p.proc and p.proc.poll() is None else []
