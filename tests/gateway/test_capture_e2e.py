@@ -5,6 +5,7 @@ deletion removes the rows."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -144,3 +145,21 @@ def test_import_export_split_and_delete(plat: Platform) -> None:
     plat.api("GET", "/datasets/notes", expect=404)
     assert plat.api("DELETE", "/datasets/imp")["deleted"] == 10
     plat.api("DELETE", "/datasets/imp", expect=404)
+
+
+def test_cli_round_trip(plat: Platform, tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n{oops\n')
+    bad = plat.cli("datasets", "import", "cli", str(src), check=False)
+    assert bad.returncode != 0 and "line 2" in bad.stdout + bad.stderr
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]})
+             for i in range(4)]
+    src.write_text("\n".join(lines) + "\n")
+    assert "4 examples imported into cli" in plat.cli("datasets", "import", "cli", str(src)).stdout
+    assert "cli" in plat.cli("datasets", "list").stdout
+    assert "assistant: a0" in plat.cli("datasets", "show", "cli").stdout
+    train, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
+    plat.cli("datasets", "export", "cli", "-o", str(train), "--held-out", "0.25", "--held-out-file", str(held))
+    assert sorted(train.read_text().splitlines() + held.read_text().splitlines()) == sorted(lines)
+    assert len(held.read_text().splitlines()) == 1
+    assert "4 examples deleted" in plat.cli("datasets", "delete", "cli").stdout
