@@ -35,6 +35,7 @@ HEADER = "x-ballast-capture"
 DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 REDACTED = "[REDACTED]"
 SWEEP_S = 60.0
+MAX_FEEDBACK = 2**20  # a correction is one edited answer
 
 
 @dataclass(frozen=True)
@@ -126,9 +127,12 @@ class Capture:
     # ---- feedback ------------------------------------------------------------------------------
     async def feedback(self, request: Request) -> Response:
         key = self.gateway.authenticate(request, "inference")
+        raw = await request.body()
+        if len(raw) > MAX_FEEDBACK:
+            raise APIError(413, f"request body exceeds {MAX_FEEDBACK} bytes", code="request_too_large")
         try:
-            body = json.loads(await request.body())
-        except ValueError:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
             raise APIError(400, "request body is not valid JSON", code="invalid_json") from None
         rid = body.get("request_id") if isinstance(body, dict) else None
         if not isinstance(rid, str) or not 0 < len(rid) <= 64:

@@ -163,3 +163,15 @@ def test_cli_round_trip(plat: Platform, tmp_path: Path) -> None:
     assert sorted(train.read_text().splitlines() + held.read_text().splitlines()) == sorted(lines)
     assert len(held.read_text().splitlines()) == 1
     assert "4 examples deleted" in plat.cli("datasets", "delete", "cli").stdout
+
+
+def test_feedback_bad_bodies(plat: Platform) -> None:
+    def post(content: bytes) -> httpx.Response:
+        return httpx.post(plat.url + "/v1/feedback", content=content, timeout=30,
+                          headers={"Authorization": f"Bearer {plat.key}", "content-type": "application/json"})
+
+    assert _error(post(b"{not json"), 400)["code"] == "invalid_json"
+    assert _error(post(b"[" * 5000 + b"]" * 5000), 400)["code"] == "invalid_json"
+    assert _error(post(b"[]"), 400)["param"] == "request_id"
+    assert _error(post(b'{"request_id": "x", "rating": [1]}'), 400)["param"] == "rating"
+    assert _error(post(b" " * (2**20 + 1)), 413)["code"] == "request_too_large"
