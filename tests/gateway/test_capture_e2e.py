@@ -6,6 +6,7 @@ deletion removes the rows."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -175,3 +176,29 @@ def test_feedback_bad_bodies(plat: Platform) -> None:
     assert _error(post(b"[]"), 400)["param"] == "request_id"
     assert _error(post(b'{"request_id": "x", "rating": [1]}'), 400)["param"] == "rating"
     assert _error(post(b" " * (2**20 + 1)), 413)["code"] == "request_too_large"
+
+
+def test_tiny_llm_capture_and_streams_skipped(plat: Platform, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    pytest.importorskip("ballast.engine", reason="the native engine is not built")
+    pkg = write_package(tmp_path / "tiny", f"""
+        name: tiny
+        engine: {{kind: native, checkpoint: {tiny_checkpoint}, max_model_len: 256, kv_cache_memory: 16Mi}}
+        autoscaling: {{min_replicas: 1, max_replicas: 1}}
+        capture: {{dataset: tinyset, redact: ['secret-[0-9]+']}}
+        """)
+    plat.api("POST", "/deployments", expect=201, json={"path": str(pkg)})
+    plat.wait_serving("tiny", 1, timeout=180)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "say secret-42"}], "max_tokens": 8,
+            "temperature": 0}
+    headers = {"Authorization": f"Bearer {plat.key}"}
+    with httpx.stream("POST", plat.url + "/v1/chat/completions", json={**body, "stream": True}, headers=headers,
+                      timeout=60) as s:
+        assert s.status_code == 200 and "data: [DONE]" in s.read().decode()
+    plat.api("GET", "/datasets/tinyset", expect=404)  # streams are not captured
+    r = httpx.post(plat.url + "/v1/chat/completions", json=body, headers=headers, timeout=60)
+    assert r.status_code == 200, r.text
+    [example] = plat.api("GET", "/datasets/tinyset")["data"]
+    assert example["messages"][0] == {"role": "user", "content": "say [REDACTED]"}
+    answer = r.json()["choices"][0]["message"]["content"]
+    assert example["messages"][1]["content"] == re.sub(r"secret-[0-9]+", "[REDACTED]", answer)
+    assert example["request_id"] == r.headers["x-request-id"]
