@@ -20,6 +20,7 @@ class Scope(StrEnum):
     inference = "inference"
     metrics = "metrics"
     admin = "admin"
+    capture = "capture"  # may send x-ballast-capture (with inference)
 
 
 class Period(StrEnum):
@@ -40,7 +41,7 @@ def _limits(k: dict[str, Any]) -> str:
 
 @app.command()
 def create(
-    scope: Annotated[list[Scope], typer.Option("--scope", "-s", help="inference, metrics or admin (repeatable).")],
+    scope: Annotated[list[Scope], typer.Option("--scope", "-s", help="inference, metrics, admin, capture.")],
     name: Annotated[str, typer.Option("--name", "-n", help="A label: who or what uses the key.")] = "",
     deployments: Annotated[str | None, typer.Option(help="Comma-separated deployments it may use (default all).")]
     = None,

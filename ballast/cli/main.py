@@ -14,6 +14,7 @@ from ballast.cli import (
     cache_cmds,
     chains_cmds,
     chat_cmds,
+    datasets_cmds,
     keys_cmds,
     package_cmds,
     platform_cmds,
@@ -67,6 +68,7 @@ profiles.register(app)
 chains_cmds.register(app)
 async_cmds.register(app)
 pools_cmds.register(app)
+datasets_cmds.register(app)
 app.add_typer(models_cmds.app, name="models", help="Make and import LLM checkpoints (offline).")
 
 err_console = make_console(stderr=True)

@@ -152,6 +152,26 @@ class AsyncConfig(_Strict):
     )
 
 
+class CaptureConfig(_Strict):
+    """Opt-in capture of sampled request/response pairs into a named dataset (off unless this section is set)."""
+
+    dataset: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", description="The dataset the pairs go to.")
+    sample_rate: float = Field(1.0, ge=0, le=1, description="The share of successful non-streamed calls captured.")
+    redact: list[str] = Field(default_factory=list, max_length=64, description="Regular expressions replaced by "
+                              "[REDACTED] in every string before anything is written.")
+    retention_days: float = Field(30.0, gt=0, description="Captured pairs are deleted this long after capture.")
+
+    @field_validator("redact")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"redact pattern {pattern!r} is not a regular expression: {e}") from None
+        return v
+
+
 class DefaultSampling(_Strict):
     """A package's sampling defaults, in the OpenAI/vLLM request's ranges (unset: the checkpoint's or 1.0)."""
 
@@ -299,6 +319,7 @@ class BallastConfig(_Strict):
     async_: AsyncConfig = Field(default_factory=AsyncConfig, alias="async")
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     engine: EngineConfig | None = Field(None, description="Serve an LLM with an engine instead of model.py.")
+    capture: CaptureConfig | None = Field(None, description="Opt-in capture of traffic into a dataset.")
 
     @field_validator("model", mode="before")
     @classmethod

@@ -24,6 +24,7 @@ from ballast.control.keys import KeyRecord
 from ballast.gateway import spans
 from ballast.gateway.adapters import Adapters
 from ballast.gateway.auth import MISSING_KEY_MESSAGE, api_key_from_headers
+from ballast.gateway.capture import Capture, CapturePolicy
 from ballast.gateway.limits import KeyLimiter
 from ballast.gateway.metering import Meter, UsageCounts, UsageKey, counts_from_usage
 from ballast.gateway.metrics import GatewayMetrics
@@ -62,6 +63,7 @@ class DeploymentRoute:
     max_wait_s: float = 120.0
     async_policy: AsyncPolicy = field(default_factory=AsyncPolicy)  # the `async:` section
     concurrency_target: float = 1.0  # in-flight requests per replica the async dispatcher fills up to
+    capture: CapturePolicy | None = None  # the `capture:` section (gateway/capture.py)
 
 
 class GatewaySource(Protocol):
@@ -119,6 +121,7 @@ class Gateway:
         self.companions: list[Any] = []
         self.extra_routes: list[tuple[str, Callable[[Request], Awaitable[Response]], list[str]]] = []
         self.adapters = Adapters(self, registry)
+        self.capture: Capture | None = None  # opt-in traffic capture, installed by the platform
         self.extra_routes += self.adapters.routes()
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -294,7 +297,9 @@ class Gateway:
         body, parsed = await _read_body(request, parse=kind != "predict" or model is None)
         if parsed is not None:
             model = parsed.get("model")
-        return await self.forward(key, kind, model, body, parsed, request.headers.get("x-ballast-session"), started)
+        wanted = self.capture.requested(request, key) if self.capture is not None else None
+        resp = await self.forward(key, kind, model, body, parsed, request.headers.get("x-ballast-session"), started)
+        return await self.capture.record(kind, key, parsed, resp, wanted) if self.capture is not None else resp
 
     async def forward(self, key: KeyRecord, kind: str, model: str | None, body: bytes, parsed: Any,
                       session: str | None, started: float, admit: bool = True, priority: int | None = None,

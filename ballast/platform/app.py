@@ -26,6 +26,7 @@ from starlette.routing import Route, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ballast.control import ControlError, ControlPlane, Reconciler
+from ballast.control.datasets import Datasets
 from ballast.control.keys import KeyStore
 from ballast.control.metrics_history import MetricsHistory
 from ballast.control.metrics_sampler import interval_from_env
@@ -36,7 +37,7 @@ from ballast.observe import RequestIdMiddleware, is_loopback, request_id_var
 from ballast.observe.requests import with_tracing
 from ballast.observe.tracing import get_tracer
 from ballast.openai import APIError, error_body
-from ballast.platform import chains_api, deployments, keys_api, metrics_api, openapi, pools_api
+from ballast.platform import chains_api, datasets_api, deployments, keys_api, metrics_api, openapi, pools_api
 from ballast.platform.async_routes import async_router
 from ballast.platform.uploads import upload_router
 
@@ -154,6 +155,7 @@ def create_app(control: ControlPlane, reconciler: Reconciler | None = None, *, g
     app.include_router(async_router())
     app.include_router(pools_api.router(PoolStore(control.sessions), changed))
     app.include_router(chains_api.router(control, changed))
+    app.include_router(datasets_api.router(Datasets(control.sessions)))
     history = MetricsHistory(control.sessions, interval_from_env() or 10)
     app.include_router(metrics_api.router(history))
     app.router.routes.extend(dashboard_routes(control, history, changed, refreshed))  # the web dashboard at /

@@ -20,6 +20,7 @@ from ballast.control.async_queue import AsyncPolicy, AsyncQueue
 from ballast.control.autoscaler import Autoscaler
 from ballast.control.batches import BatchStore
 from ballast.control.chains import ChainStore
+from ballast.control.datasets import Datasets
 from ballast.control.keys import KeyRecord, KeyStore
 from ballast.control.lease import Lease
 from ballast.control.metrics_history import MetricsHistory
@@ -29,6 +30,7 @@ from ballast.control.webhooks import WebhookSecrets, WebhookSender, allow_from_e
 from ballast.gateway.async_api import AsyncAPI
 from ballast.gateway.async_dispatch import Dispatcher
 from ballast.gateway.batches import BatchAPI
+from ballast.gateway.capture import Capture, CapturePolicy
 from ballast.gateway.chains import ChainRoutes
 from ballast.gateway.metering import UsageCounts, UsageKey
 from ballast.gateway.routing import Endpoint
@@ -84,7 +86,13 @@ def _route(d: DeploymentTargets) -> DeploymentRoute:
                            max_wait_s=cfg.routing.max_wait_s if cfg is not None else 120.0,
                            async_policy=AsyncPolicy(cfg.async_.max_queue, cfg.async_.max_concurrency,
                                                     cfg.async_.result_ttl_s) if cfg is not None else AsyncPolicy(),
-                           concurrency_target=cfg.autoscaling.concurrency_target if cfg is not None else 1.0)
+                           concurrency_target=cfg.autoscaling.concurrency_target if cfg is not None else 1.0,
+                           capture=_capture(cfg))
+
+
+def _capture(cfg: BallastConfig | None) -> CapturePolicy | None:
+    c = cfg.capture if cfg is not None else None
+    return CapturePolicy(c.dataset, c.sample_rate, tuple(c.redact), c.retention_days) if c is not None else None
 
 
 def assemble(control: ControlPlane, backend: Backend, registry: CollectorRegistry,
@@ -96,7 +104,15 @@ def assemble(control: ControlPlane, backend: Backend, registry: CollectorRegistr
     autoscaler.signal = install_async(control, gateway, webhook_allow or [])
     install_history(control, gateway, registry)
     gateway.extra_routes += ChainRoutes(gateway, ChainStore(control).targets).routes()
+    install_capture(control, gateway)
     return reconciler, gateway
+
+
+def install_capture(control: ControlPlane, gateway: Gateway) -> None:
+    """Opt-in capture (its retention sweep a gateway companion) and `POST /v1/feedback`."""
+    gateway.capture = Capture(gateway, Datasets(control.sessions))
+    gateway.companions.append(gateway.capture)
+    gateway.extra_routes += gateway.capture.routes()
 
 
 def install_history(control: ControlPlane, gateway: Gateway, registry: CollectorRegistry) -> Sampler | None:

@@ -42,6 +42,9 @@ def test_platform_api_matches_its_openapi(case: schemathesis.Case) -> None:
         # The body must be a gzipped tar of a valid package: a property of bytes that no JSON Schema states, so
         # random bytes are rightly refused with a documented 400 (the upload itself is tested elsewhere).
         excluded.append(positive_data_acceptance)
+    if case.operation.path == "/api/v1/datasets/{name}/import":
+        # Likewise each line must be a fine-tuning example, which no JSON Schema of a string states (tested elsewhere).
+        excluded.append(positive_data_acceptance)
     if case.operation.path == "/api/v1/keys/{key_id}" and case.method == "DELETE":
         # Keep the admin key this run authenticates with: revoking it would turn every later case into a 401.
         case.path_parameters = {"key_id": "key-does-not-exist"}
