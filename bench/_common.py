@@ -291,3 +291,19 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print("|---|---|---:|---:|---:|---|")
     for r in rows:
         print(f"| {r['system']} | {r['metric']} | {r['median']:.4g} | {r['min']:.4g} | {r['max']:.4g} | {r['unit']} |")
+
+
+def deploy_ready(url: str, home: Path, package: Path, name: str, log: Path,
+                 timeout: float = 180) -> tuple[str, list[dict[str, Any]]]:
+    """On a started platform: its admin key (from `home`), `package` deployed as `name`, and its ready replicas
+    (dicts of the deployments API) once there is one; RuntimeError naming `log` when none is ready in `timeout` s."""
+    key = json.loads((home / "credentials.json").read_text())["api_key"]
+    api = httpx.Client(base_url=url + "/api/v1", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    api.post("/deployments", json={"path": str(package), "name": name}).raise_for_status()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reps = [x for x in api.get(f"/deployments/{name}").json()["replicas"] if x["state"] == "ready"]
+        if reps:
+            return key, reps
+        time.sleep(0.2)
+    raise RuntimeError(f"the {name} replica did not become ready; see {log}")

@@ -22,7 +22,6 @@ navigation start to the first rendered charts (the page's own `performance.now()
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import statistics
@@ -41,6 +40,7 @@ from bench._common import (
     ROOT,
     Proc,
     ballast_cli,
+    deploy_ready,
     free_port,
     print_ratios,
     print_table,
@@ -66,19 +66,9 @@ def start(tmp: Path, name: str, interval: int, procs: list[Proc]) -> dict[str, A
                       log=tmp / f"{name}.log"))
     url = f"http://127.0.0.1:{port}"
     procs[-1].wait_http(url + "/api/v1/health", timeout=120)
-    key = json.loads((home / "credentials.json").read_text())["api_key"]
-    api = httpx.Client(base_url=url + "/api/v1", headers={"Authorization": f"Bearer {key}"}, timeout=30)
-    api.post("/deployments", json={"path": str(PACKAGE), "name": "echo"}).raise_for_status()
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        reps = [r for r in api.get("/deployments/echo").json()["replicas"] if r["state"] == "ready"]
-        if reps:
-            break
-        time.sleep(0.2)
-    else:
-        raise RuntimeError(f"no ready echo replica; see {tmp / name}.log")
-    subprocess.run(["taskset", "-a", "-p", "-c", BACKEND_CPUS, str(reps[0]["pid"])], check=True, capture_output=True)
-    return {"name": name, "url": url, "key": key, "home": home, "proc": procs[-1], "replica_pid": reps[0]["pid"]}
+    key, (rep, *_) = deploy_ready(url, home, PACKAGE, "echo", tmp / f"{name}.log")
+    subprocess.run(["taskset", "-a", "-p", "-c", BACKEND_CPUS, str(rep["pid"])], check=True, capture_output=True)
+    return {"name": name, "url": url, "key": key, "home": home, "proc": procs[-1], "replica_pid": rep["pid"]}
 
 
 def platform_cpu(p: dict[str, Any]) -> float:

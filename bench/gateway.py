@@ -41,6 +41,7 @@ from bench._common import (
     ROOT,
     Proc,
     ballast_cli,
+    deploy_ready,
     free_port,
     print_ratios,
     print_table,
@@ -97,22 +98,12 @@ def start_ballast(tmp: Path, procs: list[Proc]) -> tuple[str, str, str, int]:
                       env={"BALLAST_HOME": str(home)}, log=tmp / "ballast.log"))
     url = f"http://127.0.0.1:{port}"
     procs[-1].wait_http(url + "/api/v1/health", timeout=120)
-    key = json.loads((home / "credentials.json").read_text())["api_key"]
-    api = httpx.Client(base_url=url + "/api/v1", headers={"Authorization": f"Bearer {key}"}, timeout=30)
-    r = api.post("/deployments", json={"path": str(PACKAGE), "name": "echo"})
-    r.raise_for_status()
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        reps = [x for x in api.get("/deployments/echo").json()["replicas"] if x["state"] == "ready"]
-        if reps:
-            break
-        time.sleep(0.2)
-    else:
-        raise RuntimeError(f"the echo replica did not become ready; see {tmp / 'ballast.log'}")
+    key, reps = deploy_ready(url, home, PACKAGE, "echo", tmp / "ballast.log")
     if len(reps) != 1:
         raise RuntimeError(f"expected exactly one echo replica, found {len(reps)}")
-    pin_tree(reps[0]["pid"], BACKEND_CPUS)  # the backend shares CPU 1 with wrk, as for every system
-    return url, key, reps[0]["url"], reps[0]["pid"]
+    rep = reps[0]
+    pin_tree(rep["pid"], BACKEND_CPUS)  # the backend shares CPU 1 with wrk, as for every system
+    return url, key, rep["url"], rep["pid"]
 
 
 LITELLM_KEY = "sk-" + "b" * 48  # a master key, so that LiteLLM checks a key on every request as Ballast does

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import (
     ROOT,
     Proc,
+    deploy_ready,
     free_port,
     print_ratios,
     print_table,
@@ -63,20 +64,10 @@ def start_platform(name: str, tmp: Path, procs: list[Proc], env: dict[str, str],
                       env={"BALLAST_HOME": str(home), "PYTHONPATH": str(source), **env}))
     url = f"http://127.0.0.1:{port}"
     procs[-1].wait_http(url + "/api/v1/health", timeout=120)
-    key = json.loads((home / "credentials.json").read_text())["api_key"]
-    api = httpx.Client(base_url=url + "/api/v1", headers={"Authorization": f"Bearer {key}"}, timeout=30)
-    api.post("/deployments", json={"path": str(PACKAGE), "name": "echo"}).raise_for_status()
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        reps = [x for x in api.get("/deployments/echo").json()["replicas"] if x["state"] == "ready"]
-        if reps:
-            break
-        time.sleep(0.2)
-    else:
-        raise RuntimeError(f"the echo replica of {name} did not become ready; see {tmp / name}.log")
-    pin_tree(reps[0]["pid"], BACKEND_CPUS)
-    return {"gateway": url + "/v1/chat/completions", "direct": reps[0]["url"] + "/v1/chat/completions",
-            "headers": {"Authorization": f"Bearer {key}"}, "pid": procs[-1].proc.pid, "replica_pid": reps[0]["pid"]}
+    key, (rep, *_) = deploy_ready(url, home, PACKAGE, "echo", tmp / f"{name}.log")
+    pin_tree(rep["pid"], BACKEND_CPUS)
+    return {"gateway": url + "/v1/chat/completions", "direct": rep["url"] + "/v1/chat/completions",
+            "headers": {"Authorization": f"Bearer {key}"}, "pid": procs[-1].proc.pid, "replica_pid": rep["pid"]}
 
 
 def measure(s: dict[str, Any], seconds: int) -> dict[str, float]:
