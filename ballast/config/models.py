@@ -249,6 +249,10 @@ class NativeEngineConfig(_Strict):
         "directory inside the package}. A request selects one with `model: NAME`."
     )
     enable_lora: bool = Field(False, description="Accept LoRA adapters loaded at runtime even with none declared.")
+    default_adapter: str | None = Field(
+        None, description="One of `adapters`: what a request naming the deployment (not an adapter) is served "
+        "with. The adapter gate ships a better adapter this way."
+    )
     max_loras: int = Field(4, ge=1, le=256, description="Adapters on the device at once (distinct in one batch).")
     max_cpu_loras: int = Field(32, ge=1, description="Adapters kept read in memory; more may be registered.")
     max_lora_rank: int = Field(64, ge=1, le=64, description="Largest adapter rank accepted.")
@@ -266,6 +270,8 @@ class NativeEngineConfig(_Strict):
     def _lora_slots(self) -> NativeEngineConfig:
         if self.max_cpu_loras < self.max_loras:
             raise ValueError("max_cpu_loras must be at least max_loras")
+        if self.default_adapter is not None and self.default_adapter not in self.adapters:
+            raise ValueError(f"default_adapter {self.default_adapter!r} is not one of engine.adapters")
         return self
 
     @field_validator("kv_cache_memory")

@@ -61,7 +61,11 @@ class ChainKeys:
             return found.value
 
     def secret(self, chain: str) -> str:
-        digest = hmac.new(self._master_secret(), f"chain:{chain}".encode(), hashlib.sha256).digest()
+        return self.derived(f"chain:{chain}")
+
+    def derived(self, label: str) -> str:
+        """A key secret derived from the platform secret and `label` (the same on every platform of one store)."""
+        digest = hmac.new(self._master_secret(), label.encode(), hashlib.sha256).digest()
         return KEY_PREFIX + base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
     def ensure(self, s: Session, chain: str, deployments: Iterable[str]) -> str:

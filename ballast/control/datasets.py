@@ -114,10 +114,16 @@ class Datasets:
 
     def export(self, dataset: str, held_out: float = 0.0, seed: int = 0) -> dict[str, list[dict[str, Any]]]:
         """The dataset as fine-tuning examples, split into train and held-out by a seeded shuffle."""
+        split = self.split(dataset, held_out, seed)
+        return {part: [e for _, _, e in rows] for part, rows in split.items()}
+
+    def split(self, dataset: str, held_out: float = 0.0,
+              seed: int = 0) -> dict[str, list[tuple[int, str, dict[str, Any]]]]:
+        """(record id, source, example) of each part: the one split `export` and the evals share."""
         with self.sessions() as s:
             rows = s.scalars(select(DatasetRecord).where(DatasetRecord.dataset == dataset)
                              .order_by(DatasetRecord.id)).all()
-            examples = [_example(r) for r in rows if r.correction or r.completion]
+            examples = [(r.id, r.source, _example(r)) for r in rows if r.correction or r.completion]
         if not rows:
             raise ControlError(404, f"no dataset `{dataset}`", "not_found", "name")
         order = list(range(len(examples)))

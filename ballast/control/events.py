@@ -35,12 +35,14 @@ def event_line(ts: datetime, deployment: str, message: str, version: Any = None)
     return f"{ts:%H:%M:%S} {where} {message}"
 
 
-def add_event(s: Session, deployment: str, kind: str, message: str, actor: str = "system", **data: Any) -> None:
+def add_event(s: Session, deployment: str, kind: str, message: str, actor: str = "system", **data: Any) -> Event:
     """Record an event in the session's transaction and log its line."""
     ts = utcnow()
-    s.add(Event(deployment=deployment, kind=kind, message=message, actor=actor or "system", data=data, ts=ts))
+    row = Event(deployment=deployment, kind=kind, message=message, actor=actor or "system", data=data, ts=ts)
+    s.add(row)
     if events_log.isEnabledFor(logging.INFO):
         events_log.info("%s", event_line(ts, deployment, message, data.get("version")))
+    return row
 
 
 def record(s: Session, events: list[EventSpec]) -> None:

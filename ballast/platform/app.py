@@ -37,8 +37,9 @@ from ballast.observe import RequestIdMiddleware, is_loopback, request_id_var
 from ballast.observe.requests import with_tracing
 from ballast.observe.tracing import get_tracer
 from ballast.openai import APIError, error_body
-from ballast.platform import chains_api, datasets_api, deployments, keys_api, metrics_api, openapi, pools_api
+from ballast.platform import chains_api, datasets_api, deployments, evals_api, keys_api, metrics_api, openapi, pools_api
 from ballast.platform.async_routes import async_router
+from ballast.platform.evals import EvalContext
 from ballast.platform.uploads import upload_router
 
 log = logging.getLogger("ballast.platform")
@@ -159,6 +160,9 @@ def create_app(control: ControlPlane, reconciler: Reconciler | None = None, *, g
     history = MetricsHistory(control.sessions, interval_from_env() or 10)
     app.include_router(metrics_api.router(history))
     app.router.routes.extend(dashboard_routes(control, history, changed, refreshed))  # the web dashboard at /
+    evals = EvalContext(control, gateway) if gateway is not None else None
+    if evals is not None:
+        app.include_router(evals_api.router(evals))  # evals and the adapter gate (they call the gateway)
     openapi.install(app, public={"/health", "/api/v1/health"})
     app.add_middleware(RequestIdMiddleware)
     if gateway is None:
@@ -173,7 +177,11 @@ def create_app(control: ControlPlane, reconciler: Reconciler | None = None, *, g
     inference = [Route(path, _Guard(handler, methods)) for path, handler, methods in gateway.routes_for_app()]
     inference.append(Route("/metrics", _Guard(metrics, ["GET"])))
     gateway_app = RequestIdMiddleware(Router(inference, default=_not_found))
-    return Front(app, with_tracing(gateway_app, get_tracer("ballast-gateway")))
+    front = Front(app, with_tracing(gateway_app, get_tracer("ballast-gateway")))
+    if evals is not None:
+        evals.app = front
+        app.state.evals = evals  # what the fine-tuning jobs hand to adapter_gate.ship_adapter
+    return front
 
 
 Handler = Callable[[Request], Awaitable[Response]]

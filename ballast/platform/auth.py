@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from ballast.control.eval_store import INTERNAL_KEY_ID
 from ballast.control.keys import new_secret
 from ballast.gateway.auth import MISSING_KEY_MESSAGE, api_key_from_headers
 from ballast.openai import APIError
@@ -20,7 +21,7 @@ def bootstrap_admin(sessions: sessionmaker[Session]) -> str | None:
     """Create the first admin key if there is none; returns its secret (the only time it exists in clear)."""
     with sessions() as s:
         keys = s.scalars(select(ApiKey).where(ApiKey.revoked_at.is_(None))).all()
-        if any("admin" in (k.scopes or []) for k in keys):
+        if any("admin" in (k.scopes or []) and k.id != INTERNAL_KEY_ID for k in keys):
             return None
         secret = new_secret()
         try:

@@ -59,7 +59,7 @@ class LoraRoutes:
         """The adapter a request's `model` names, None for the base model; 404 for any other name."""
         host = self.host
         if not name or name in (host.model_name, host.package.name):
-            return None
+            return getattr(host.package.config.engine, "default_adapter", None)
         mgr = host.engine.core.adapters if host.engine is not None else None
         if mgr is not None and mgr.get(name) is not None:
             return name
