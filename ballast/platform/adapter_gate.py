@@ -27,7 +27,8 @@ from sqlalchemy import select
 from ballast.config.models import check_adapter_name
 from ballast.control import views
 from ballast.control.errors import ControlError
-from ballast.control.eval_store import GATE_HELD_OUT, GATE_SEED
+from ballast.control.eval_store import GATE_HELD_OUT, GATE_SEED, examples
+from ballast.control.evals import parse_metric
 from ballast.platform.canary_guard import GuardLimits, guard_canary
 from ballast.platform.canary_guard import record_event as _event
 from ballast.platform.evals import EvalContext, EvalSpec, run_eval
@@ -89,12 +90,19 @@ def gate_actor(actor: str, job_id: str | None) -> str:
     return (f"adapter-gate job {job_id}" if job_id else f"adapter-gate ({actor})")[:64]
 
 
-def _check_args(adapter_dir: Path, adapter_name: str, margin: float, canary_percent: int, hold_s: float) -> None:
+def _check_args(adapter_dir: Path, adapter_name: str, metric: str, margin: float, canary_percent: int,
+                hold_s: float) -> None:
+    """Everything that can be refused is refused before a version is made."""
+    parse_metric(metric)
     try:
         check_adapter_name(adapter_name)
     except ValueError as e:
         raise ControlError(400, str(e), "invalid_adapter", "adapter_name") from None
-    if not (adapter_dir / "adapter_config.json").is_file():
+    try:
+        found = (adapter_dir / "adapter_config.json").is_file()
+    except OSError:  # a name too long for the filesystem, say
+        found = False
+    if not found:
         raise ControlError(404, f"no PEFT adapter at {adapter_dir} (no adapter_config.json)", "adapter_not_found",
                            "adapter_dir")
     if not 1 <= canary_percent <= 99:
@@ -111,8 +119,9 @@ async def ship_adapter(ctx: EvalContext, *, deployment: str, env: str, adapter_d
     and when candidate − production ≥ margin start it as a canary of `canary_percent`% that a background guard
     promotes after `hold_s` (or rolls back). Returns once the canary started (or the adapter was rejected)."""
     adapter_dir = Path(adapter_dir)
-    _check_args(adapter_dir, adapter_name, margin, canary_percent, hold_s)
+    _check_args(adapter_dir, adapter_name, metric, margin, canary_percent, hold_s)
     prod_version, prod_path, config = await asyncio.to_thread(_production, ctx, deployment, env)
+    await asyncio.to_thread(examples, ctx.datasets, dataset, "heldout", GATE_HELD_OUT, GATE_SEED, None)
     ctx.control.home.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ctx.control.home) as tmp:
         pkg = await asyncio.to_thread(_candidate_package, prod_path, config, adapter_dir, adapter_name, Path(tmp))

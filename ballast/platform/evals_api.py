@@ -21,6 +21,7 @@ from ballast.platform.evals import EvalContext, EvalSpec, run_eval
 from ballast.platform.openapi import CheckedJSONRoute, errors
 from ballast.platform.schemas import INT32, NAME, SERVER_PATH
 
+METRIC = Field(min_length=1, max_length=520, pattern=r"^(exact|contains|prefix|json_valid|token_f1|regex:.+)$")
 TARGET = Field(min_length=1, max_length=140, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]*$")
 
 
@@ -29,7 +30,7 @@ class EvalRequest(BaseModel):
                                                   "`chat:3`, `chat@prod`, `chat/sql`, `sql`), or two to compare.")
     dataset: str = Field(pattern=DATASET, max_length=63)
     split: str = Field("heldout", pattern=r"^(heldout|held_out|train|all)$")
-    metrics: list[Annotated[str, Field(min_length=1, max_length=520)]] = Field(
+    metrics: list[Annotated[str, METRIC]] = Field(
         ["exact"], min_length=1, max_length=8, description="exact, contains, prefix, json_valid, token_f1, regex:P.")
     limit: int | None = Field(None, ge=1, le=5000)
     held_out: float = Field(0.2, ge=0, le=1, description="The held-out share (the same seeded split as export).")
@@ -41,9 +42,9 @@ class EvalRequest(BaseModel):
 class ShipRequest(BaseModel):
     deployment: str = Field(pattern=NAME, max_length=63)
     adapter_path: str = SERVER_PATH
-    adapter_name: str = Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    adapter_name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     dataset: str = Field(pattern=DATASET, max_length=63)
-    metric: str = Field("exact", min_length=1, max_length=520)
+    metric: Annotated[str, METRIC] = "exact"
     margin: float = Field(0.0, ge=-1, le=1)
     env: str = Field("production", pattern=NAME)
     canary_percent: int = Field(10, ge=1, le=99)

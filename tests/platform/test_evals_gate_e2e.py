@@ -100,7 +100,7 @@ def test_eval_errors(plat: Platform) -> None:
     assert err(404, dataset="nope")["code"] == "not_found"
     assert err(404, targets=["nope"])["code"] == "model_not_found"
     assert err(404, targets=["chat:9"])["code"] == "invalid_target"
-    assert err(400, metrics=["bleu"])["code"] == "invalid_metric"
+    assert err(400, metrics=["bleu"])["param"].startswith("metrics")
     assert err(400, metrics=["regex:(oops"])["param"] == "metrics"
     assert err(400, targets=["a", "b", "c"])["code"] == "invalid_request"
     assert err(400, split="test")["code"] == "invalid_request"
@@ -109,6 +109,15 @@ def test_eval_errors(plat: Platform) -> None:
 def test_gate_rejects_a_loser_and_deploys_nothing(plat: Platform) -> None:
     base = _outputs(plat, "chat")
     _import(plat, "base-refs", base)
+    ship = {"deployment": "chat", "adapter_path": str(plat.root / "sql"), "adapter_name": "sql",  # type: ignore[attr-defined]
+            "dataset": "base-refs"}
+    assert plat.api("POST", "/adapters/ship", expect=404, json={**ship, "dataset": "nope"})["error"]["code"] == \
+        "not_found"
+    assert plat.api("POST", "/adapters/ship", expect=404, json={**ship, "adapter_path": "/etc"})["error"]["code"] == \
+        "adapter_not_found"
+    assert plat.api("POST", "/adapters/ship", expect=400, json={**ship, "metric": "regex:("})["error"]["param"] == \
+        "metrics"
+    assert [v["number"] for v in plat.show("chat")["versions"]] == [1]  # refused before any version was made
     gate = plat.api("POST", "/adapters/ship", json={
         "deployment": "chat", "adapter_path": str(plat.root / "sql"), "adapter_name": "sql",  # type: ignore[attr-defined]
         "dataset": "base-refs", "metric": "exact", "margin": 0.0, "job_id": "ftjob-lose", "hold_s": 1,

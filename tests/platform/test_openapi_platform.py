@@ -45,6 +45,10 @@ def test_platform_api_matches_its_openapi(case: schemathesis.Case) -> None:
     if case.operation.path == "/api/v1/datasets/{name}/import":
         # Likewise each line must be a fine-tuning example, which no JSON Schema of a string states (tested elsewhere).
         excluded.append(positive_data_acceptance)
+    if case.operation.path in ("/api/v1/evals", "/api/v1/adapters/ship") and case.method == "POST":
+        # A `regex:` metric must compile, and a dataset's held-out split must hold examples: properties no JSON
+        # Schema states, so some schema-valid bodies get the documented 400 (evals are tested end to end elsewhere).
+        excluded.append(positive_data_acceptance)
     if case.operation.path == "/api/v1/keys/{key_id}" and case.method == "DELETE":
         # Keep the admin key this run authenticates with: revoking it would turn every later case into a 401.
         case.path_parameters = {"key_id": "key-does-not-exist"}
