@@ -117,12 +117,19 @@ def ship(
     hold_s: Annotated[float, typer.Option(min=0, help="Seconds the canary is watched before promotion.")] = 60.0,
     max_tokens: Annotated[int, typer.Option(min=1, max=4096, help="max_tokens of each eval request.")] = 64,
     job_id: Annotated[str | None, typer.Option(help="A job id the events name.")] = None,
+    max_error_rate_delta: Annotated[float, typer.Option(min=0, max=1, help="Roll back when the canary's error rate "
+                                                        "exceeds the stable's by more.")] = 0.05,
+    max_latency_ratio: Annotated[float, typer.Option(min=0.0001, help="Roll back when its mean latency exceeds the "
+                                                     "stable's times this (plus --latency-slack-s).")] = 2.0,
+    latency_slack_s: Annotated[float, typer.Option(min=0)] = 0.05,
     url: UrlOpt = None, api_key: KeyOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Evaluate an adapter against production; if it wins, deploy it as a canary, promoted after the hold."""
     body = {"deployment": deployment, "adapter_path": str(adapter_dir.resolve()), "adapter_name": name or
             adapter_dir.resolve().name, "dataset": dataset, "metric": metric, "margin": margin, "env": env,
-            "canary_percent": canary, "hold_s": hold_s, "max_tokens": max_tokens, "job_id": job_id}
+            "canary_percent": canary, "hold_s": hold_s, "max_tokens": max_tokens, "job_id": job_id,
+            "max_error_rate_delta": max_error_rate_delta, "max_latency_ratio": max_latency_ratio,
+            "latency_slack_s": latency_slack_s}
     out = PlatformClient(url, api_key, timeout=LONG_S).post("/adapters/ship", body)
     if as_json:
         console.print_json(json.dumps(out))

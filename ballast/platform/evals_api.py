@@ -16,6 +16,7 @@ from ballast.observe import is_loopback
 from ballast.openai import APIError
 from ballast.platform.adapter_gate import ship_adapter
 from ballast.platform.auth import Actor
+from ballast.platform.canary_guard import GuardLimits
 from ballast.platform.datasets_api import DATASET
 from ballast.platform.evals import EvalContext, EvalSpec, run_eval
 from ballast.platform.openapi import CheckedJSONRoute, errors
@@ -52,6 +53,11 @@ class ShipRequest(BaseModel):
     job_id: str | None = Field(None, max_length=64)
     max_tokens: int = Field(64, ge=1, le=4096)
     concurrency: int = Field(4, ge=1, le=64)
+    max_error_rate_delta: float = Field(0.05, ge=0, le=1, description="The canary's error rate may exceed the "
+                                        "stable version's by this much.")
+    max_latency_ratio: float = Field(2.0, gt=0, le=1000, description="... and its mean latency the stable's times "
+                                     "this, plus latency_slack_s.")
+    latency_slack_s: float = Field(0.05, ge=0, le=3600)
 
 
 def router(ctx: EvalContext) -> APIRouter:
@@ -86,7 +92,9 @@ def router(ctx: EvalContext) -> APIRouter:
                                   adapter_name=body.adapter_name, dataset=body.dataset, metric=body.metric,
                                   margin=body.margin, canary_percent=body.canary_percent, hold_s=body.hold_s,
                                   job_id=body.job_id, actor=who, max_tokens=body.max_tokens,
-                                  concurrency=body.concurrency)
+                                  concurrency=body.concurrency,
+                                  limits=GuardLimits(body.max_error_rate_delta, body.max_latency_ratio,
+                                                     body.latency_slack_s))
         return gate.to_dict()
 
     return api

@@ -34,6 +34,7 @@ def plat(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path):
         autoscaling: {{min_replicas: 1, max_replicas: 1}}
         """)
     make_lora(tiny_checkpoint, root / "sql", rank=8, seed=3)
+    make_lora(tiny_checkpoint, root / "slow", rank=8, seed=4)
     p = Platform(root / "home", retire_grace_s=300).start()
     p.root = root  # type: ignore[attr-defined]
     try:
@@ -68,6 +69,14 @@ def _outputs(p: Platform, target: str) -> list[str]:
     texts = [e[target]["output"] for e in by_record]
     assert all(isinstance(t, str) and t.strip() for t in texts), texts
     return texts
+
+
+def _traffic(p: Platform, n: int = 6) -> None:
+    """Requests to the deployment during a canary's hold (a 50% canary gets every other one)."""
+    for _ in range(n):
+        r = httpx.post(p.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {p.key}"}, timeout=60,
+                       json={"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        assert r.status_code == 200, r.text
 
 
 def _events(p: Platform, kind: str) -> list[dict[str, Any]]:
@@ -153,10 +162,7 @@ def test_gate_ships_a_winner_as_a_canary_then_promotes(plat: Platform) -> None:
     gate = json.loads(out.stdout)
     assert gate["decision"] == "canary" and gate["version"] == 2, gate  # the same package: version 2 reused
     assert gate["candidate_score"] == 1.0 and gate["candidate_score"] - gate["production_score"] >= 0.5
-    for _ in range(6):  # traffic during the hold; both versions answer
-        r = httpx.post(plat.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {plat.key}"}, timeout=60,
-                       json={"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
-        assert r.status_code == 200, r.text
+    _traffic(plat)
     plat.wait("canary promoted", lambda: _events(plat, "canary_promoted"), timeout=120, every=0.5)
     prod = {e["name"]: e for e in plat.show("chat")["environments"]}["production"]
     assert prod["version"] == 2 and prod["canary"] is None
@@ -168,3 +174,18 @@ def test_gate_ships_a_winner_as_a_canary_then_promotes(plat: Platform) -> None:
     assert _events(plat, "gate_passed")[0]["data"]["job_id"] == "ftjob-win"
     assert _events(plat, "canary_promoted")[0]["data"]["job_id"] == "ftjob-win"
     assert _outputs(plat, "chat") == _outputs(plat, "chat:2")  # the deployment's name now gets the adapter
+
+
+def test_a_canary_that_does_not_hold_is_rolled_back(plat: Platform) -> None:
+    """A margin of -1 passes any adapter; a latency bound no real replica meets (0.001 x the stable's, no slack)
+    makes the guard roll the canary back once both versions served requests in the hold."""
+    gate = plat.api("POST", "/adapters/ship", json={
+        "deployment": "chat", "adapter_path": str(plat.root / "slow"), "adapter_name": "slow",  # type: ignore[attr-defined]
+        "dataset": "sql-refs", "margin": -1, "canary_percent": 50, "hold_s": 6, "max_tokens": MAX_TOKENS,
+        "job_id": "ftjob-slow", "max_latency_ratio": 0.001, "latency_slack_s": 0})
+    assert gate["decision"] == "canary" and gate["production_version"] == 2 and gate["version"] == 3, gate
+    _traffic(plat, 8)
+    [back] = plat.wait("canary rolled back", lambda: _events(plat, "canary_rolled_back"), timeout=120, every=0.5)
+    assert back["data"]["job_id"] == "ftjob-slow" and "latency" in back["data"]["reason"]
+    prod = {e["name"]: e for e in plat.show("chat")["environments"]}["production"]
+    assert prod["version"] == 2 and prod["canary"] is None
