@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ballast.control.datasets import Datasets
 from ballast.control.errors import ControlError
+from ballast.control.eval_store import INTERNAL_KEY_ID
 from ballast.control.keys import KeyRecord
 from ballast.gateway.targets import parse_model
 from ballast.observe import current_request_id
@@ -108,6 +109,8 @@ class Capture:
 
     async def _record(self, kind: str, key: KeyRecord, parsed: Any, resp: Response, wanted: str | None) -> None:
         if kind != "chat_completions" or resp.status_code != 200 or isinstance(resp, StreamingResponse):
+            return
+        if key.id == INTERNAL_KEY_ID:  # an eval's requests replay a dataset: capturing them would feed it itself
             return
         found = self._policy(parsed.get("model") if isinstance(parsed, dict) else None)
         if found is None:

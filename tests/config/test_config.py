@@ -105,3 +105,14 @@ def test_package_fingerprint_is_content_addressed(tmp_path):
     assert load_package(a).fingerprint == load_package(b).fingerprint
     (b / "model.py").write_text((b / "model.py").read_text() + "\n# changed\n")
     assert load_package(a).fingerprint != load_package(b).fingerprint
+
+
+def test_default_adapter_must_be_declared() -> None:
+    from pydantic import ValidationError
+
+    from ballast.config.models import NativeEngineConfig
+
+    cfg = NativeEngineConfig(checkpoint="ckpt", adapters={"sql": "adapters/sql"}, default_adapter="sql")
+    assert cfg.default_adapter == "sql"
+    with pytest.raises(ValidationError, match=r"default_adapter 'nope' is not one of engine\.adapters"):
+        NativeEngineConfig(checkpoint="ckpt", adapters={"sql": "adapters/sql"}, default_adapter="nope")

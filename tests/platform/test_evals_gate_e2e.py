@@ -32,6 +32,7 @@ def plat(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path):
         name: chat
         engine: {{kind: native, checkpoint: {tiny_checkpoint}, max_model_len: 256, kv_cache_memory: 16Mi}}
         autoscaling: {{min_replicas: 1, max_replicas: 1}}
+        capture: {{dataset: traffic, sample_rate: 1.0}}
         """)
     make_lora(tiny_checkpoint, root / "sql", rank=8, seed=3)
     make_lora(tiny_checkpoint, root / "slow", rank=8, seed=4)
@@ -56,6 +57,13 @@ def _import(p: Platform, name: str, answers: list[str]) -> None:
 def _eval(p: Platform, expect: int = 200, **body: Any) -> Any:
     body = {"split": "all", "max_tokens": MAX_TOKENS, "concurrency": 1, **body}
     r = httpx.post(p.url + "/api/v1/evals", json=body, headers={"Authorization": f"Bearer {p.key}"}, timeout=600)
+    assert r.status_code == expect, r.text
+    return r.json()
+
+
+def _ship(p: Platform, expect: int = 200, **body: Any) -> Any:
+    r = httpx.post(p.url + "/api/v1/adapters/ship", json=body, headers={"Authorization": f"Bearer {p.key}"},
+                   timeout=600)
     assert r.status_code == expect, r.text
     return r.json()
 
@@ -97,6 +105,7 @@ def test_eval_scores_known_from_real_outputs(plat: Platform) -> None:
     assert kept["scores"] == out["scores"] and len(kept["per_example"]) == len(PROMPTS)
     assert base[0] not in json.dumps(kept) and PROMPTS[0] not in json.dumps(kept)
     assert out["id"] in [e["id"] for e in plat.api("GET", "/evals")["data"]]
+    plat.api("GET", "/datasets/traffic", expect=404)  # capture is on, but an eval's requests are not captured
     held = _eval(plat, targets=["chat"], dataset="half", split="heldout", held_out=0.2)
     assert held["examples"] == 4  # the same seeded split as `datasets export --held-out 0.2`
 
@@ -120,17 +129,14 @@ def test_gate_rejects_a_loser_and_deploys_nothing(plat: Platform) -> None:
     _import(plat, "base-refs", base)
     ship = {"deployment": "chat", "adapter_path": str(plat.root / "sql"), "adapter_name": "sql",  # type: ignore[attr-defined]
             "dataset": "base-refs"}
-    assert plat.api("POST", "/adapters/ship", expect=404, json={**ship, "dataset": "nope"})["error"]["code"] == \
+    assert _ship(plat, 404, **{**ship, "dataset": "nope"})["error"]["code"] == \
         "not_found"
-    assert plat.api("POST", "/adapters/ship", expect=404, json={**ship, "adapter_path": "/etc"})["error"]["code"] == \
+    assert _ship(plat, 404, **{**ship, "adapter_path": "/etc"})["error"]["code"] == \
         "adapter_not_found"
-    assert plat.api("POST", "/adapters/ship", expect=400, json={**ship, "metric": "regex:("})["error"]["param"] == \
+    assert _ship(plat, 400, **{**ship, "metric": "regex:("})["error"]["param"] == \
         "metrics"
     assert [v["number"] for v in plat.show("chat")["versions"]] == [1]  # refused before any version was made
-    gate = plat.api("POST", "/adapters/ship", json={
-        "deployment": "chat", "adapter_path": str(plat.root / "sql"), "adapter_name": "sql",  # type: ignore[attr-defined]
-        "dataset": "base-refs", "metric": "exact", "margin": 0.0, "job_id": "ftjob-lose", "hold_s": 1,
-        "max_tokens": MAX_TOKENS})
+    gate = _ship(plat, **ship, metric="exact", margin=0.0, job_id="ftjob-lose", hold_s=1, max_tokens=MAX_TOKENS)
     assert gate["decision"] == "rejected" and gate["version"] is None, gate
     assert gate["production_score"] == 1.0 and gate["candidate_score"] < 1.0
     prod = {e["name"]: e for e in plat.show("chat")["environments"]}["production"]
@@ -148,7 +154,7 @@ def test_two_targets_side_by_side(plat: Platform) -> None:
     differ = {e["record"] for e in out["data"] if e["chat:1"]["output"] != e["chat:2"]["output"]}
     assert set(out["disagree"]) == differ and differ  # version 2 answers with the adapter: outputs differ
     cli = plat.cli("evals", "run", "--target", "chat:1", "--target", "chat:2", "--dataset", "base-refs",
-                   "--split", "all", "--max-tokens", str(MAX_TOKENS), "--concurrency", "1")
+                   "--split", "all", "--max-tokens", str(MAX_TOKENS), "--concurrency", "1", timeout=600)
     assert f"delta (chat:2 − chat:1): exact={b - a:+.3f}" in cli.stdout and f"{len(differ)} examples differ" in \
         cli.stdout
     assert "base-refs" in plat.cli("evals", "list").stdout
@@ -158,7 +164,7 @@ def test_gate_ships_a_winner_as_a_canary_then_promotes(plat: Platform) -> None:
     _import(plat, "sql-refs", _outputs(plat, "chat:2"))  # the adapter's own greedy answers
     out = plat.cli("adapters", "ship", "chat", str(plat.root / "sql"), "--dataset", "sql-refs",  # type: ignore[attr-defined]
                    "--metric", "exact", "--margin", "0.5", "--canary", "50", "--hold-s", "4", "--json",
-                   "--max-tokens", str(MAX_TOKENS), "--job-id", "ftjob-win")
+                   "--max-tokens", str(MAX_TOKENS), "--job-id", "ftjob-win", timeout=600)
     gate = json.loads(out.stdout)
     assert gate["decision"] == "canary" and gate["version"] == 2, gate  # the same package: version 2 reused
     assert gate["candidate_score"] == 1.0 and gate["candidate_score"] - gate["production_score"] >= 0.5
@@ -179,10 +185,9 @@ def test_gate_ships_a_winner_as_a_canary_then_promotes(plat: Platform) -> None:
 def test_a_canary_that_does_not_hold_is_rolled_back(plat: Platform) -> None:
     """A margin of -1 passes any adapter; a latency bound no real replica meets (0.001 x the stable's, no slack)
     makes the guard roll the canary back once both versions served requests in the hold."""
-    gate = plat.api("POST", "/adapters/ship", json={
-        "deployment": "chat", "adapter_path": str(plat.root / "slow"), "adapter_name": "slow",  # type: ignore[attr-defined]
-        "dataset": "sql-refs", "margin": -1, "canary_percent": 50, "hold_s": 6, "max_tokens": MAX_TOKENS,
-        "job_id": "ftjob-slow", "max_latency_ratio": 0.001, "latency_slack_s": 0})
+    gate = _ship(plat, deployment="chat", adapter_path=str(plat.root / "slow"),  # type: ignore[attr-defined]
+                 adapter_name="slow", dataset="sql-refs", margin=-1, canary_percent=50, hold_s=6,
+                 max_tokens=MAX_TOKENS, job_id="ftjob-slow", max_latency_ratio=0.001, latency_slack_s=0)
     assert gate["decision"] == "canary" and gate["production_version"] == 2 and gate["version"] == 3, gate
     _traffic(plat, 8)
     [back] = plat.wait("canary rolled back", lambda: _events(plat, "canary_rolled_back"), timeout=120, every=0.5)
