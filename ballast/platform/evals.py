@@ -25,6 +25,7 @@ from ballast.openai.priority import PRIORITY_BATCH, PRIORITY_HEADER
 
 REQUEST_TIMEOUT_S = 300.0
 MAX_EXAMPLES = 5000
+COLD_START_TRIES = 3  # the first request, while a target's replica cold-starts (the gateway holds each one)
 
 
 @dataclass
@@ -98,7 +99,10 @@ async def _run_target(ctx: EvalContext, spec: EvalSpec, target: str, rows: list[
                       metrics: list[Metric]) -> list[Scored]:
     """Every example through one target; the first one alone, so a bad target fails fast with its status."""
     async with await ctx.http() as client:
-        out, status, err = await _one(client, target, rows[0][1], spec.max_tokens)
+        for _ in range(COLD_START_TRIES):  # a version addressed unpromoted starts from zero meanwhile
+            out, status, err = await _one(client, target, rows[0][1], spec.max_tokens)
+            if status != 503:
+                break
         if 400 <= status < 500:
             raise ControlError(status, f"target `{target}`: {err}", "invalid_target", "targets")
         first = score(metrics, out, rows[0][2], err)
