@@ -105,6 +105,8 @@ def test_eval_scores_known_from_real_outputs(plat: Platform) -> None:
     assert kept["scores"] == out["scores"] and len(kept["per_example"]) == len(PROMPTS)
     assert base[0] not in json.dumps(kept) and PROMPTS[0] not in json.dumps(kept)
     assert out["id"] in [e["id"] for e in plat.api("GET", "/evals")["data"]]
+    shown = plat.cli("evals", "show", str(out["id"])).stdout
+    assert "eval on half (all, 20 examples)" in shown and "chat: exact=0.500  contains=0.500" in shown
     plat.api("GET", "/datasets/traffic", expect=404)  # capture is on, but an eval's requests are not captured
     held = _eval(plat, targets=["chat"], dataset="half", split="heldout", held_out=0.2)
     assert held["examples"] == 4  # the same seeded split as `datasets export --held-out 0.2`
