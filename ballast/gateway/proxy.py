@@ -7,7 +7,8 @@ a model's answer is a function of its input, so the repeat is what the client's 
 only sooner (a kill -9 between the replica's header and body writes otherwise surfaces as a 502). A replica whose
 queue is full (429) sends the request to another one too; if all are full, the client gets the 429. Once bytes
 have reached the client a request is never retried: a replica dying mid-stream ends the stream with
-an SSE error event, never a silent truncation.
+an SSE error event, never a silent truncation, unless the stream is an LLM answer that another replica can
+continue (`resume.py`).
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ def unfaithful(kind: str, p: dict[str, Any]) -> str | None:
     """Why continuing this request on another replica would not give the answer it asked for, or None."""
     if p.get("n", 1) != 1 or p.get("best_of") not in (None, 1):
         return "n > 1"
-    if p.get("logprobs") not in (None, False) or p.get("top_logprobs"):
+    if (p.get("logprobs") is not None and p.get("logprobs") is not False) or p.get("top_logprobs"):
         return "logprobs"
     if any(p.get(k) for k in ("tools", "functions", "tool_choice")):
         return "tool calls"
