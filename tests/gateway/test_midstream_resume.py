@@ -59,8 +59,8 @@ def _stream(url: str, path: str, body: dict[str, Any], reps: list | None = None)
         first = r.headers["x-ballast-replica"]
         for line in r.iter_lines():
             lines.append(line)
-            if reps is not None and not killed and ('"content":"' in line and '"content":""' not in line
-                                                    or '"text":"' in line):
+            content = ('"content":"' in line and '"content":""' not in line) or '"text":"' in line
+            if reps is not None and not killed and content:
                 os.killpg(reps[int(first[1:])].proc.pid, signal.SIGKILL)
                 killed = True
     return lines, first
