@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ log = logging.getLogger("ballast.gateway")
 STREAM_TOKENS_HEADER = "x-ballast-stream-tokens"  # the replica's runtime reads the same name
 _RETRYABLE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
 _REPORT = b": ballast "
+_REPORT_LINE = re.compile(rb"^: ballast [^\n]*\n", re.M)
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ class StreamLog:
         self.role_sent = self.finished = self.usage_sent = self.done = self.ended = False
         self.exact = True  # every chunk came with its token report
         self.resumed = False
-        self._raw: list[bytes] = []  # chunks relayed unchanged, parsed only if the stream breaks
+        self._raw: list[bytes] = []  # content events relayed unchanged (with their reports)
 
     def feed(self, chunk: bytes) -> bytes:
         """The complete events received so far, as the client gets them."""
@@ -106,13 +108,19 @@ class StreamLog:
         if cut < 0:
             return b""
         events, self.buf = self.buf[: cut + 2], self.buf[cut + 2:]
+        if not self.resumed and b'"choices":[]' not in events and b"data: [DONE]" not in events \
+                and b"event:" not in events:
+            # Content chunks only (the common case): kept whole, parsed only if the stream breaks; reports cut out.
+            self._raw.append(events)
+            if events.startswith(_REPORT) and events.count(_REPORT) == 1:  # one event: no regex needed
+                return events[events.index(b"\n") + 1:]
+            return _REPORT_LINE.sub(b"", events)
         return b"".join(self._event(e) for e in events.split(b"\n\n") if e)
 
-    def _event(self, ev: bytes) -> bytes:
-        report = None
+    def _event(self, whole: bytes) -> bytes:
+        report, ev = None, whole
         if ev.startswith(_REPORT):
-            line, _, ev = ev.partition(b"\n")
-            report = _json(line[len(_REPORT):])
+            report, _, ev = ev.partition(b"\n")
         if ev == b"data: [DONE]":
             self.done = True
             return ev + b"\n\n"
@@ -122,18 +130,18 @@ class StreamLog:
         payload = ev[6:]
         if b'"choices":[]' in payload:
             return self._usage(payload)
-        self._count(report)
         if self.resumed:
+            self._count(report)
             return self._rewrite(payload)
-        self._raw.append(payload)
+        self._raw.append(whole)
         return ev + b"\n\n"
 
-    def _count(self, report: Any) -> None:
-        ids = report.get("ids") if isinstance(report, dict) else None
-        if not isinstance(ids, list):
+    def _count(self, line: bytes | None) -> None:
+        report = _json(line[len(_REPORT):]) if line is not None else None
+        if not isinstance(report, dict) or not isinstance(report.get("ids"), list):
             self.exact = False
             return
-        self.ids += ids
+        self.ids += report["ids"]
         if self.prompt_tokens is None and isinstance(report.get("p"), int):
             self.prompt_tokens = report["p"]
 
@@ -175,8 +183,13 @@ class StreamLog:
 
     def settle(self) -> None:
         """The stream broke: read what the client got of it."""
-        for payload in self._raw:
-            self._fold(_json(payload))
+        for ev in (e for block in self._raw for e in block.split(b"\n\n") if e):
+            report = None
+            if ev.startswith(_REPORT):
+                report, _, ev = ev.partition(b"\n")
+            if ev.startswith(b"data: {"):
+                self._count(report)
+                self._fold(_json(ev[6:]))
         self._raw = []
         self.buf = b""  # an event cut off mid-way never reached the client
 

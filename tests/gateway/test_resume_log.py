@@ -84,4 +84,5 @@ def test_a_finished_answer_cut_before_done_gets_its_usage_and_done():
     # A chunk without a report: the count is not exact, so the stream may not move.
     log = StreamLog(plan, Outcome(), strip_usage=False)
     log.feed(_event({**text, "choices": [{"index": 0, "text": "ab", "finish_reason": None}]}, None))
+    log.settle()
     assert log.why_not() is not None
