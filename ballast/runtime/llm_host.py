@@ -266,8 +266,6 @@ class EngineHost:
     def _template(self, msgs: list[dict[str, Any]], add_generation_prompt: bool, extra: dict[str, Any]) -> str:
         try:
             return self.engine.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, **extra)
-        except APIError:
-            raise
         except Exception as e:
             raise APIError(400, f"the chat template could not render these messages: {e}", param="messages") from None
 
