@@ -11,7 +11,7 @@ from ballast.gateway.resume import STREAM_TOKENS_HEADER, StreamLog, resume_plan
 
 def _event(obj: dict, ids: list[int] | None, p: int = 7) -> bytes:
     head = b"" if ids is None else b": ballast " + json.dumps({"ids": ids, "p": p}).encode() + b"\n"
-    return head + b"data: " + json.dumps(obj).encode() + b"\n\n"
+    return head + b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"  # as replicas send it
 
 
 def _chunk(content: str | None = None, finish: str | None = None, role: bool = False) -> dict:
@@ -59,6 +59,11 @@ def test_reports_are_stripped_and_the_continuation_carries_exactly_what_was_sent
     out = log.feed(_event({**_chunk(" world", "length"), "id": "chatcmpl-2", "created": 9}, [4]))
     assert json.loads(out[6:])["id"] == "chatcmpl-1" and json.loads(out[6:])["created"] == 5
     assert log.text == "Hello world" and log.finished
+
+    # The resumed replica's usage (the whole answer) is metered; the client did not ask for it, so it is not sent.
+    usage = {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11}
+    assert log.feed(_event({"id": "chatcmpl-2", "choices": [], "usage": usage}, [])) == b""
+    assert log.outcome.usage == usage and log.feed(b"data: [DONE]\n\n") == b"data: [DONE]\n\n" and log.done
 
     # Out of budget: nothing to continue with.
     log.ids = list(range(10))
