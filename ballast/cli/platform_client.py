@@ -57,11 +57,11 @@ class PlatformClient:
         except httpx.HTTPError as e:
             raise ValueError(f"lost the connection to {self.url}: {type(e).__name__}") from None
 
-    def deploy(self, path: Path, name: str | None, env: str | None) -> dict[str, Any]:
+    def deploy(self, path: Path, name: str | None, env: str | None, pools: list[str] | None = None) -> dict[str, Any]:
         """Upload the package (a checksummed tar.gz, streamed) and deploy it; the same for any platform."""
         with tempfile.TemporaryDirectory(prefix="ballast-deploy-") as tmp:
             packed = pack(path, Path(tmp))
-            params = {k: v for k, v in {"name": name, "env": env}.items() if v}
+            params: dict[str, Any] = {k: v for k, v in {"name": name, "env": env, "pool": pools}.items() if v}
             headers = {"content-type": "application/gzip", "content-length": str(packed.size),
                        "x-ballast-sha256": packed.sha256}
             return self.request("POST", "/packages", content=packed.chunks(), params=params, headers=headers,

@@ -28,14 +28,18 @@ def deploy(
         "--env", "-e", help="Promote to this environment (the first deploy goes to production).")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait until the version serves (or is ready).")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds --wait waits.")] = 900.0,
+    pool: Annotated[list[str] | None, typer.Option(
+        "--pool", help="Pin this version's replicas to this pool (repeat for several, in order of preference); "
+        "overrides placement.pools of ballast.yaml.")] = None,
     url: UrlOpt = None,
     api_key: KeyOpt = None,
 ) -> None:
     """Deploy a package as a new immutable version of a deployment (an identical package reuses its version)."""
     c = _client(url, api_key)
-    r = c.deploy(path, name, env)
+    r = c.deploy(path, name, env, pool)
     what = "reused" if r["reused"] else "created"
-    console.print(f"{r['deployment']}: version {r['version']} {what} (package {r['fingerprint'][:12]})")
+    pinned = f", pinned to {', '.join(r['pools'])}" if r.get("pools") else ""
+    console.print(f"{r['deployment']}: version {r['version']} {what} (package {r['fingerprint'][:12]}{pinned})")
     promo = r.get("promotion")
     target_env = promo["environment"] if promo else None
     if promo:
@@ -124,13 +128,14 @@ def show(name: Annotated[str, typer.Argument(help="Deployment name.")], url: Url
         t.add_row(e["name"], f"v{e['version']}" if e["version"] else "-", traffic,
                   f"v{e['previous_version']}" if e["previous_version"] else "-", pending, scale)
     console.print(t)
-    t = Table("VERSION", "CREATED", "BY", "DESIRED", "READY", "SCALE", "COLD START", "PACKAGE", "NOTE", box=None)
+    t = Table("VERSION", "CREATED", "BY", "DESIRED", "READY", "SCALE", "COLD START", "PACKAGE", "POOLS", "NOTE",
+              box=None)
     for v in d["versions"]:
         note = "dev" if v["dev"] else f"retiring at {v['retire_at'][:19]}" if v["retire_at"] else "-"
         cold = f"{v['last_cold_start_s']:.1f}s" if v["last_cold_start_s"] is not None else "-"
         t.add_row(f"v{v['number']}", v["created_at"][:19], v["created_by"], str(v["desired"]),
                   f"{v['replicas']['ready']}/{v['replicas']['total']}", f"{v['min_replicas']}..{v['max_replicas']}",
-                  cold, v["fingerprint"][:12], note)
+                  cold, v["fingerprint"][:12], ",".join(v.get("pools") or []) or "any", note)
     console.print(t)
     t = Table("REPLICA", "VERSION", "STATE", "POOL", "PORT", "UPTIME", "RESTARTS", "LAST ERROR", box=None)
     for r in d["replicas"]:

@@ -129,6 +129,9 @@ class RoutingConfig(_Strict):
     )
     max_queue: int = Field(256, ge=0, description="Requests held while no replica is ready (scale from zero).")
     max_wait_s: float = Field(120.0, gt=0, description="Longest a held request waits for a replica before a 503.")
+    migration_limit: int = Field(
+        3, ge=0, le=16, description="LLM streams: how many times one stream may move to another replica when "
+        "the one serving it dies mid-answer (mid-stream resume); 0 ends such a stream with an SSE error event.")
 
 
 class PlacementConfig(_Strict):

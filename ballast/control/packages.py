@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from ballast.package import Package
 
@@ -49,3 +51,14 @@ def source_signature(root: Path, ignored: frozenset[str]) -> tuple[tuple[str, in
                 continue
             out.append((os.path.relpath(p, root), st.st_size, st.st_mtime_ns))
     return tuple(out)
+
+
+def pin_pools(config: dict[str, Any], fingerprint: str, pools: list[str] | None) -> tuple[dict[str, Any], str]:
+    """(config, version fingerprint) of a deploy pinned to `pools` (`ballast deploy --pool`): the pins replace
+    `placement.pools` of ballast.yaml and are part of the version, so the same package pinned elsewhere is another
+    version rather than a changed one."""
+    if not pools:
+        return config, fingerprint
+    config = {**config, "placement": {**(config.get("placement") or {}), "pools": list(pools)}}
+    pinned = hashlib.sha256(f"{fingerprint}\0pools={','.join(pools)}".encode()).hexdigest()
+    return config, pinned[: len(fingerprint)]

@@ -5,6 +5,9 @@ capacity. A deployment may pin its replicas to pools (`placement.pools` in balla
 replicas spread: each new one goes to the usable pool with the fewest replicas of its version, so the loss
 of one pool never takes every replica of a deployment that runs two or more; ties go to the pool with the
 fewest replicas overall, then to the default pool, then by name. With `spread: false` pools fill in order.
+
+`rebalance` says when a version's replicas sit worse than this policy would put them (after a failover moved
+them off a pool that is back, say): one replica to move, from which pool to which.
 """
 
 from __future__ import annotations
@@ -81,6 +84,30 @@ class Placement:
             best = options[0]
         self.add(dep, version, best.name)
         return best.name
+
+    def preference(self, config: BallastConfig) -> list[str]:
+        """Usable pools the deployment allows, best first, whether or not they have room."""
+        usable = sorted((p for p in self.pools if p.usable), key=lambda p: (not p.default, p.name))
+        names = [p.name for p in usable]
+        return [n for n in config.placement.pools if n in names] if config.placement.pools else names
+
+    def rebalance(self, config: BallastConfig, pools: list[str]) -> tuple[str, str] | None:
+        """(from, to): one replica of a version whose replicas are in `pools` (one entry each) to move to another
+        pool, when placement would now put it there: spread, a pool holding two or more replicas more than a pool
+        with room; filling in order, a replica in a pool after one with room. None when placement is as good as it
+        gets. Replicas in pools that are down or draining are not this function's business (failover, drain)."""
+        order = self.preference(config)
+        rank = {n: i for i, n in enumerate(order)}
+        mine = Counter(p for p in pools if p in rank)
+        options = [p.name for p in self.candidates(config)]
+        if not mine or not options:
+            return None
+        if config.placement.spread:
+            frm = max(mine, key=lambda n: (mine[n], rank[n]))
+            to = min(options, key=lambda n: (mine[n], self.per_pool[n], rank[n]))
+            return (frm, to) if mine[frm] - mine[to] >= 2 else None
+        frm = max(mine, key=lambda n: rank[n])
+        return (frm, options[0]) if rank[options[0]] < rank[frm] else None
 
     def why_none(self, config: BallastConfig) -> str:
         """Why `choose` found no pool, for the pending replica's reason."""

@@ -26,7 +26,7 @@ from ballast.control import views
 from ballast.control.errors import ControlError, check_name
 from ballast.control.events import add_event
 from ballast.control.health import ACTIVE_STATES
-from ballast.control.packages import store_package
+from ballast.control.packages import pin_pools, store_package
 from ballast.control.planner import ENV_FIELDS, EnvState, canary_percent_at, env_traffic, promote_env
 from ballast.control.snapshot import Routing
 from ballast.control.times import aware, iso
@@ -110,15 +110,18 @@ class ControlPlane:
             raise ControlError(400, str(e), "invalid_package", "path") from None
 
     def deploy(self, path: str | Path, name: str | None = None, *, env: str | None = None,
-               actor: str = "system", source: str | None = None) -> dict[str, Any]:
-        """Validate the package, store a content-addressed copy, create (or reuse) a numbered version."""
+               actor: str = "system", source: str | None = None, pools: list[str] | None = None) -> dict[str, Any]:
+        """Validate the package, store a content-addressed copy, create (or reuse) a numbered version; `pools`
+        pin its placement (over `placement.pools` of its ballast.yaml)."""
         package = self.load(path)
         name = check_name(name or package.name)
         if env is not None:
             check_name(env, "environment name", "env")
+        for pool in pools or ():
+            check_name(pool, "pool name", "pools")
         stored = store_package(package, self.packages_dir)
         dep_id = self._get_or_create_deployment(name)
-        config = package.config.model_dump(mode="json")
+        config, fingerprint = pin_pools(package.config.model_dump(mode="json"), package.fingerprint, pools)
         auto = package.config.autoscaling
         with self.sessions() as s:
             try:
@@ -128,7 +131,7 @@ class ControlPlane:
                     s.execute(update(Deployment).where(Deployment.id == dep_id)
                               .values(next_version=Deployment.next_version))
                     existing = s.scalar(select(Version).where(Version.deployment_id == dep_id,
-                                                              Version.fingerprint == package.fingerprint))
+                                                              Version.fingerprint == fingerprint))
                     if existing is not None:
                         number, reused = existing.number, True
                         add_event(s, name, "deploy", f"package {package.fingerprint[:12]} is already version "
@@ -136,25 +139,27 @@ class ControlPlane:
                     else:
                         number = s.scalars(select(Deployment.next_version).where(Deployment.id == dep_id)).one()
                         s.execute(update(Deployment).where(Deployment.id == dep_id).values(next_version=number + 1))
-                        s.add(Version(deployment_id=dep_id, number=number, fingerprint=package.fingerprint,
+                        s.add(Version(deployment_id=dep_id, number=number, fingerprint=fingerprint,
                                       package_path=str(stored), config=config, created_by=actor,
                                       created_at=utcnow(), min_replicas=auto.min_replicas,
                                       max_replicas=auto.max_replicas, desired=0))
                         reused = False
-                        add_event(s, name, "deploy", f"version {number} created from {source or package.path}", actor,
-                                  version=number, fingerprint=package.fingerprint)
+                        pinned = f" (pinned to pools {', '.join(pools)})" if pools else ""
+                        add_event(s, name, "deploy", f"version {number} created from {source or package.path}{pinned}",
+                                  actor, version=number, fingerprint=package.fingerprint, pools=list(pools or ()))
                     has_env = s.scalar(select(func.count()).select_from(Environment)
                                        .where(Environment.deployment_id == dep_id)) or 0
             except IntegrityError:
                 # The same package deployed concurrently: the other transaction created the version.
                 with self.sessions() as s2:
                     existing = s2.scalar(select(Version).where(Version.deployment_id == dep_id,
-                                                               Version.fingerprint == package.fingerprint))
+                                                               Version.fingerprint == fingerprint))
                     if existing is None:
                         raise ControlError(409, "concurrent deploy conflict; retry", "conflict") from None
                     number, reused, has_env = existing.number, True, 1
         result: dict[str, Any] = {"deployment": name, "version": number, "reused": reused,
-                                  "fingerprint": package.fingerprint, "package_path": str(stored)}
+                                  "fingerprint": package.fingerprint, "package_path": str(stored),
+                                  "pools": config.get("placement", {}).get("pools", [])}
         target_env = env or (None if has_env else "production")  # the first deploy serves production
         if target_env:
             result["promotion"] = self.promote(name, number, target_env, actor=actor)

@@ -201,6 +201,39 @@ def _new_row(s: Session, vp: VersionPlan, now: datetime, new_id: Callable[[], st
     return row
 
 
+MOVING = "moving_to"  # in a replica's data: it is being replaced in that pool (rebalance), then stopped
+
+
+def _settle_pools(s: Session, mine: list[Replica], vp: VersionPlan, placement: Placement, usable: set[str]) -> None:
+    """Replicas with no process whose pool cannot take them are placed again; a move to a pool that cannot take
+    replicas any more (down again) is called off."""
+    for r in mine:
+        if r.pid is None and r.pool not in usable:
+            _place(s, r, vp, placement)
+        if (r.data or {}).get(MOVING) not in (None, *usable):
+            r.data = {k: v for k, v in r.data.items() if k != MOVING}
+            add_event(s, vp.deployment, "replica_move_cancelled", f"replica {r.id} stays in pool {r.pool}: the "
+                      "pool it was moving to cannot take replicas", replica=r.id, version=vp.number)
+
+
+def _rebalance(s: Session, vp: VersionPlan, current: list[Replica], placement: Placement) -> list[Replica]:
+    """When every replica of a version serves and placement would put one elsewhere (a pool is back), mark one to
+    move: a replacement is placed now, and the replica stops once it serves (make-before-break, one at a time)."""
+    if len(current) != vp.desired or any(r.state != ReplicaState.READY for r in current):
+        return []  # a move, a start or a scale is under way: one thing at a time
+    move = placement.rebalance(vp.config, [r.pool for r in current])
+    if move is None:
+        return []
+    frm, to = move
+    victim = max((r for r in current if r.pool == frm), key=lambda r: aware(r.started_at).timestamp())
+    victim.data = {**(victim.data or {}), MOVING: to}
+    add_event(s, vp.deployment, "replica_moving", f"replica {victim.id} moves from pool {frm} to pool {to} "
+              "(rebalance); it stops once its replacement serves", replica=victim.id, version=vp.number,
+              **{"from": frm, "to": to})
+    current.remove(victim)
+    return [victim]
+
+
 def scale(s: Session, rows: dict[str, Replica], versions: dict[Key, VersionPlan], stopping: Collection[str],
           now: datetime, new_id: Callable[[], str], placement: Placement, to_stop: list[Stop]) -> bool:
     """Move each version toward its desired count, each new replica placed in a pool; replicas of an older
@@ -211,11 +244,12 @@ def scale(s: Session, rows: dict[str, Replica], versions: dict[Key, VersionPlan]
     for key, vp in versions.items():
         mine = [r for r in rows.values() if (r.deployment, r.version) == key and r.state in ACTIVE_STATES
                 and r.id not in stopping]
-        for r in mine:
-            if r.pid is None and r.pool not in usable:
-                _place(s, r, vp, placement)
-        current = [r for r in mine if r.revision >= vp.revision and (r.pool in usable or r.pid is None)]
+        _settle_pools(s, mine, vp, placement, usable)
+        current = [r for r in mine if r.revision >= vp.revision and (r.pool in usable or r.pid is None)
+                   and not (r.data or {}).get(MOVING)]
         stale = [r for r in mine if r not in current]
+        if not stale:
+            stale = _rebalance(s, vp, current, placement)
         for _ in range(vp.desired - len(current)):
             row = _new_row(s, vp, now, new_id, placement)
             rows[row.id] = row
@@ -230,7 +264,8 @@ def scale(s: Session, rows: dict[str, Replica], versions: dict[Key, VersionPlan]
         ready_current = sum(r.state == ReplicaState.READY for r in current)
         if stale and (ready_current >= max(vp.desired, 1) or vp.desired == 0):
             for r in stale:
-                why = "replaced by a newer revision" if r.revision < vp.revision else f"pool {r.pool} is draining"
+                why = ("replaced by a newer revision" if r.revision < vp.revision else f"pool {r.pool} is draining"
+                       if r.pool not in usable else f"moved to pool {r.data[MOVING]} (rebalanced)")
                 routed |= _mark_stopping(s, r, why)
                 to_stop.append((ReplicaRow.of(r), True, True, vp.grace_s))
     return routed

@@ -79,6 +79,7 @@ def _version_view(v: Version, replicas: Any) -> dict[str, Any]:
         "max_replicas": v.max_replicas, "retire_at": iso(v.retire_at), "dev": v.dev, "revision": v.revision,
         "package_path": v.package_path, "last_cold_start_s": v.last_cold_start_s,
         "replicas": {"ready": sum(r.state == "ready" for r in mine), "total": len(mine)},
+        "pools": list(((v.config or {}).get("placement") or {}).get("pools") or []),  # pinned; empty: any
     }
 
 

@@ -30,6 +30,8 @@ class GatewayMetrics:
                                registry=r)
         self.ejections = Counter("ballast_gateway_ejections", "Replicas ejected after failures.", ["deployment"],
                                  registry=r)
+        self.stream_resumed = Counter("ballast_gateway_stream_resumed", "Streams continued on another replica after "
+                                      "the one serving them died mid-answer.", ["deployment"], registry=r)
         self.cold_waits = Histogram("ballast_gateway_cold_start_wait_seconds", "Time requests were held for a "
                                     "replica to start.", ["deployment"], registry=r,
                                     buckets=(0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300))

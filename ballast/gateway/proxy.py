@@ -7,7 +7,8 @@ a model's answer is a function of its input, so the repeat is what the client's 
 only sooner (a kill -9 between the replica's header and body writes otherwise surfaces as a 502). A replica whose
 queue is full (429) sends the request to another one too; if all are full, the client gets the 429. Once bytes
 have reached the client a request is never retried: a replica dying mid-stream ends the stream with
-an SSE error event, never a silent truncation.
+an SSE error event, never a silent truncation, unless the stream is an LLM answer that another replica can
+continue (`resume.py`).
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ from typing import Any
 import aiohttp
 from starlette.responses import Response, StreamingResponse
 
+from ballast.gateway.resume import ResumePlan, ResumingRelay, resume_plan
 from ballast.gateway.routing import Endpoint, Router
 from ballast.observe import HOP_BY_HOP
 from ballast.openai import APIError, sse_event
 
 log = logging.getLogger("ballast.gateway")
 
+__all__ = ["Outcome", "Proxy", "resume_plan"]
 _HOP = HOP_BY_HOP  # the one list, shared with the replica's command-engine proxy
 # Connection refused or reset, the replica closing the connection, or a connect timeout: the request did
 # not get an answer, so it is safe to send it to another replica (the replica died or never took it).
@@ -63,6 +66,7 @@ class Proxy:
     def __init__(
         self, router: Router, *, max_attempts: int = 3, eject_after: int = 3, eject_s: float = 10.0,
         on_retry: Callable[[Endpoint], None] | None = None, on_eject: Callable[[Endpoint], None] | None = None,
+        on_resume: Callable[[Endpoint], None] | None = None,
     ):
         self.router = router
         self.max_attempts = max_attempts
@@ -70,6 +74,7 @@ class Proxy:
         self.eject_s = eject_s
         self.on_retry = on_retry
         self.on_eject = on_eject
+        self.on_resume = on_resume
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -113,6 +118,7 @@ class Proxy:
         strip_usage: bool = False,
         timeout_s: float | None = None,
         resend: bool = True,
+        resume: ResumePlan | None = None,
     ) -> Response:
         """Send to a chosen replica; `on_done` runs once the response has been fully relayed. Without `resend`
         (a chain step that is not idempotent) a request a replica may have started is not sent again: only a
@@ -138,6 +144,11 @@ class Proxy:
             resp, content = answer
             ep.consecutive_failures = 0
             if content is None:
+                if resume is not None:  # an LLM stream that moves to another replica if this one dies
+                    relay = ResumingRelay(self, resume, outcome, on_done, strip_usage, started,
+                                          lambda b, tried: self._reopen(endpoints, path, b, headers, key, tried))
+                    return StreamingResponse(relay.run(resp, ep), status_code=resp.status,
+                                             headers=self._headers(resp, ep, outcome, started))
                 return self._stream(resp, ep, outcome, on_done, extract_usage, started, strip_usage)
             return self._whole(resp, content, ep, outcome, on_done, extract_usage, started)
         return _no_replica(outcome, on_done, busy, last_error)
@@ -176,6 +187,25 @@ class Proxy:
         if content is None:
             return _Again(f"replica {ep.replica_id} failed while answering", started=True)
         return resp, content
+
+    async def _reopen(self, endpoints: Callable[[], Sequence[Endpoint]], path: str, body: bytes,
+                      headers: dict[str, str], key: bytes | None,
+                      tried: set[str]) -> tuple[aiohttp.ClientResponse, Endpoint] | None:
+        """A stream of the continuation `body` from a replica not tried yet for this request, or None."""
+        while (ep := self.router.choose(endpoints(), key=key, exclude=tried)) is not None:
+            tried.add(ep.replica_id)
+            ep.outstanding += 1
+            answer = await self._attempt(ep, path, body, headers, None, True)
+            if isinstance(answer, _Again):
+                continue
+            resp, content = answer
+            if content is not None:  # an answer, not a stream: the replica refused the continuation
+                ep.outstanding -= 1
+                log.warning("replica %s refused a stream's continuation: %s", ep.replica_id, content[:200])
+                return None
+            ep.consecutive_failures = 0
+            return resp, ep
+        return None
 
     def _headers(self, resp: aiohttp.ClientResponse, ep: Endpoint, outcome: Outcome, started: float) -> dict:
         outcome.endpoint = ep

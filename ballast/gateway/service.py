@@ -8,7 +8,6 @@ refreshes (`GatewaySource`), usage is written in batches by the `Meter`.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -24,11 +23,13 @@ from ballast.control.keys import KeyRecord
 from ballast.gateway import spans
 from ballast.gateway.adapters import Adapters
 from ballast.gateway.auth import MISSING_KEY_MESSAGE, api_key_from_headers
+from ballast.gateway.body import MAX_BODY as MAX_BODY  # where batches.py finds it
+from ballast.gateway.body import _read_body
 from ballast.gateway.capture import Capture, CapturePolicy
 from ballast.gateway.limits import KeyLimiter
 from ballast.gateway.metering import Meter, UsageCounts, UsageKey, counts_from_usage
 from ballast.gateway.metrics import GatewayMetrics
-from ballast.gateway.proxy import Outcome, Proxy
+from ballast.gateway.proxy import Outcome, Proxy, resume_plan
 from ballast.gateway.routing import Endpoint, Router, WeightedSplit
 from ballast.gateway.targets import affinity_key, model_of_path, parse_model, rewrite_body
 from ballast.observe import REQUEST_ID_HEADER, current_request_id
@@ -39,7 +40,6 @@ from ballast.store import hash_key
 
 log = logging.getLogger("ballast.gateway")
 
-MAX_BODY = 32 * 2**20
 INFERENCE_PATHS = {"chat_completions": "/v1/chat/completions", "completions": "/v1/completions",
                    "embeddings": "/v1/embeddings", "responses": "/v1/responses", "predict": "/predict"}
 
@@ -64,6 +64,7 @@ class DeploymentRoute:
     async_policy: AsyncPolicy = field(default_factory=AsyncPolicy)  # the `async:` section
     concurrency_target: float = 1.0  # in-flight requests per replica the async dispatcher fills up to
     capture: CapturePolicy | None = None  # the `capture:` section (gateway/capture.py)
+    migration_limit: int = 3  # mid-stream resumes allowed per stream (gateway/resume.py)
 
 
 class GatewaySource(Protocol):
@@ -80,32 +81,14 @@ class GatewaySource(Protocol):
         """A request is waiting for a version with no ready replica: scale it up from zero."""
 
 
-async def _read_body(request: Request, parse: bool) -> tuple[bytes, Any]:
-    """The body (bounded by MAX_BODY) and, when `parse`, its JSON object."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > MAX_BODY:
-        raise APIError(413, f"request body exceeds {MAX_BODY} bytes", code="request_too_large")
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        raise APIError(413, f"request body exceeds {MAX_BODY} bytes", code="request_too_large")
-    if not parse:
-        return body, None
-    try:
-        parsed = json.loads(body) if body else None
-    except ValueError as e:
-        raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
-    if not isinstance(parsed, dict):
-        raise APIError(400, "the request body must be a JSON object", code="invalid_request")
-    return body, parsed
-
-
 class Gateway:
     def __init__(self, source: GatewaySource, registry: CollectorRegistry, *, refresh_s: float = 0.25):
         self.source = source
         self.router = Router()
         self.metrics = GatewayMetrics(registry)
         self.proxy = Proxy(self.router, on_retry=lambda ep: self.metrics.retries.labels(ep.meta.get("d", "")).inc(),
-                           on_eject=lambda ep: self.metrics.ejections.labels(ep.meta.get("d", "")).inc())
+                           on_eject=lambda ep: self.metrics.ejections.labels(ep.meta.get("d", "")).inc(),
+                           on_resume=lambda ep: self.metrics.stream_resumed.labels(ep.meta.get("d", "")).inc())
         self.meter = Meter(source.write_usage)
         self.refresh_s = refresh_s
         self.keys: dict[str, KeyRecord] = {}
@@ -325,6 +308,7 @@ class Gateway:
             headers[PRIORITY_HEADER] = str(priority)
         served = adapter or (dep.versions[version].model_name if is_llm_call else None)
         body, strip_usage = rewrite_body(body, parsed, kind, served)
+        resume = resume_plan(kind, parsed, dep.llm, dep.migration_limit, headers)
         span = current_span()
         traced = (span, spans.on_route(span, kind, model, dep.name, version, headers)) if span is not None else None
 
@@ -335,7 +319,7 @@ class Gateway:
 
         return await self.proxy.forward(
             endpoints, INFERENCE_PATHS[kind], body, headers, key=prefix, outcome=Outcome(), on_done=done,
-            extract_usage=is_llm_call, strip_usage=strip_usage, resend=resend,
+            extract_usage=is_llm_call, strip_usage=strip_usage, resend=resend, resume=resume,
         )
 
     def _finished(self, o: Outcome, key: KeyRecord, deployment: str, version: int, limiter: KeyLimiter | None,

@@ -109,6 +109,9 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = Field(False, strict=True)
     top_logprobs: int | None = Field(None, strict=True, ge=0, le=20)
     response_format: dict[str, Any] | None = None
+    # vLLM's extensions for continuing a partial assistant message (the gateway's mid-stream resume sends them).
+    continue_final_message: bool = Field(False, strict=True)
+    add_generation_prompt: bool = Field(True, strict=True)
 
     def unsupported(self) -> list[str]:
         out = []

@@ -65,7 +65,8 @@ def router(control: ControlPlane, changed: Callable[[Any], Any]) -> APIRouter:
     @api.post("/deployments", tags=["deployments"], status_code=201, responses=errors(404, 409))
     def deploy(body: DeployRequest, who: Actor, request: Request) -> dict[str, Any]:
         """Deploy a package directory on the platform's machine (loopback clients only; others upload)."""
-        return changed(control.deploy(server_path(request, body.path), body.name, env=body.env, actor=who))
+        return changed(control.deploy(server_path(request, body.path), body.name, env=body.env, actor=who,
+                                      pools=body.pools))
 
     @api.post("/deployments/{name}/versions", tags=["deployments"], status_code=201, responses=errors(409, 413),
               openapi_extra={"requestBody": _ARCHIVE})

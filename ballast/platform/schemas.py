@@ -32,6 +32,8 @@ class DeployRequest(BaseModel):
     path: str = SERVER_PATH
     name: str | None = Field(None, pattern=NAME, description="Deployment name; the package's name by default.")
     env: str | None = Field(None, pattern=NAME, description="Promote the new version to this environment.")
+    pools: list[str] | None = Field(None, max_length=16, description="Pin the version's replicas to these pools, "
+                                    "in order of preference (over placement.pools of its ballast.yaml).")
 
 
 class PromoteRequest(BaseModel):

@@ -84,6 +84,7 @@ def _route(d: DeploymentTargets) -> DeploymentRoute:
                            prefix_routing=policy == "prefix" or (policy == "auto" and llm),
                            max_queue=cfg.routing.max_queue if cfg is not None else 256,
                            max_wait_s=cfg.routing.max_wait_s if cfg is not None else 120.0,
+                           migration_limit=cfg.routing.migration_limit if cfg is not None else 3,
                            async_policy=AsyncPolicy(cfg.async_.max_queue, cfg.async_.max_concurrency,
                                                     cfg.async_.result_ttl_s) if cfg is not None else AsyncPolicy(),
                            concurrency_target=cfg.autoscaling.concurrency_target if cfg is not None else 1.0,

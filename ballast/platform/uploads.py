@@ -115,7 +115,8 @@ async def receive(request: Request, path: Path, limit: int) -> str:
 
 
 async def deploy_upload(request: Request, changed: Callable[[Any], Any], *, name: str | None, env: str | None,
-                        who: str, verify: Callable[[str], None] | None = None) -> dict[str, Any]:
+                        who: str, verify: Callable[[str], None] | None = None,
+                        pools: list[str] | None = None) -> dict[str, Any]:
     """Receive a package archive (streamed, size-limited), `verify` its sha256, unpack it with every member
     checked, and deploy it: the one path of both upload routes. A refusal leaves nothing behind."""
     control: ControlPlane = request.app.state.control
@@ -134,7 +135,7 @@ async def deploy_upload(request: Request, changed: Callable[[Any], Any], *, name
             pkg = unpack(archive, root, limit)
             try:
                 source = f"an upload (sha256 {actual[:12]})"
-                return changed(control.deploy(pkg, name, env=env, actor=who, source=source))
+                return changed(control.deploy(pkg, name, env=env, actor=who, source=source, pools=pools))
             except ControlError as e:  # name files inside the package, never the server's temporary path
                 e.message = e.message.replace(f"{pkg}/", "").replace(str(pkg), "<package>")
                 raise
@@ -155,10 +156,12 @@ def upload_router(changed: Callable[[Any], Any]) -> APIRouter:
     async def upload_package(request: Request,
                              name: Annotated[str | None, Query(pattern=NAME, max_length=63)] = None,
                              env: Annotated[str | None, Query(pattern=NAME, max_length=63)] = None,
+                             pool: Annotated[list[str] | None, Query(max_length=16)] = None,
                              sha256: Annotated[str | None, Header(alias=CHECKSUM_HEADER, max_length=64)] = None,
                              who: str = Depends(actor)) -> dict[str, Any]:
         """Deploy a package uploaded as a gzipped tar archive (the body), checked against the sha256 in
-        `x-ballast-sha256`; `name` defaults to the package's. The answer is the one of a deploy."""
+        `x-ballast-sha256`; `name` defaults to the package's; each `pool` pins placement (`ballast deploy --pool`).
+        The answer is the one of a deploy."""
         expected = (sha256 or "").strip().lower()
         if not _SHA256.match(expected):
             raise APIError(400, f"send the archive's sha256 (64 hex digits) in the {CHECKSUM_HEADER} header",
@@ -169,6 +172,6 @@ def upload_router(changed: Callable[[Any], Any]) -> APIRouter:
                 raise APIError(400, f"checksum mismatch: the body's sha256 is {actual}, the header says {expected}",
                                code="checksum_mismatch", param=CHECKSUM_HEADER)
 
-        return await deploy_upload(request, changed, name=name, env=env, who=who, verify=verify)
+        return await deploy_upload(request, changed, name=name, env=env, who=who, verify=verify, pools=pool)
 
     return router

@@ -20,6 +20,10 @@ ExtraRoute = tuple[str, Handler, list[str]]
 # The x-ballast-priority header of the request being served (None: not sent). A context variable rather than
 # a body field, so a Python model's `chat_completions(body)` sees exactly what the client sent.
 request_priority: contextvars.ContextVar[int | None] = contextvars.ContextVar("ballast_priority", default=None)
+# Whether the request carried x-ballast-stream-tokens: the gateway asks an LLM replica to report the token ids of
+# each streamed chunk (an SSE comment it strips), so it can resume the stream elsewhere if this replica dies.
+stream_tokens: contextvars.ContextVar[bool] = contextvars.ContextVar("ballast_stream_tokens", default=False)
+STREAM_TOKENS_HEADER = "x-ballast-stream-tokens"
 
 
 @runtime_checkable

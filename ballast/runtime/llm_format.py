@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
+from ballast.runtime.llm_resume import REPORT_KEY
+
 
 class OutputStream(Protocol):
     """One engine request's outputs (see `llm_host.EngineStream`)."""
@@ -52,8 +54,11 @@ def format_logprobs(lp: Any, chat: bool) -> Any:
 class Formatter:
     """Shapes one API request's engine streams as a chat completion or a text completion."""
 
-    def __init__(self, req: Any, model_name: str, response_id: str, created: int, *, chat: bool):
+    def __init__(self, req: Any, model_name: str, response_id: str, created: int, *, chat: bool, kept: int = 0,
+                 report: bool = False):
         self.req = req
+        self.kept = kept  # prompt tokens that are answer already sent (a resumed stream): usage counts them once
+        self.report = report  # attach each chunk's token ids (llm_resume.reporting frames them)
         self.model = model_name
         self.id = response_id
         self.created = created
@@ -110,7 +115,7 @@ class Formatter:
             "created": self.created,
             "model": self.model,
             "choices": choices,
-            "usage": usage(prompt_tokens, completion_tokens, cached, spec),
+            "usage": self._usage(prompt_tokens, completion_tokens, cached, spec),
             "system_fingerprint": None,
         }
 
@@ -134,6 +139,7 @@ class Formatter:
         if self.chat:
             yield chunk(self._role_parts(len(streams)))
         prompt_tokens = completion_tokens = cached = 0
+        ids: list[int] = []  # token ids not yet reported with a chunk
         for p_index, stream in enumerate(streams):
             last = None
             async for out in stream:
@@ -141,17 +147,28 @@ class Formatter:
                 parts = []
                 for c in out.outputs:
                     completion_tokens += len(c.token_ids)
+                    ids += c.token_ids if self.report else ()
                     part = self._stream_part(p_index * n + c.index, c)
                     if part is not None:
                         parts.append(part)
                 if parts:
-                    yield chunk(parts)
+                    yield self._reported(chunk(parts), ids, len(out.prompt_token_ids))
+                    ids = []
             if last is not None:
                 prompt_tokens += len(last.prompt_token_ids)
                 cached += last.num_cached_tokens or 0
         if include_usage:
             yield {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [],
-                   "usage": usage(prompt_tokens, completion_tokens, cached)}
+                   "usage": self._usage(prompt_tokens, completion_tokens, cached)}
+
+    def _usage(self, prompt: int, completion: int, cached: int, spec: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The whole answer's usage: a resumed stream's prompt holds `kept` tokens of answer already sent."""
+        return usage(prompt - self.kept, completion + self.kept, min(cached, prompt - self.kept), spec)
+
+    def _reported(self, chunk: dict[str, Any], ids: list[int], prompt: int) -> dict[str, Any]:
+        if self.report:
+            chunk[REPORT_KEY] = {"ids": ids, "p": prompt - self.kept}
+        return chunk
 
     def _stream_part(self, index: int, c: Any) -> dict[str, Any] | None:
         """One choice's delta in a chunk; None when it has neither text nor a finish to report."""

@@ -33,11 +33,12 @@ from ballast.openai.tools import ToolRequest, parse_tools
 from ballast.package import Package
 from ballast.runtime import llm_trace, responses
 from ballast.runtime.engine_args import engine_args
-from ballast.runtime.host import request_priority
+from ballast.runtime.host import request_priority, stream_tokens
 from ballast.runtime.llm_format import Formatter
 from ballast.runtime.llm_guided import attach
 from ballast.runtime.llm_lora import LoraRoutes
 from ballast.runtime.llm_metrics import LLMMetrics
+from ballast.runtime.llm_resume import budget, prompt_with_ids, render_head, reporting, resume_ids
 from ballast.runtime.llm_tools import (
     apply_to_response,
     apply_to_stream,
@@ -257,12 +258,45 @@ class EngineHost:
         """The LoRA adapter `name` selects (None: the base model); 404 for a model not served here."""
         return self.lora.resolve(name)
 
-    def _render(self, messages: list[Any], tools: ToolRequest | None = None, parser: str = "hermes") -> str:
+    def _render(self, messages: list[Any], tools: ToolRequest | None = None, parser: str = "hermes",
+                add_generation_prompt: bool = True) -> str:
         msgs, extra = template_messages(messages, tools, self.engine.tokenizer.chat_template, parser)
+        return self._template(msgs, add_generation_prompt, extra)
+
+    def _template(self, msgs: list[dict[str, Any]], add_generation_prompt: bool, extra: dict[str, Any]) -> str:
         try:
-            return self.engine.apply_chat_template(msgs, add_generation_prompt=True, **extra)
+            return self.engine.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, **extra)
         except Exception as e:
             raise APIError(400, f"the chat template could not render these messages: {e}", param="messages") from None
+
+    def _chat_prompt(self, req: ChatCompletionRequest, tools: ToolRequest,
+                     parser: str) -> tuple[str | list[int], int, int]:
+        """(the prompt, how many of its tokens are answer already sent, how many the sender counted as sent):
+        `continue_final_message` leaves the last assistant message open (llm_resume)."""
+        if not req.continue_final_message:
+            return self._render(req.messages, tools, parser, req.add_generation_prompt), 0, 0
+        if req.add_generation_prompt:
+            raise APIError(400, "continue_final_message needs add_generation_prompt: false",
+                           param="add_generation_prompt")
+        msgs, extra = template_messages(req.messages, tools, self.engine.tokenizer.chat_template, parser)
+        head, content = render_head(lambda m, gen: self._template(m, gen, extra), msgs)
+        resume = resume_ids(req.model_extra)
+        ids = resume[0] if resume is not None else None
+        prompt, kept = prompt_with_ids(self.engine.tokenizer, head, content, ids)
+        return prompt, kept, len(ids or ())
+
+    def _completion_prompts(self, req: CompletionRequest) -> tuple[list[str | list[int]], int, int]:
+        """The prompts; with `ballast_resume`, the text prompt's last `chars` are answer already sent."""
+        resume = resume_ids(req.model_extra)
+        if resume is None:
+            return req.prompts(), 0, 0
+        ids, chars = resume
+        if not isinstance(req.prompt, str) or chars > len(req.prompt):
+            raise APIError(400, "ballast_resume needs one text prompt ending with `chars` characters of answer",
+                           param="ballast_resume")
+        cut = len(req.prompt) - chars
+        prompt, kept = prompt_with_ids(self.engine.tokenizer, req.prompt[:cut], req.prompt[cut:], ids)
+        return [prompt], kept, len(ids)
 
     def _params(self, req: ChatCompletionRequest | CompletionRequest, logprobs: int | None) -> Any:
         """What the request set; everything it omits comes from the engine's defaults."""
@@ -288,23 +322,29 @@ class EngineHost:
             x = chat_req.model_extra or {}
             tools = parse_tools(x.get("tools"), x.get("tool_choice"), x.get("parallel_tool_calls"))
             parser = choose_parser(self.engine.tokenizer.chat_template, self.cfg.tool_parser)
-            prompts: list[str | list[int]] = [self._render(chat_req.messages, tools, parser)]
+            prompt, kept, sent = self._chat_prompt(chat_req, tools, parser)
+            prompts: list[str | list[int]] = [prompt]
             logprobs = (chat_req.top_logprobs or 0) if req.logprobs else None
             chat = True
         elif name == "completions":
             req = comp_req = parse_request(CompletionRequest, body)
             adapter = self._check_model(req.model)
-            prompts, logprobs, chat = comp_req.prompts(), comp_req.logprobs, False
+            prompts, kept, sent = self._completion_prompts(comp_req)
+            logprobs, chat = comp_req.logprobs, False
             tools, parser = ToolRequest(), "hermes"
         else:
             raise APIError(404, f"{name} is not served by an LLM replica")
+        req = budget(req, sent, kept, getattr(getattr(self.engine, "core", None), "default_max_tokens", 1024))
         params = await attach(self.engine, req, self._params(req, logprobs), forced_spec(tools, parser))
         response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         served = adapter or self.model_name
         streams = self._submit(prompts, params, chat=chat, adapter=adapter,
                                trace=llm_trace.start(req, served, response_id, chat))
-        fmt = Formatter(req, served, response_id, int(time.time()), chat=chat)
+        report = req.stream and stream_tokens.get() and not tools.active
+        fmt = Formatter(req, served, response_id, int(time.time()), chat=chat, kept=kept, report=report)
         if req.stream:
+            if report:
+                return reporting(fmt.stream(streams))
             return apply_to_stream(fmt.stream(streams), parser) if tools.active else fmt.stream(streams)
         resp = await fmt.collect(streams)
         return apply_to_response(resp, parser) if tools.active else resp

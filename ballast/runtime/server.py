@@ -28,7 +28,7 @@ from ballast.observe.tracing import get_tracer
 from ballast.openai import DONE, APIError, error_body, sse_event
 from ballast.openai.priority import PRIORITY_HEADER, parse_priority_header
 from ballast.runtime.admission import Admission
-from ballast.runtime.host import Handler, Host, request_priority
+from ballast.runtime.host import STREAM_TOKENS_HEADER, Handler, Host, request_priority, stream_tokens
 from ballast.runtime.jsonio import parse_json
 from ballast.runtime.metrics import RequestMetrics, RuntimeMetrics
 from ballast.runtime.model import OPENAI_METHODS, LoadState
@@ -242,6 +242,7 @@ class ReplicaApp:
             if not isinstance(body, dict):
                 raise APIError(400, "the request body must be a JSON object", code="invalid_request")
             request_priority.set(parse_priority_header(request.headers.get(PRIORITY_HEADER)))
+            stream_tokens.set(request.headers.get(STREAM_TOKENS_HEADER) == "1")
             return await self._run(lambda: self.host.call(method, body), request, ndjson=False, openai_stream=True,
                                    cancellable=self.host.cancellable(method))
 
