@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -91,6 +92,17 @@ def _watch_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="ballast-ray-agent-parent").start()
 
 
+def reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail at once when nothing listens at a HOST:PORT address (Ray itself would retry for a minute and more)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return  # "auto", ray://...: left to Ray
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConnectionError(f"no Ray cluster answers at {address}: {e.strerror or e}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--address", required=True)
@@ -108,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        reachable(a.address)
         cluster = RayCluster(a.instance, address=a.address, logs_dir=Path(a.logs_dir), command=json.loads(a.command),
                              extra_args=json.loads(a.extra_args), name=a.name, start_timeout_s=a.start_timeout)
     except Exception as e:
