@@ -26,7 +26,7 @@ from typing import IO, Any
 from ballast.backends import ray_wire as wire
 from ballast.backends.ray_cluster import RayCluster
 
-WORKERS = 16
+WORKERS = 32
 
 
 def _call(cluster: RayCluster, op: str, args: dict[str, Any]) -> Any:
@@ -71,13 +71,15 @@ class Agent:
     def serve(self, calls: IO[bytes]) -> None:
         """Until stdin ends; calls still running then are abandoned (the caller is gone)."""
         pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="ballast-ray-call")
+        # Pings apart: a pool busy with slow stops must still say it is alive, or it would be failed over.
+        pings = ThreadPoolExecutor(2, thread_name_prefix="ballast-ray-ping")
         for line in calls:
             try:
                 message = wire.decode(line)
             except ValueError as e:
                 logging.getLogger("ballast.backends.ray_agent").warning("bad call: %s", e)
                 continue
-            pool.submit(self.answer, message)
+            (pings if message.get("op") == "ping" else pool).submit(self.answer, message)
 
 
 def _watch_parent() -> None:
