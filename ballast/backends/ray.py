@@ -8,8 +8,8 @@ clusters can then be pools of one platform.
 
 An agent that dies is restarted (with a backoff) and re-adopts the actors by name, as after a platform restart;
 while it restarts the pool stays up for `AGENT_GRACE_S`, since its replicas still serve. A cluster that does not
-answer a ping in `PING_TIMEOUT_S` makes `ping` fail, so the pool is failed over; meanwhile calls that need the
-cluster answer at once instead of waiting on it.
+answer a ping in 2 s (`BALLAST_RAY_PING_TIMEOUT_S`) makes `ping` fail, so the pool is failed over; meanwhile
+calls that need the cluster answer at once instead of waiting on it.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from ballast.home import ballast_home
 log = logging.getLogger("ballast.backends.ray")
 CALL_TIMEOUT_S = 15.0
 INSPECT_TIMEOUT_S = 5.0
-PING_TIMEOUT_S = 2.0
+PING_TIMEOUT_S = 2.0  # default of BALLAST_RAY_PING_TIMEOUT_S: with checks every 2 s, a lost cluster is down in < 5 s
 AGENT_GRACE_S = 30.0  # an agent restarting this long (or failing to) takes its pool down
 RESTART_MAX_S = 30.0
 
@@ -64,6 +64,7 @@ class RayBackend:
         self.extra_args = list(extra_args or [])
         self.start_timeout_s = start_timeout_s or float(os.environ.get("BALLAST_RAY_START_TIMEOUT_S") or 120)
         self.agent_start_s = float(os.environ.get("BALLAST_RAY_AGENT_START_S") or 90)
+        self.ping_timeout_s = float(os.environ.get("BALLAST_RAY_PING_TIMEOUT_S") or PING_TIMEOUT_S)
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._pending: dict[int, Future[Any]] = {}
@@ -218,7 +219,7 @@ class RayBackend:
 
     # ---- health --------------------------------------------------------------------------------
     def ping(self) -> None:
-        """Raises when the cluster does not answer in PING_TIMEOUT_S or has no live node (the pool's health
+        """Raises when the cluster does not answer in `ping_timeout_s` or has no live node (the pool's health
         check), or when the agent has been away longer than AGENT_GRACE_S."""
         now = time.monotonic()
         down_since = self._down_since
@@ -231,10 +232,11 @@ class RayBackend:
             self._ping = (now, self._send("ping", {}))
         started, fut = self._ping
         try:
-            fut.result(timeout=max(0.0, started + PING_TIMEOUT_S - now))
+            fut.result(timeout=max(0.0, started + self.ping_timeout_s - now))
         except FutureTimeout:  # keep it in flight: a cluster that hangs gets one ping at a time
-            self._unreachable = f"no answer in {PING_TIMEOUT_S:g}s"
-            raise TimeoutError(f"the Ray cluster of pool {self.name} did not answer in {PING_TIMEOUT_S:g}s") from None
+            self._unreachable = f"no answer in {self.ping_timeout_s:g}s"
+            raise TimeoutError(f"the Ray cluster of pool {self.name} did not answer in {self.ping_timeout_s:g}s") \
+                from None
         except Exception as e:
             self._ping, self._unreachable = None, f"{type(e).__name__}: {e}"
             raise
