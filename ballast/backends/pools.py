@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from ballast.backends.base import Backend, ReplicaHandle, ReplicaSpec, ReplicaStatus
@@ -144,16 +145,34 @@ class PoolBackend:
         return self.members.get(pool or self.name)
 
     # ---- protocol ------------------------------------------------------------------------------
-    def fits(self, spec: ReplicaSpec) -> str | None:
-        member = self._of(spec.pool)
+    def _fits_in(self, spec: ReplicaSpec, pool: str) -> str | None:
+        member = self._of(pool)
         if member is None:
-            return self.broken.get(spec.pool) or f"no usable pool for it ({spec.pool or 'none'})"
+            return self.broken.get(pool) or f"no usable pool for it ({pool or 'none'})"
         return member.fits(spec)
 
+    def _where(self, spec: ReplicaSpec) -> tuple[str | None, str | None]:
+        """The pool to start it in (its own first, then its fallbacks in order), or why none can hold it now."""
+        reasons: builtins.list[str] = []
+        for pool in [spec.pool, *[p for p in spec.fallback if p != spec.pool]]:
+            why = self._fits_in(spec, pool)
+            if why is None:
+                return pool, None
+            reasons.append(why if not reasons and not spec.fallback else f"{pool or self.name}: {why}")
+        return None, reasons[0] if len(reasons) == 1 else "no pool can hold it now: " + "; ".join(reasons)
+
+    def fits(self, spec: ReplicaSpec) -> str | None:
+        return self._where(spec)[1]
+
     def start(self, spec: ReplicaSpec) -> ReplicaHandle:
-        member = self._of(spec.pool)
+        """In its own pool, or the first fallback with the resources (its handle names the pool it runs in)."""
+        pool, _why = self._where(spec) if spec.fallback else (spec.pool, None)
+        member = self._of(pool or spec.pool)
         if member is None:
             raise RuntimeError(f"pool {spec.pool!r} has no backend")
+        if pool is not None and pool != spec.pool:
+            log.info("replica %s: pool %s lacks the resources; starting it in %s", spec.replica_id, spec.pool, pool)
+            spec = replace(spec, pool=pool)
         return member.start(spec)
 
     def stop(self, handle: ReplicaHandle, grace_s: float) -> None:

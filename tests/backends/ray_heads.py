@@ -38,12 +38,13 @@ def marked_pids(token: str) -> list[int]:
 class RayHead:
     """One single-node Ray cluster on loopback."""
 
-    def __init__(self, num_cpus: int = 1, memory_gib: int = 4):
+    def __init__(self, num_cpus: int = 1, memory_gib: int = 4, resources: dict[str, float] | None = None):
         self.token = os.urandom(6).hex()
         self.temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: socket paths stay under 108 bytes
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.num_cpus, self.memory_gib = num_cpus, memory_gib
+        self.resources = dict(resources or {})  # custom resources its node declares
 
     def start(self) -> RayHead:
         env = {**os.environ, "BALLAST_TEST_RAY": self.token, "RAY_USAGE_STATS_ENABLED": "0"}
@@ -51,6 +52,8 @@ class RayHead:
                "--include-dashboard=false", "--node-ip-address=127.0.0.1", f"--temp-dir={self.temp}",
                f"--memory={self.memory_gib * 2**30}", f"--object-store-memory={100 * 2**20}", "--disable-usage-stats",
                *[f"{opt}={free_port()}" for opt in PORT_OPTIONS]]
+        if self.resources:
+            cmd.append(f"--resources={json.dumps(self.resources)}")
         out = subprocess.run(cmd, env=env, capture_output=True, timeout=180)
         if out.returncode:
             self.close()

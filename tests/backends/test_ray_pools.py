@@ -36,14 +36,15 @@ runtime: {{shutdown_grace_s: 2, predict_concurrency: 8}}
 health: {{liveness_period_s: 0.5}}
 resources: {{cpu: 0.5, memory: 256Mi{extra}}}
 autoscaling: {{min_replicas: {n}, max_replicas: {n}}}
-placement: {{pools: [ray-a, ray-b], spread: true}}
+placement: {{pools: [ray-a, ray-b], spread: {spread}}}
 """
 
 
 @pytest.fixture(scope="module")
 def heads() -> Iterator[list[RayHead]]:
-    """Two single-node clusters, one CPU each (room for two half-CPU replicas), started side by side."""
-    made = [RayHead(num_cpus=1), RayHead(num_cpus=1)]
+    """Two single-node clusters, one CPU each (room for two half-CPU replicas), started side by side; the second
+    declares one `H100` (a custom resource, as nodes with accelerators Ray does not know declare theirs)."""
+    made = [RayHead(num_cpus=1), RayHead(num_cpus=1, resources={"H100": 1})]
     try:
         with ThreadPoolExecutor(2) as ex:
             list(ex.map(RayHead.start, made))
@@ -107,7 +108,8 @@ def agent_pid(platform_pid: int, pool: str) -> int | None:
 @pytest.fixture(scope="module")
 def spread(platform: Platform, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """Two replicas of one deployment, one on each cluster."""
-    pkg = write_package(tmp_path_factory.mktemp("spread"), YAML.format(name="spread", n=2, extra=""), MODEL)
+    yaml = YAML.format(name="spread", n=2, extra="", spread="true")
+    pkg = write_package(tmp_path_factory.mktemp("spread"), yaml, MODEL)
     platform.cli("deploy", str(pkg), "--wait", "--timeout", "240", timeout=300)
     reps = platform.wait("two ready replicas", lambda: ready(platform, "spread", 2), timeout=120)
     assert [r["pool"] for r in reps] == ["ray-a", "ray-b"]
@@ -156,19 +158,32 @@ def test_two_clusters_spread_readopted_after_kill9_agent_restarted(heads: list[R
     assert not [e for e in p.api("GET", "/events?deployment=-")["data"] if e["kind"] == "pool_down"]
 
 
-def test_gpu_replica_stays_pending_on_cpu_only_ray_pools(platform: Platform, tmp_path: Path) -> None:
+def test_accelerators_a_pool_lacks_are_sought_in_the_other_pool_or_wait(platform: Platform, tmp_path: Path) -> None:
     p = platform
-    pkg = write_package(tmp_path / "gpu", YAML.format(name="needgpu", n=1, extra=", accelerator: 'H100:1'"), MODEL)
+
+    def replica(name: str, state: str) -> dict[str, Any] | None:
+        reps = p.show(name)["replicas"]
+        return reps[0] if reps and reps[0]["state"] == state and (state != "pending" or reps[0]["reason"]) else None
+
+    # Two H100s: no node of either cluster has them; pending, with each pool's reason, never started.
+    pkg = write_package(tmp_path / "two", YAML.format(name="two-gpus", n=1, extra=", accelerator: 'H100:2'",
+                                                  spread="true"), MODEL)
     p.cli("deploy", str(pkg))
+    rep = p.wait("a replica pending", lambda: replica("two-gpus", "pending"), timeout=60)
+    assert "ray-a" in rep["reason"] and "ray-b" in rep["reason"] and "2 x H100" in rep["reason"], rep["reason"]
+    assert "no node of the Ray cluster" in rep["reason"] and rep["url"] is None
 
-    def pending() -> dict[str, Any] | None:
-        reps = p.show("needgpu")["replicas"]
-        return reps[0] if reps and reps[0]["state"] == "pending" and reps[0]["reason"] else None
-
-    rep = p.wait("GPU replica pending", pending, timeout=60)
-    assert "no node of the Ray cluster" in rep["reason"] and "1 x H100" in rep["reason"], rep["reason"]
-    assert rep["url"] is None and rep["pool"] in ("ray-a", "ray-b")
-    p.api("DELETE", "/deployments/needgpu")
+    # One H100: placement puts it in ray-a (pools filled in order), which has none; it starts in ray-b instead.
+    pkg = write_package(tmp_path / "one", YAML.format(name="one-gpu", n=1, extra=", accelerator: 'H100:1'",
+                                                      spread="false"), MODEL)
+    p.cli("deploy", str(pkg), "--wait", "--timeout", "240", timeout=300)
+    rep = p.wait("a ready replica", lambda: replica("one-gpu", "ready"), timeout=120)
+    assert rep["pool"] == "ray-b"
+    assert predict(p, "one-gpu", {"x": 1})["replica"] == rep["id"]
+    for name in ("two-gpus", "one-gpu"):  # gone, with their reservations: the next test needs ray-b's room
+        p.api("DELETE", f"/deployments/{name}")
+    p.wait("both deleted", lambda: not {"two-gpus", "one-gpu"} & {d["name"] for d in p.api("GET", "/deployments")[
+        "data"]}, timeout=120)
 
 
 def ping_error(backend: RayBackend) -> str | None:
