@@ -16,7 +16,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 from ballast.backends.base import Backend, ReplicaHandle, ReplicaSpec, ReplicaStatus
@@ -121,8 +120,6 @@ class PoolBackend:
     def check(self, pool: str) -> str | None:
         """None when the pool's backend answers; else why it does not (the pool is then down)."""
         member = self.members.get(pool)
-        if member is None and pool in self._building and pool not in self._retry_at:
-            return None  # connecting for the first time: judged once it answers or fails, not before
         if member is None and pool in self.broken:
             return self.broken[pool]
         if member is None:
@@ -165,14 +162,15 @@ class PoolBackend:
         return self._where(spec)[1]
 
     def start(self, spec: ReplicaSpec) -> ReplicaHandle:
-        """In its own pool, or the first fallback with the resources (its handle names the pool it runs in)."""
+        """In its own pool, or the first fallback with the resources. `spec.pool` becomes the pool tried (so a
+        failed start counts against that pool), and the handle names the pool it runs in."""
         pool, _why = self._where(spec) if spec.fallback else (spec.pool, None)
-        member = self._of(pool or spec.pool)
-        if member is None:
-            raise RuntimeError(f"pool {spec.pool!r} has no backend")
         if pool is not None and pool != spec.pool:
             log.info("replica %s: pool %s lacks the resources; starting it in %s", spec.replica_id, spec.pool, pool)
-            spec = replace(spec, pool=pool)
+            spec.pool = pool
+        member = self._of(spec.pool)
+        if member is None:
+            raise RuntimeError(f"pool {spec.pool!r} has no backend")
         return member.start(spec)
 
     def stop(self, handle: ReplicaHandle, grace_s: float) -> None:

@@ -90,6 +90,11 @@ def actors(heads: list[RayHead]) -> list[list[str]]:
         return list(ex.map(ballast_actors, [h.address for h in heads]))
 
 
+def pool_downs(p: Platform, pool: str) -> int:
+    return sum(e["kind"] == "pool_down" and e["data"].get("pool") == pool
+               for e in p.api("GET", "/events?deployment=-")["data"])
+
+
 def agent_pid(platform_pid: int, pool: str) -> int | None:
     """The platform's agent process for `pool` (its child, named by its command line)."""
     for entry in Path("/proc").iterdir():
@@ -144,6 +149,7 @@ def test_two_clusters_spread_readopted_after_kill9_agent_restarted(heads: list[R
 
     # The agent of ray-a dies: it is restarted, the pool stays up and its replica is kept.
     assert p.proc is not None
+    downs = pool_downs(p, "ray-a")
     old = p.wait("ray-a's agent", lambda: agent_pid(p.proc.pid, "ray-a"), timeout=30)  # type: ignore[union-attr]
     os.kill(old, signal.SIGKILL)
     new = p.wait("a new agent for ray-a", lambda: (lambda x: x if x and x != old else None)(
@@ -155,7 +161,7 @@ def test_two_clusters_spread_readopted_after_kill9_agent_restarted(heads: list[R
            lambda: p.cli("logs", "spread", "--tail", "1000").stdout.count(marker) == 2, timeout=60)
     assert [(r["id"], r["pid"]) for r in ready(p, "spread", 2) or []] == [(r["id"], r["pid"]) for r in spread]
     assert pools(p)["ray-a"]["healthy"]
-    assert not [e for e in p.api("GET", "/events?deployment=-")["data"] if e["kind"] == "pool_down"]
+    assert pool_downs(p, "ray-a") == downs
 
 
 def test_accelerators_a_pool_lacks_are_sought_in_the_other_pool_or_wait(platform: Platform, tmp_path: Path) -> None:
