@@ -12,7 +12,8 @@ One command: `python bench/scaleout.py [--quick]`. It starts a single-node Ray c
                Ray-placed replica vs a local one (on one node both are loopback HTTP).
   pool failover a third platform with two local pools; one is lost for real under load (bench/_pool_failover.py):
                time to the pool marked down, time to capacity restored in the other pool, failed requests.
-               `--failover-only` runs just this part (no Ray).
+               The same with two Ray clusters as the two pools, one of them killed whole (bench/_ray_failover.py).
+               `--failover-only` runs just this part (local pools only; add `--ray-pools` for the Ray ones).
 
 Results: bench/results/scaleout.json and a table; ratios (ray / local) are per round, median (min-max).
 """
@@ -38,6 +39,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _pool_failover as failover
+import _ray_failover as ray_failover
 from _common import (
     ROOT,
     Proc,
@@ -187,12 +189,19 @@ def backends_side_by_side(rounds: int, n: int) -> tuple[list[dict[str, Any]], di
     return rows, {"cold_start ray/local": ratio_stats(cold["ray"], cold["local"])}
 
 
-def pool_failover(rounds: int) -> list[dict[str, Any]]:
+def pool_failover(rounds: int, ray_pools: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Local pools always; with `ray_pools`, the same loss of a pool as the loss of one of two Ray clusters."""
     with running([]) as procs:
-        got = failover.measure(Platform, procs, rounds)
+        got = {"local+local pools": failover.measure(Platform, procs, rounds)}
+    if ray_pools:
+        got["ray+ray pools"] = ray_failover.measure(Platform, rounds)
     units = {"detect_s": "s", "restored_s": "s", "failed": "requests", "requests": "requests"}
-    return [{"system": "local+local pools", "metric": f"pool_failover_{k}", **summarize(v), "unit": units[k]}
-            for k, v in got.items()]
+    rows = [{"system": system, "metric": f"pool_failover_{k}", **summarize(v), "unit": units[k]}
+            for system, values in got.items() for k, v in values.items()]
+    ratios = {} if not ray_pools else {
+        "pool_failover_restored ray/local": ratio_stats(got["ray+ray pools"]["restored_s"],
+                                                        got["local+local pools"]["restored_s"])}
+    return rows, ratios
 
 
 def main() -> None:
@@ -201,6 +210,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, help="rounds (default 5; quick 2)")
     ap.add_argument("--requests", type=int, help="requests per latency run (default 2000; quick 200)")
     ap.add_argument("--failover-only", action="store_true", help="only the pool failover rounds (no Ray)")
+    ap.add_argument("--ray-pools", action="store_true",
+                    help="with --failover-only: also the rounds with two Ray clusters as pools")
     args = ap.parse_args()
     rounds = args.rounds or (2 if args.quick else 5)
     n = args.requests or (200 if args.quick else 2000)
@@ -209,10 +220,14 @@ def main() -> None:
     ratios: dict[str, Any] = {}
     if not args.failover_only:
         rows, ratios = backends_side_by_side(rounds, n)
-    rows += pool_failover(rounds)
+    ray_pools = args.ray_pools or not args.failover_only
+    more, more_ratios = pool_failover(rounds, ray_pools)
+    rows += more
+    ratios.update(more_ratios)
     print_table(rows)
     print_ratios(ratios, {})
-    params = {"rounds": rounds, "requests": n, "quick": args.quick, "failover_only": args.failover_only}
+    params = {"rounds": rounds, "requests": n, "quick": args.quick, "failover_only": args.failover_only,
+              "ray_pools": ray_pools}
     out = write_results("scaleout-failover" if args.failover_only else "scaleout", params, rows, ratios)
     print(f"results: {out}")
 

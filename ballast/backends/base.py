@@ -27,6 +27,7 @@ class ReplicaSpec:
     env: dict[str, str] = field(default_factory=dict)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)  # ballast.yaml `resources`: placement
     pool: str = ""  # the capacity pool chosen for it ("": the backend's own)
+    fallback: list[str] = field(default_factory=list)  # other pools it may run in when `pool` lacks the resources
 
 
 @dataclass

@@ -4,7 +4,8 @@ Each pool is a backend of its own (a set of local processes, or a Ray cluster) n
 replica's spec says which pool it was placed in and its handle carries that pool's name back, so every later
 call (stop, inspect, logs) reaches the backend that runs it. The platform's own backend is the default pool.
 A pool whose backend cannot be built (a Ray cluster that does not answer) is kept with the reason, which the
-control plane's pool health check reports, rather than failing the whole platform.
+control plane's pool health check reports, rather than failing the whole platform. Each Ray pool has an agent
+process of its own (`ray.RayBackend`), so any number of Ray clusters can be pools of one platform.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ballast.backends.local import LocalBackend
 log = logging.getLogger("ballast.backends")
 CHECK_EVERY_S = 2.0  # a remote pool's backend is asked at most this often whether it answers
 BUILD_RETRY_S = 30.0  # a pool whose backend could not be built is tried again after this
+FIRST_BUILD_WAIT_S = 120.0  # the first sync waits this long for the pools' backends (see `sync`)
 Factory = Callable[[str, str, str | None], Backend]  # (pool name, kind, address) -> its backend
 
 
@@ -62,57 +64,58 @@ class PoolBackend:
         self.factory = factory or _factory_like(default)
         self.members: dict[str, Backend] = {default.name: default}
         self.broken: dict[str, str] = {}  # pool -> why its backend could not be built
-        self._ray_address: str | None = None  # the Ray cluster this process is connected to (once, for good)
         self._building: set[str] = set()
         self._retry_at: dict[str, float] = {}
-        self._lock = threading.Lock()
         self._checked: dict[str, tuple[float, str | None]] = {}  # pool -> (when, result) of its last check
-        if backend_kind(default) == "ray":
-            self._ray_address = "the platform's own cluster"
+        self._synced = False
 
     def sync(self, pools: builtins.list[tuple[str, str, str | None]]) -> None:
         """Build the backends of pools added since the last call (name, kind, address), each in a thread of its
-        own: connecting to a Ray cluster that does not answer can take a minute, and must not stall the loop."""
+        own: connecting to a Ray cluster that does not answer can take a minute, and must not stall the loop.
+        The first call waits for them (up to FIRST_BUILD_WAIT_S): a restarted platform re-adopts the replicas
+        of every pool, so it must reach each pool before it judges them."""
         wanted = {name for name, _kind, _address in pools}
         for gone in [n for n in self.members if n not in wanted and n != self.name]:
-            del self.members[gone]  # removed (only ever empty): re-adding the name builds it afresh
-        for name, kind, address in pools:
-            if name in self.members or name in self._building:
-                continue
-            if name in self.broken and time.monotonic() < self._retry_at.get(name, 0.0):
-                continue
-            self._building.add(name)
-            if kind == "local":  # a few attributes: built at once
-                self._build(name, kind, address)
-                continue
-            self.broken.setdefault(name, "connecting to its backend")
-            threading.Thread(target=self._build, args=(name, kind, address), daemon=True,
-                             name=f"ballast-pool-{name}").start()
+            close = getattr(self.members.pop(gone), "close", None)  # removed (only ever empty)
+            if close is not None:
+                close()
+        threads = [t for t in (self._sync_one(name, kind, address) for name, kind, address in pools) if t]
+        if not self._synced:
+            self._synced = True
+            deadline = time.monotonic() + FIRST_BUILD_WAIT_S
+            for t in threads:
+                t.join(max(0.0, deadline - time.monotonic()))
+
+    def _sync_one(self, name: str, kind: str, address: str | None) -> threading.Thread | None:
+        if name in self.members or name in self._building:
+            return None
+        if name in self.broken and time.monotonic() < self._retry_at.get(name, 0.0):
+            return None
+        self._building.add(name)
+        if kind == "local":  # a few attributes: built at once
+            self._build(name, kind, address)
+            return None
+        self.broken.setdefault(name, "connecting to its backend")
+        thread = threading.Thread(target=self._build, args=(name, kind, address), daemon=True,
+                                  name=f"ballast-pool-{name}")
+        thread.start()
+        return thread
 
     def _build(self, name: str, kind: str, address: str | None) -> None:
-        with self._lock:  # one at a time: Ray connects a process to one cluster, and says which only once done
-            reason = self._refusal(kind, address)
-            if reason is None:
-                try:
-                    self.members[name] = self.factory(name, kind, address)
-                    if kind == "ray":
-                        self._ray_address = address
-                except Exception as e:
-                    reason = f"cannot reach its backend: {type(e).__name__}: {e}"
-            if reason is None:
-                self.broken.pop(name, None)
-            else:
-                if self.broken.get(name) != reason:
-                    log.warning("pool %s: %s", name, reason)
-                self.broken[name] = reason
-                self._retry_at[name] = time.monotonic() + BUILD_RETRY_S
-            self._building.discard(name)
-
-    def _refusal(self, kind: str, address: str | None) -> str | None:
-        """Ray connects one process to one cluster: a second Ray pool needs another platform process."""
-        if kind != "ray" or self._ray_address is None or self._ray_address == address:
-            return None
-        return f"this platform process is connected to another Ray cluster ({self._ray_address}) already"
+        """Pools are built side by side: each Ray pool connects through an agent process of its own."""
+        reason = None
+        try:
+            self.members[name] = self.factory(name, kind, address)
+        except Exception as e:
+            reason = f"cannot reach its backend: {type(e).__name__}: {e}"
+        if reason is None:
+            self.broken.pop(name, None)
+        else:
+            if self.broken.get(name) != reason:
+                log.warning("pool %s: %s", name, reason)
+            self.broken[name] = reason
+            self._retry_at[name] = time.monotonic() + BUILD_RETRY_S
+        self._building.discard(name)
 
     def check(self, pool: str) -> str | None:
         """None when the pool's backend answers; else why it does not (the pool is then down)."""
@@ -139,13 +142,32 @@ class PoolBackend:
         return self.members.get(pool or self.name)
 
     # ---- protocol ------------------------------------------------------------------------------
-    def fits(self, spec: ReplicaSpec) -> str | None:
-        member = self._of(spec.pool)
+    def _fits_in(self, spec: ReplicaSpec, pool: str) -> str | None:
+        member = self._of(pool)
         if member is None:
-            return self.broken.get(spec.pool) or f"no usable pool for it ({spec.pool or 'none'})"
+            return self.broken.get(pool) or f"no usable pool for it ({pool or 'none'})"
         return member.fits(spec)
 
+    def _where(self, spec: ReplicaSpec) -> tuple[str | None, str | None]:
+        """The pool to start it in (its own first, then its fallbacks in order), or why none can hold it now."""
+        reasons: builtins.list[str] = []
+        for pool in [spec.pool, *[p for p in spec.fallback if p != spec.pool]]:
+            why = self._fits_in(spec, pool)
+            if why is None:
+                return pool, None
+            reasons.append(why if not reasons and not spec.fallback else f"{pool or self.name}: {why}")
+        return None, reasons[0] if len(reasons) == 1 else "no pool can hold it now: " + "; ".join(reasons)
+
+    def fits(self, spec: ReplicaSpec) -> str | None:
+        return self._where(spec)[1]
+
     def start(self, spec: ReplicaSpec) -> ReplicaHandle:
+        """In its own pool, or the first fallback with the resources. `spec.pool` becomes the pool tried (so a
+        failed start counts against that pool), and the handle names the pool it runs in."""
+        pool, _why = self._where(spec) if spec.fallback else (spec.pool, None)
+        if pool is not None and pool != spec.pool:
+            log.info("replica %s: pool %s lacks the resources; starting it in %s", spec.replica_id, spec.pool, pool)
+            spec.pool = pool
         member = self._of(spec.pool)
         if member is None:
             raise RuntimeError(f"pool {spec.pool!r} has no backend")

@@ -1,269 +1,298 @@
-"""Replicas on a Ray cluster: one detached, named actor per replica (namespace `ballast`).
+"""Replicas on a Ray cluster, driven from the platform through the pool's own agent process.
 
-The actor asks Ray for what the package's `resources` ask (cpu -> num_cpus, memory -> memory, an
-accelerator -> num_gpus plus Ray's `accelerator_type:KIND`, or a custom resource named KIND when
-nodes declare one), so Ray places it on a node that has them; `fits` says why not when no node has
-them free (or has them at all), and the replica stays pending with that reason, as a local one does,
-instead of waiting in Ray's queue. The package travels
-as tar.gz bytes through the object store. Actors are detached and named
-`ballast-<instance>-<replica>-<nonce>`: a platform that was killed finds them again by the name kept
-in the replica's handle (`ray.get_actor`). Each inspection also copies the replica's new log lines
-into `<logs_dir>/<deployment>/v<version>-<replica>.log`, so `ballast logs` reads Ray replicas as it
-reads local ones.
+Ray connects a process to one cluster, for good. So the platform process connects to none: each Ray pool's
+`RayBackend` starts `python -m ballast.backends.ray_agent` (its child, in a session of its own), which holds
+that cluster's connection and runs the replicas as detached, named actors (`ray_cluster.RayCluster`). The
+backend talks to it over the agent's stdin and stdout, one JSON line per call (`ray_wire`); any number of Ray
+clusters can then be pools of one platform.
+
+An agent that dies is restarted (with a backoff) and re-adopts the actors by name, as after a platform restart;
+while it restarts the pool stays up for `AGENT_GRACE_S`, since its replicas still serve. A cluster that does not
+answer a ping in 2 s (`BALLAST_RAY_PING_TIMEOUT_S`) makes `ping` fail, so the pool is failed over; meanwhile
+calls that need the cluster answer at once instead of waiting on it.
 """
 
 from __future__ import annotations
 
+import atexit
 import builtins
-import io
+import contextlib
+import importlib.util
+import itertools
+import json
 import logging
 import os
-import tarfile
+import subprocess
+import sys
+import threading
 import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+from ballast.backends import ray_wire as wire
 from ballast.backends.base import ReplicaHandle, ReplicaSpec, ReplicaStatus
 from ballast.backends.local import default_command, rotate_file, tail_file
-from ballast.backends.ray_actor import ReplicaActor
-from ballast.backends.resources import GENERIC_ACCELERATORS
-from ballast.config import ResourcesConfig
 from ballast.home import ballast_home
 
 log = logging.getLogger("ballast.backends.ray")
-NAMESPACE = "ballast"
 CALL_TIMEOUT_S = 15.0
-RECENT_S = 5.0
+INSPECT_TIMEOUT_S = 5.0
+PING_TIMEOUT_S = 2.0  # default of BALLAST_RAY_PING_TIMEOUT_S: with checks every 2 s, a lost cluster is down in < 5 s
+AGENT_GRACE_S = 30.0  # an agent restarting this long (or failing to) takes its pool down
+RESTART_MAX_S = 30.0
 
 
-def _requirements(req: ResourcesConfig, custom: bool) -> dict[str, float]:
-    """Ray resources for one replica; `custom`: the accelerator as a custom resource named after its kind."""
-    need: dict[str, float] = {"CPU": req.cpu}
-    if req.memory_bytes:
-        need["memory"] = float(req.memory_bytes)
-    if req.accelerator:
-        kind = req.accelerator.partition(":")[0]
-        if custom:
-            need[kind] = float(req.accelerator_count)
-        else:
-            need["GPU"] = float(req.accelerator_count)
-            if kind.lower() not in GENERIC_ACCELERATORS:
-                need[f"accelerator_type:{kind}"] = 0.001
-    return need
-
-
-def _pack(path: Path) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz", dereference=True) as tar:
-        for p in sorted(path.rglob("*")):
-            if p.is_file():
-                tar.add(p, arcname=p.relative_to(path).as_posix(), recursive=False)
-    return buf.getvalue()
+class AgentDown(RuntimeError):
+    """The pool's agent is not running (it is being restarted)."""
 
 
 class RayBackend:
-    """Replicas as detached actors of a Ray cluster, each running `ballast serve` on its node."""
+    """One Ray cluster as a pool: the Backend protocol, carried out by the pool's agent process."""
 
     def __init__(self, instance_id: str, *, address: str | None = None, logs_dir: Path | None = None,
                  command: list[str] | None = None, extra_args: list[str] | None = None, name: str = "ray",
                  start_timeout_s: float | None = None):
-        try:
-            import ray
-        except ImportError:
-            raise ValueError("the Ray backend needs Ray: pip install 'ballast[ray]'") from None
-        self._ray: Any = ray
+        if importlib.util.find_spec("ray") is None:
+            raise ValueError("the Ray backend needs Ray: pip install 'ballast[ray]'")
         self.name = name
         self.instance_id = instance_id
-        self.prefix = f"ballast-{instance_id}-"
+        self.address = address or os.environ.get("RAY_ADDRESS") or "auto"
         self.logs_dir = logs_dir or ballast_home() / "logs"
         self.command = command or default_command()
         self.extra_args = list(extra_args or [])
         self.start_timeout_s = start_timeout_s or float(os.environ.get("BALLAST_RAY_START_TIMEOUT_S") or 120)
-        address = address or os.environ.get("RAY_ADDRESS") or "auto"
-        ray.init(address=address, namespace=NAMESPACE, ignore_reinit_error=True, log_to_driver=False,
-                 logging_level=logging.WARNING)
-        self._actor_class = self._ray.remote(max_concurrency=4)(ReplicaActor)
-        self._packages: dict[str, Any] = {}  # package path -> object ref of its tar.gz
-        self._offsets: dict[str, int] = {}  # actor name -> bytes of its log already copied here
-        self._recent: list[tuple[float, dict[str, float]]] = []  # (when, resources) of recent starts
+        self.agent_start_s = float(os.environ.get("BALLAST_RAY_AGENT_START_S") or 90)
+        self.ping_timeout_s = float(os.environ.get("BALLAST_RAY_PING_TIMEOUT_S") or PING_TIMEOUT_S)
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._pending: dict[int, Future[Any]] = {}
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._down_since: float | None = None  # when the agent went away (None: it runs)
+        self._why = ""  # why the agent is not running, when a restart failed
+        self._restarting = False
+        self._closed = False
+        self._ping: tuple[float, Future[Any]] | None = None  # the ping in flight (one at a time)
+        self._unreachable: str | None = None  # why the last ping failed (None: it answered)
+        self._spawn()
+        atexit.register(self.close)
 
-    # ---- placement -----------------------------------------------------------------------------
-    def _nodes(self) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
-        """Each live node's total resources, and what is free on each now (less what this backend asked
-        for in the last few seconds: Ray's view of free resources lags behind actor creation)."""
-        totals = [n.get("Resources", {}) for n in self._ray.nodes() if n.get("Alive")]
+    # ---- the agent -----------------------------------------------------------------------------
+    @property
+    def agent_pid(self) -> int | None:
+        proc = self._proc
+        return proc.pid if proc is not None else None
+
+    def _agent_command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "ballast.backends.ray_agent", "--address", self.address, "--instance",
+               self.instance_id, "--name", self.name, "--logs-dir", str(self.logs_dir), "--command",
+               json.dumps(self.command), "--extra-args", json.dumps(self.extra_args), "--start-timeout",
+               str(self.start_timeout_s)]
+        return cmd
+
+    def _spawn(self) -> None:
+        """Start the agent and wait until it is connected; raises with its reason when it cannot connect."""
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.logs_dir / "ray-agent.log", "ab") as err:
+            proc = subprocess.Popen(self._agent_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=err, start_new_session=True, close_fds=True)
+        hello: Future[Any] = Future()
+        with self._lock:
+            self._pending[wire.HELLO] = hello
+        threading.Thread(target=self._read, args=(proc,), daemon=True, name=f"ballast-ray-{self.name}").start()
         try:
-            from ray._private.state import available_resources_per_node
+            hello.result(timeout=self.agent_start_s)
+        except Exception as e:
+            _kill(proc)
+            why = "did not connect in time" if isinstance(e, FutureTimeout) else str(e)
+            raise RuntimeError(f"the Ray agent of pool {self.name} cannot connect to {self.address}: {why}") from None
+        with self._lock:
+            self._proc, self._down_since, self._why, self._ping = proc, None, "", None
+        if proc.poll() is not None:  # it died right after saying hello, before it was recorded: restart it
+            self._lost(proc, proc.returncode)
 
-            free = [dict(r) for r in available_resources_per_node().values()]
-        except Exception:  # private API moved: fall back to the cluster-wide view
-            free = [dict(self._ray.available_resources())]
+    def _read(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            try:
+                message = wire.decode(line)
+            except ValueError:
+                continue
+            with self._lock:
+                fut = self._pending.pop(message["id"], None)
+            if fut is None or fut.done():
+                continue
+            if "error" in message:
+                fut.set_exception(RuntimeError(str(message["error"])))
+            else:
+                fut.set_result(message.get("ok"))
+        code = proc.wait()
+        self._lost(proc, code)
+
+    def _lost(self, proc: subprocess.Popen[bytes], code: int) -> None:
+        """The agent exited: fail what waits on it, and restart it unless the backend is closed."""
+        with self._lock:
+            was_running = self._proc is proc
+            if was_running or self._proc is None:  # its calls (or the hello of one starting) wait in vain
+                for fut in self._pending.values():
+                    if not fut.done():
+                        fut.set_exception(AgentDown(f"the Ray agent of pool {self.name} exited (code {code})"))
+                self._pending = {}
+            if not was_running:
+                return
+            self._proc, self._down_since, self._ping = None, time.monotonic(), None
+            restart = not self._closed and not self._restarting
+            self._restarting = self._restarting or restart
+        if restart:
+            log.warning("the Ray agent of pool %s exited (code %s); restarting it", self.name, code)
+            threading.Thread(target=self._restart, daemon=True, name=f"ballast-ray-{self.name}-restart").start()
+
+    def _restart(self) -> None:
+        delay = 1.0
+        try:
+            while not self._closed:
+                try:
+                    self._spawn()
+                    log.warning("the Ray agent of pool %s runs again (pid %s)", self.name, self.agent_pid)
+                    return
+                except Exception as e:
+                    self._why = str(e)
+                    log.warning("%s; trying again in %gs", e, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, RESTART_MAX_S)
+        finally:
+            self._restarting = False
+
+    def close(self) -> None:
+        """Stop the agent (the replicas' actors keep running; stop them first to stop them)."""
+        self._closed = True
+        proc = self._proc
+        if proc is not None:
+            with contextlib.suppress(OSError):
+                _stdin(proc).close()  # the agent leaves when its stdin ends
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                _kill(proc)
+
+    # ---- calls ---------------------------------------------------------------------------------
+    def _send(self, op: str, args: dict[str, Any]) -> Future[Any]:
+        fut: Future[Any] = Future()
+        with self._lock:
+            proc = self._proc
+            if proc is None:
+                raise AgentDown(self._why or f"the Ray agent of pool {self.name} is restarting")
+            call_id = next(self._ids)
+            self._pending[call_id] = fut
+            try:
+                stdin = _stdin(proc)
+                stdin.write(wire.encode({"id": call_id, "op": op, "args": args}))
+                stdin.flush()
+            except OSError as e:
+                self._pending.pop(call_id, None)
+                raise AgentDown(f"the Ray agent of pool {self.name} is gone: {e}") from None
+        fut.add_done_callback(lambda _f: self._forget(call_id))
+        return fut
+
+    def _forget(self, call_id: int) -> None:
+        with self._lock:
+            self._pending.pop(call_id, None)
+
+    def _call(self, op: str, args: dict[str, Any], timeout: float) -> Any:
+        fut = self._send(op, args)
+        try:
+            return fut.result(timeout=timeout)
+        except FutureTimeout:
+            self._forget_future(fut)
+            raise TimeoutError(f"the Ray agent of pool {self.name} did not answer `{op}` in {timeout:g}s") from None
+
+    def _forget_future(self, fut: Future[Any]) -> None:
+        with self._lock:
+            for k, v in list(self._pending.items()):
+                if v is fut:
+                    del self._pending[k]
+
+    def _cluster_reason(self, e: BaseException | str) -> str:
+        what = e if isinstance(e, str) else f"{type(e).__name__}: {e}"
+        return f"the Ray cluster ({self.name}) did not answer: {what}"
+
+    # ---- health --------------------------------------------------------------------------------
+    def ping(self) -> None:
+        """Raises when the cluster does not answer in `ping_timeout_s` or has no live node (the pool's health
+        check), or when the agent has been away longer than AGENT_GRACE_S."""
         now = time.monotonic()
-        self._recent = [(t, need) for t, need in self._recent if now - t < RECENT_S]
-        for _t, need in self._recent:
-            for node in free:
-                for k, v in need.items():
-                    node[k] = node.get(k, 0.0) - v
-        return totals, free
-
-    def _placement(self, req: ResourcesConfig) -> tuple[dict[str, float] | None, str | None]:
-        totals, free = self._nodes()
-        options = [False, True] if req.accelerator else [False]
-        for custom in options:
-            need = _requirements(req, custom)
-            if any(all(node.get(k, 0.0) >= v for k, v in need.items()) for node in free):
-                return need, None
-        for custom in options:
-            need = _requirements(req, custom)
-            if any(all(node.get(k, 0.0) >= v for k, v in need.items()) for node in totals):
-                return None, self._reason(req, free, " free")
-        return None, self._reason(req, totals, "")
-
-    def _reason(self, req: ResourcesConfig, nodes: list[dict[str, float]], free: str) -> str:
-        where = f"no node of the Ray cluster ({self.name}, {len(nodes)} nodes)"
-        if not any(n.get("CPU", 0.0) >= req.cpu for n in nodes):
-            return f"{where} has {req.cpu:g} CPUs{free}"
-        if req.memory_bytes and not any(n.get("memory", 0.0) >= req.memory_bytes for n in nodes):
-            return f"{where} has {req.memory} of memory{free}"
-        kind = (req.accelerator or "").partition(":")[0]
-        return f"{where} has {req.accelerator_count} x {kind}{free}"
-
-    def fits(self, spec: ReplicaSpec) -> str | None:
+        down_since = self._down_since
+        if self._proc is None and down_since is not None:
+            if now - down_since < AGENT_GRACE_S and not self._why:
+                return  # restarting: the replicas still serve meanwhile
+            raise AgentDown(self._why or f"the Ray agent of pool {self.name} has been restarting for "
+                            f"{now - down_since:.0f}s")
+        if self._ping is None:
+            self._ping = (now, self._send("ping", {}))
+        started, fut = self._ping
         try:
-            return self._placement(spec.resources)[1]
-        except Exception as e:  # the cluster is unreachable: wait (pending, with why) rather than fail the tick
-            return f"the Ray cluster ({self.name}) did not answer: {type(e).__name__}: {e}"
+            fut.result(timeout=max(0.0, started + self.ping_timeout_s - now))
+        except FutureTimeout:  # keep it in flight: a cluster that hangs gets one ping at a time
+            self._unreachable = f"no answer in {self.ping_timeout_s:g}s"
+            raise TimeoutError(f"the Ray cluster of pool {self.name} did not answer in {self.ping_timeout_s:g}s") \
+                from None
+        except Exception as e:
+            self._ping, self._unreachable = None, f"{type(e).__name__}: {e}"
+            raise
+        self._ping, self._unreachable = None, None
 
-    # ---- lifecycle -----------------------------------------------------------------------------
-    def _package_ref(self, path: Path) -> Any:
-        key = str(path)
-        if key not in self._packages:
-            self._packages[key] = self._ray.put(_pack(path))
-        return self._packages[key]
+    # ---- protocol ------------------------------------------------------------------------------
+    def fits(self, spec: ReplicaSpec) -> str | None:
+        if self._unreachable:
+            return self._cluster_reason(self._unreachable)
+        try:
+            reason = self._call("fits", {"spec": wire.spec_to(spec)}, CALL_TIMEOUT_S)
+        except Exception as e:  # the cluster is unreachable: wait (pending, with why) rather than fail the tick
+            return self._cluster_reason(e)
+        return None if reason is None else str(reason)
 
     def start(self, spec: ReplicaSpec) -> ReplicaHandle:
-        need, reason = self._placement(spec.resources)
-        if need is None:
-            raise RuntimeError(reason)
-        self._recent.append((time.monotonic(), dict(need)))
-        actor_name = f"{self.prefix}{spec.replica_id}-{os.urandom(3).hex()}"
-        options: dict[str, Any] = {"name": actor_name, "namespace": NAMESPACE, "lifetime": "detached",
-                                   "num_cpus": need.pop("CPU"), "max_restarts": 0}
-        if "memory" in need:
-            options["memory"] = int(need.pop("memory"))
-        if "GPU" in need:
-            options["num_gpus"] = need.pop("GPU")
-        if need:
-            options["resources"] = need
-        otel = {k: v for k, v in os.environ.items() if k.startswith("OTEL_")}  # traces: as for local replicas
-        env = {**otel, **spec.env, "BALLAST_INSTANCE": f"ray:{self.instance_id}", "BALLAST_REPLICA_ID": spec.replica_id,
-               "BALLAST_DEPLOYMENT": spec.deployment, "BALLAST_VERSION": str(spec.version)}
-        host = os.environ.get("BALLAST_RAY_REPLICA_HOST") or self._ray.util.get_node_ip_address()
-        actor = self._actor_class.options(**options).remote(
-            spec.replica_id, self._package_ref(spec.package_path), self.command, self.extra_args, env, host)
-        try:
-            info = self._ray.get(actor.info.remote(), timeout=self.start_timeout_s)
-        except Exception:
-            self._ray.kill(actor, no_restart=True)
-            raise
-        log_path = self.logs_dir / spec.deployment / f"v{spec.version}-{spec.replica_id}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as f:
-            f.write(f"--- replica {spec.replica_id} runs in Ray actor {actor_name} on {info['node']}\n".encode())
-        self._offsets[actor_name] = 0
-        return ReplicaHandle(spec.replica_id, info["url"], info["pid"], info["port"], str(log_path), self.name,
-                             {"actor": actor_name, "node": info["node"]})
-
-    def _actor(self, handle: ReplicaHandle) -> Any | None:
-        name = handle.data.get("actor")
-        if not name:
-            return None
-        try:
-            return self._ray.get_actor(name, namespace=NAMESPACE)
-        except ValueError:  # no actor of that name: it is gone
-            return None
+        return wire.handle_of(self._call("start", {"spec": wire.spec_to(spec)}, self.start_timeout_s + CALL_TIMEOUT_S))
 
     def stop(self, handle: ReplicaHandle, grace_s: float) -> None:
-        actor = self._actor(handle)
-        if actor is None:
-            return
         try:
-            self._ray.get(actor.stop.remote(grace_s), timeout=grace_s + CALL_TIMEOUT_S)
-        except Exception as e:  # the actor or its node is gone: killing it below is all there is to do
-            log.warning("Ray actor %s did not stop cleanly: %s", handle.data.get("actor"), e)
-        self._ray.kill(actor, no_restart=True)
-        self._offsets.pop(str(handle.data.get("actor")), None)
+            self._call("stop", {"handle": wire.handle_to(handle), "grace_s": grace_s}, grace_s + 2 * CALL_TIMEOUT_S)
+        except Exception as e:  # an unreachable cluster: its actor is an orphan, stopped when it is listed again
+            log.warning("pool %s: could not stop replica %s: %s", self.name, handle.replica_id, e)
 
-    def ping(self) -> None:
-        """Raises when the cluster does not answer or has no live node (the pool's health check)."""
-        if not any(n.get("Alive") for n in self._ray.nodes()):
-            raise RuntimeError("no live node")
-
-    def list(self) -> list[ReplicaHandle]:
-        out = []
-        try:
-            names = self._ray.util.list_named_actors()
-        except Exception as e:
-            log.warning("cannot list the Ray cluster's actors: %s", e)
-            return []
-        for name in names:
-            if not isinstance(name, str) or not name.startswith(self.prefix):
-                continue
-            handle = ReplicaHandle(name.removeprefix(self.prefix).rsplit("-", 1)[0], pool=self.name,
-                                   data={"actor": name})
-            actor = self._actor(handle)
-            if actor is None:
-                continue
-            try:
-                info = self._ray.get(actor.info.remote(), timeout=CALL_TIMEOUT_S)
-            except Exception:
-                out.append(handle)  # unreachable but named: still ours (an orphan to stop)
-                continue
-            out.append(ReplicaHandle(info["replica_id"], info["url"], info["pid"], info["port"], None, self.name,
-                                     {"actor": name, "node": info["node"]}))
-        return out
+    def list(self) -> builtins.list[ReplicaHandle]:
+        if self._unreachable:
+            raise RuntimeError(self._cluster_reason(self._unreachable))
+        return [wire.handle_of(h) for h in self._call("list", {}, 4 * CALL_TIMEOUT_S)]
 
     def inspect(self, handle: ReplicaHandle) -> ReplicaStatus:
+        if self._unreachable:  # the cluster, not the replica, is unreachable: HTTP probes decide meanwhile
+            return ReplicaStatus(True, None, self._cluster_reason(self._unreachable))
         try:
-            actor = self._actor(handle)
-        except Exception as e:  # the cluster, not the replica, is unreachable: HTTP probes decide meanwhile
-            return ReplicaStatus(True, None, f"the Ray cluster did not answer: {type(e).__name__}")
-        if actor is None:
-            return ReplicaStatus(False, None, "its Ray actor is gone")
-        name = str(handle.data["actor"])
-        try:
-            st = self._ray.get(actor.poll.remote(self._offsets.get(name, -1)), timeout=CALL_TIMEOUT_S)
-        except self._ray.exceptions.GetTimeoutError:
-            return ReplicaStatus(True, None, "its Ray actor did not answer in time")
-        except self._ray.exceptions.RayError as e:
-            return ReplicaStatus(False, None, f"its Ray actor died: {type(e).__name__}")
-        self._mirror(handle, name, st)
-        if st["alive"]:
-            return ReplicaStatus(True)
-        self.stop(handle, 0.0)  # the replica exited: free the actor's reservation on its node
-        return ReplicaStatus(False, st["exit_code"], f"exited with code {st['exit_code']}")
-
-    def _mirror(self, handle: ReplicaHandle, name: str, st: dict[str, Any]) -> None:
-        readopted = name not in self._offsets
-        self._offsets[name] = int(st["offset"])
-        if not handle.log_path or not (st["log"] or readopted):
-            return
-        path = Path(handle.log_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "ab") as f:
-            if readopted:
-                f.write(f"--- re-adopted Ray actor {name} (lines written meanwhile stay on its node)\n".encode())
-            f.write(st["log"])
+            return wire.status_of(self._call("inspect", {"handle": wire.handle_to(handle)}, INSPECT_TIMEOUT_S))
+        except Exception as e:
+            return ReplicaStatus(True, None, self._cluster_reason(e))
 
     def logs(self, handle: ReplicaHandle, tail: int) -> builtins.list[str]:
-        actor = self._actor(handle)
-        if actor is not None:
-            try:
-                return [str(line) for line in self._ray.get(actor.tail.remote(tail), timeout=CALL_TIMEOUT_S)]
-            except self._ray.exceptions.RayError:
-                pass
+        if not self._unreachable:
+            with contextlib.suppress(Exception):
+                return [str(line) for line in self._call("logs", {"handle": wire.handle_to(handle), "tail": tail},
+                                                         CALL_TIMEOUT_S)]
         return tail_file(handle.log_path, tail)  # the copy made here
 
     def rotate(self, handle: ReplicaHandle) -> None:
         """The copied log is rotated as a local replica's is."""
         rotate_file(handle.log_path)
+
+
+def _stdin(proc: subprocess.Popen[bytes]) -> IO[bytes]:
+    assert proc.stdin is not None
+    return proc.stdin
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(OSError):
+        proc.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5)

@@ -291,7 +291,7 @@ class Reconciler:
                 (r.deployment, r.version, r.pool) for r in rows.values()
                 if r.state in ACTIVE_STATES and r.id not in self.actuator.stopping])
             routed |= scale(s, rows, plan.versions, self.actuator.stopping, now, new_replica_id, placement, to_stop)
-            launches = [self._spec(r, plan.versions[(r.deployment, r.version)]) for r in rows.values()
+            launches = [self._spec(r, plan.versions[(r.deployment, r.version)], placement) for r in rows.values()
                         if _due(r, now) and r.id not in self.actuator.stopping and r.pool
                         and (r.deployment, r.version) in plan.versions]
         if routed:
@@ -303,10 +303,11 @@ class Reconciler:
         if self.metrics is not None:
             self.metrics.ready(row.deployment, row.version, cold_s)
 
-    def _spec(self, r: Replica, vp: VersionPlan) -> ReplicaSpec:
+    def _spec(self, r: Replica, vp: VersionPlan, placement: Placement) -> ReplicaSpec:
+        fallback = [p.name for p in placement.candidates(vp.config) if p.name != r.pool]  # when r.pool lacks room
         return ReplicaSpec(replica_id=r.id, deployment=vp.deployment, version=vp.number,
                            package_path=Path(vp.package_path), resources=vp.config.resources, pool=r.pool,
-                           env=self.chain_keys.replica_env(vp.deployment, vp.config))
+                           env=self.chain_keys.replica_env(vp.deployment, vp.config), fallback=fallback)
 
     def _record(self, plan: Plan, results: list[Launched]) -> list[ReplicaRow]:
         with self.sessions() as s, s.begin():

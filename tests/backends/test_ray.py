@@ -3,61 +3,28 @@ platform kill (re-adoption by actor name), keep an impossible GPU request pendin
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import subprocess
-import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import EXAMPLES, free_port, write_package
+from tests.backends.ray_heads import RayHead
+from tests.conftest import EXAMPLES, write_package
 from tests.control.platform import Platform
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
 
 
-def _marked_pids(token: str) -> list[int]:
-    """Processes whose environment carries our token: this cluster's and nothing else on the machine."""
-    out = []
-    needle = f"BALLAST_TEST_RAY={token}".encode()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if needle in (entry / "environ").read_bytes().split(b"\0"):
-                    out.append(int(entry.name))
-            except OSError:
-                continue
-    return out
-
-
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[str]:
-    """One local Ray head for the session, stopped by killing exactly its own processes."""
-    token = os.urandom(6).hex()
-    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
-    port = free_port()
-    env = {**os.environ, "BALLAST_TEST_RAY": token, "RAY_USAGE_STATS_ENABLED": "0"}
-    cmd = [shutil.which("ray") or "ray", "start", "--head", f"--port={port}", "--num-cpus=2",
-           "--include-dashboard=false", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}",
-           f"--memory={8 * 2**30}", f"--object-store-memory={200 * 2**20}", "--disable-usage-stats"]
+    """One local Ray head for the session (its own ports and temp dir), stopped by killing exactly its processes."""
+    head = RayHead(num_cpus=2, memory_gib=8)
     try:
-        subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
-        yield f"127.0.0.1:{port}"
+        yield head.start().address
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in _marked_pids(token):
-                try:
-                    os.kill(pid, sig)
-                except OSError:
-                    pass
-            time.sleep(1)
-        shutil.rmtree(temp, ignore_errors=True)
+        head.close()
 
 
 def _ready(p: Platform, name: str) -> dict | None:
