@@ -17,8 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from ballast.chains.chainlet import Chainlet, contract_of, dependencies_of
-from ballast.chains.errors import ChainDefinitionError
+from ballast.chains.chainlet import Chainlet, dependencies_of
 from ballast.chains.local import chain_steps, find_entry, load_module
 from ballast.chains.serve import deployment_name
 
@@ -63,8 +62,6 @@ def _yaml(cls: type[Chainlet], chain: str, deployment: str, gateway_url: str) ->
 def build_package(chain_file: str | Path, chain: str, cls: type[Chainlet], out_dir: Path, gateway_url: str,
                   versions: dict[str, int], entry: bool = False) -> StepPackage:
     """Write the package of one step; `versions` has the deployed version of every step it depends on."""
-    if contract_of(cls).kind == "stream":
-        raise ChainDefinitionError(f"step {cls.__name__} streams; deployed chains do not stream yet")
     name = deployment_name(chain, cls.__name__)
     pins = {d.target.__name__: versions[d.target.__name__] for d in dependencies_of(cls).values()}
     pkg = out_dir / name
@@ -83,9 +80,6 @@ def build_packages(chain_file: str | Path, chain: str, out_dir: Path, gateway_ur
     """Build and `deploy` (a callback returning the version it got) every step, dependencies first."""
     entry = find_entry(load_module(chain_file))
     steps = chain_steps(entry)
-    for cls in steps:  # refuse a streaming step before anything is deployed
-        if contract_of(cls).kind == "stream":
-            raise ChainDefinitionError(f"step {cls.__name__} streams; deployed chains do not stream yet")
     versions: dict[str, int] = {}
     out = []
     for cls in steps:

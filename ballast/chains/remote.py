@@ -10,6 +10,7 @@ exactly like a local one. A step that could not answer at all (its replica died:
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -82,25 +83,87 @@ class RemoteHandle(StepHandle):
         self.api_key = api_key
         self.client = client
 
-    async def _once(self, inputs: dict[str, Any]) -> Any:
+    def _request(self, inputs: dict[str, Any], deadline_s: float | None) -> tuple[str, dict[str, str]]:
         rid = current_request_id()
         trace = trace_id_var.get()
         payload = self._contract.inputs.model_validate(inputs).model_dump(mode="json")
         headers = {"Authorization": f"Bearer {self.api_key}", "x-request-id": rid, **trace_headers(trace),
                    IDEMPOTENT_HEADER: "true" if self.idempotent else "false"}
-        body_out = json.dumps(envelope(payload, rid, remaining_s(), trace))
+        return json.dumps(envelope(payload, rid, deadline_s, trace)), headers
+
+    def _refused(self, status: int, text: str) -> Exception:
+        """A non-200 answer as the error to raise: the step's own `ChainError`, or `StepUnavailable`."""
+        try:
+            body = json.loads(text)
+        except ValueError:
+            body = text
+        err = decode_error(status, body, self.step, current_request_id())
+        if status in UNAVAILABLE and not _from_a_step(body):
+            return StepUnavailable(err.message)
+        return err
+
+    async def _once(self, inputs: dict[str, Any]) -> Any:
+        body_out, headers = self._request(inputs, remaining_s())
         try:
             async with self.client.session().post(self.url, data=body_out, headers=headers) as r:
                 status, text = r.status, await r.text()
         except aiohttp.ClientError as e:
             raise StepUnavailable(f"the gateway could not be reached: {e!r}") from None
-        try:
-            body = json.loads(text)
-        except ValueError:
-            body = text
         if status != 200:
-            err = decode_error(status, body, self.step, rid)
-            if status in UNAVAILABLE and not _from_a_step(body):
-                raise StepUnavailable(err.message)
-            raise err
-        return body
+            raise self._refused(status, text)
+        return json.loads(text)
+
+    def _open(self, inputs: dict[str, Any]) -> AsyncIterator[Any]:
+        return self._items(*self._request(inputs, remaining_s()))
+
+    async def _items(self, body_out: str, headers: dict[str, str]) -> AsyncIterator[Any]:
+        """The step's stream (SSE), item by item as it arrives; closing this generator closes the connection, so
+        the step's replica (through the gateway) cancels the step's generator."""
+        complete = False
+        try:
+            r = await self.client.session().post(self.url, data=body_out,
+                                                 headers={**headers, "accept": "text/event-stream"})
+        except aiohttp.ClientError as e:
+            raise StepUnavailable(f"the gateway could not be reached: {e!r}") from None
+        try:
+            if r.status != 200:
+                raise self._refused(r.status, await r.text())
+            if r.content_type != "text/event-stream":
+                raise ChainError(self.step, current_request_id(), f"expected a stream, got {r.content_type}")
+            async for event, data in _events(r.content):
+                if event == "error":
+                    raise self._refused(_status_of(data), data)
+                yield json.loads(data)
+            complete = True
+        except aiohttp.ClientError as e:
+            raise StepUnavailable(f"the stream from the gateway broke: {e!r}") from None
+        finally:
+            r.release() if complete else r.close()
+
+
+def _status_of(data: str) -> int:
+    """The status an SSE error event stands for (the replica's or the gateway's error body carries no status of
+    its own for stream errors: a step's error is a `chain_*` code, an interrupted stream 502)."""
+    try:
+        err = json.loads(data).get("error", {})
+    except (ValueError, AttributeError):
+        return 500
+    return 502 if err.get("code") == "stream_interrupted" else 500
+
+
+async def _events(content: aiohttp.StreamReader) -> AsyncIterator[tuple[str, str]]:
+    """(event, data) of each SSE event, as each arrives."""
+    event, data = "", []
+    async for raw in content:
+        line = raw.decode().rstrip("\r\n")
+        if line:
+            field, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if field == "event":
+                event = value
+            elif field == "data":
+                data.append(value)
+            continue
+        if data:
+            yield event, "\n".join(data)
+        event, data = "", []

@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
+from functools import partial
 from typing import Any, ClassVar
 
 from ballast.chains.chainlet import Chainlet, Dependency, contract_of, dependencies_of
@@ -71,21 +74,79 @@ class StepModel:
             meta, inputs = inputs[ENVELOPE] or {}, inputs.get("inputs", {})
         if not isinstance(inputs, dict):
             raise APIError(400, f"step {self.step} takes a JSON object of its run() arguments", code="chain_input")
-        rid = request_id_var.set(str(meta.get("request_id") or http_request_id_var.get()))
-        trace = trace_id_var.set(str(meta.get("trace_id") or new_trace_id()))
         deadline = meta.get("deadline_s")
-        dl = deadline_var.set(None if deadline is None else asyncio.get_running_loop().time() + float(deadline))
-        log.info("chain %s step %s started (trace %s)", self.chain, self.step, trace_id_var.get())
+        scope = _Scope(str(meta.get("request_id") or http_request_id_var.get()),
+                       str(meta.get("trace_id") or new_trace_id()),
+                       None if deadline is None else asyncio.get_running_loop().time() + float(deadline))
+        if self.handle.contract.kind == "stream":
+            return await self._stream(inputs, scope)
+        with scope:
+            log.info("chain %s step %s started (trace %s)", self.chain, self.step, scope.trace)
+            value = await self._step(lambda: self.handle.run(**inputs))
+        return self.handle.contract.output.dump_python(value, mode="json")
+
+    async def _step(self, work: Callable[[], Awaitable[Any]]) -> Any:
+        """Await one piece of the step's work; its `ChainError` becomes the error body a caller decodes again."""
         try:
-            value = await self.handle.run(**inputs)
+            return await work()
         except ChainError as e:
             log.info("chain %s step %s failed (trace %s): %s", self.chain, self.step, trace_id_var.get(), e)
             raise APIError(_status(e, self.step), e.message, code=f"chain_{e.kind}", param=e.step) from None
         except asyncio.CancelledError:
             log.info("chain %s step %s cancelled (trace %s)", self.chain, self.step, trace_id_var.get())
             raise
-        finally:
-            deadline_var.reset(dl)
-            trace_id_var.reset(trace)
-            request_id_var.reset(rid)
-        return self.handle.contract.output.dump_python(value, mode="json")
+
+    async def _stream(self, inputs: dict[str, Any], scope: _Scope) -> AsyncIterator[Any]:
+        """A streaming step: the first item is awaited before answering (an error before it is a plain HTTP error,
+        which the caller may retry); later items go out as SSE events as they come, a failure as an error event.
+        Each item runs in the call's context (the replica pulls items from its own task)."""
+        dump = self.handle.contract.output.dump_python
+        with scope:
+            log.info("chain %s step %s started (trace %s)", self.chain, self.step, scope.trace)
+            items = await self._step(partial(_started, self.handle, inputs))
+            first = await self._next(items)
+
+        async def rest() -> AsyncIterator[Any]:
+            try:
+                item = first
+                while item is not _END:
+                    yield dump(item, mode="json")
+                    with scope:
+                        item = await self._next(items)
+            finally:
+                with scope:
+                    await items.aclose()
+
+        return rest()
+
+    async def _next(self, items: Any) -> Any:
+        try:
+            return await self._step(partial(anext, items))
+        except StopAsyncIteration:
+            return _END
+
+
+_END = object()
+
+
+async def _started(handle: StepHandle, inputs: dict[str, Any]) -> Any:
+    """A streaming step's iterator (its inputs checked now: a contract error is raised here, before any item)."""
+    return handle.run(**inputs)
+
+
+class _Scope:
+    """The call's request id, trace id and deadline, set around each piece of the step's work."""
+
+    def __init__(self, request_id: str, trace: str, deadline: float | None) -> None:
+        self.values: tuple[tuple[ContextVar[Any], Any], ...] = (
+            (request_id_var, request_id), (trace_id_var, trace), (deadline_var, deadline))
+        self.trace = trace
+        self._tokens: list[Any] = []
+
+    def __enter__(self) -> _Scope:
+        self._tokens = [var.set(value) for var, value in self.values]
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for (var, _v), token in zip(reversed(self.values), reversed(self._tokens), strict=True):
+            var.reset(token)
