@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import textwrap
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,6 +20,7 @@ from tests.control.platform import Platform
 
 CHAIN = textwrap.dedent('''
     import asyncio
+    import os
     from collections.abc import AsyncIterator
     from pathlib import Path
 
@@ -51,12 +54,17 @@ CHAIN = textwrap.dedent('''
                         (MARKS / f"{w}.cancelled").touch()
                         raise
                     (MARKS / f"{w}.finished").touch()
+                if w.startswith("kill-"):  # the first try waits to be killed; a second one goes on at once
+                    with open(MARKS / f"{w}.started", "a") as f:
+                        f.write(f"{os.getpid()}\\n")
+                    if len((MARKS / f"{w}.started").read_text().split()) == 1:
+                        await asyncio.sleep(120)
                 yield Word(text=w, index=i)
 
 
     @entrypoint
     class Shout(Chainlet):
-        def __init__(self, words=depends(Words, retries=1)):
+        def __init__(self, words=depends(Words, retries=3)):
             self.words = words
 
         async def run(self, text: str) -> AsyncIterator[Word]:
@@ -172,6 +180,43 @@ def test_the_deadline_reaches_a_streaming_step(deployed: tuple[Platform, Path, P
     err = decode_error(r.status_code, r.json(), "Shout", "")
     assert r.status_code == 504 and (err.step, err.kind) == ("Words", "deadline"), r.text
     asyncio.run(asyncio.wait_for(_until(marks / "sleep-d1.cancelled"), 30))
+
+
+def _kill_and_read(p: Platform, marks: Path, text: str, word: str) -> tuple[list[str], list[str]]:
+    """Stream `text`, kill -9 the replica running `word` once it has started, and return the items and errors."""
+
+    async def run() -> tuple[list[str], list[str]]:
+        items, errors = [], []
+        async with httpx.AsyncClient(timeout=90) as client:
+            killed = asyncio.create_task(_kill(marks / f"{word}.started"))  # (the answer starts with the first item)
+            r = await client.send(_post(client, p, text), stream=True)
+            async for event, data in _events(r.aiter_lines()):
+                (errors if event == "error" else items).append(data if event == "error" else json.loads(data)["text"])
+            await r.aclose()
+            await killed
+        return items, errors
+
+    return asyncio.run(asyncio.wait_for(run(), 90))
+
+
+async def _kill(marker: Path) -> None:
+    await asyncio.wait_for(_until(marker), 30)
+    os.kill(int(marker.read_text().split()[0]), signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_stream_is_retried_before_its_first_item_never_after(deployed: tuple[Platform, Path, Path]) -> None:
+    p, marks, _chain = deployed
+    # Killed before its first item: nothing reached the caller, and Words is idempotent: tried again.
+    items, errors = _kill_and_read(p, marks, "kill-k1 b", "kill-k1")
+    assert (items, errors) == (["KILL-K1", "B"], []), errors
+    assert len((marks / "kill-k1.started").read_text().split()) == 2
+    # Killed after its first item: never sent again; the stream ends with one error naming the step.
+    items, errors = _kill_and_read(p, marks, "a kill-k2 c", "kill-k2")
+    assert items == ["A"] and len(errors) == 1, (items, errors)
+    err = decode_error(500, json.loads(errors[0]), "Shout", "")
+    assert (err.step, err.kind) == ("Words", "error") and "StepUnavailable" in err.message, errors
+    assert len((marks / "kill-k2.started").read_text().split()) == 1
 
 
 async def _until(path: Path) -> None:
