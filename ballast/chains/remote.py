@@ -24,7 +24,7 @@ from ballast.observe.hops import ENVELOPE, IDEMPOTENT_HEADER, trace_headers
 KINDS: dict[str, Kind] = {"chain_error": "error", "chain_contract": "contract", "chain_deadline": "deadline"}
 UNAVAILABLE = (502, 503)
 
-__all__ = ["ENVELOPE", "Client", "RemoteHandle", "StepUnavailable", "decode_error", "envelope"]
+__all__ = ["ENVELOPE", "ChainKey", "Client", "RemoteHandle", "StepUnavailable", "decode_error", "envelope"]
 
 
 class StepUnavailable(ConnectionError):
@@ -63,6 +63,28 @@ class Client:
         return self._session
 
 
+class ChainKey:
+    """The chain's internal key a step replica holds: the one it started with, replaced by `refresh` after a
+    rotation (the old key stays valid for a grace period, so calls in flight and calls before the refresh pass)."""
+
+    def __init__(self, value: str, gateway_url: str, chain: str) -> None:
+        self.value = value
+        self.url = f"{gateway_url.rstrip('/')}/chains/{chain}/internal-key"
+
+    async def refresh(self, client: Client) -> bool:
+        """Ask the gateway for the current key; True when it changed."""
+        try:
+            async with client.session().get(self.url, headers={"Authorization": f"Bearer {self.value}"}) as r:
+                body = await r.json() if r.status == 200 else None
+        except (aiohttp.ClientError, ValueError):
+            return False
+        fresh = body.get("key") if isinstance(body, dict) else None
+        if not isinstance(fresh, str) or not fresh or fresh == self.value:
+            return False
+        self.value = fresh
+        return True
+
+
 def _from_a_step(body: Any) -> bool:
     err = body.get("error") if isinstance(body, dict) else None
     return isinstance(err, dict) and err.get("code") in KINDS
@@ -73,7 +95,7 @@ class RemoteHandle(StepHandle):
     versions/{n}/run` (a chain version pins the versions of the steps its steps call; the gateway's chain routes
     cancel the call when its caller goes away), or `/deployments/{name}/predict` without a pinned version."""
 
-    def __init__(self, contract: Contract, dep: Dependency, gateway_url: str, deployment: str, api_key: str,
+    def __init__(self, contract: Contract, dep: Dependency, gateway_url: str, deployment: str, api_key: ChainKey,
                  client: Client, version: int | None = None, chain: str = "") -> None:
         super().__init__(None, contract, dep)  # type: ignore[arg-type]
         self.idempotent = dep.target.config.idempotent
@@ -87,7 +109,7 @@ class RemoteHandle(StepHandle):
         rid = current_request_id()
         trace = trace_id_var.get()
         payload = self._contract.inputs.model_validate(inputs).model_dump(mode="json")
-        headers = {"Authorization": f"Bearer {self.api_key}", "x-request-id": rid, **trace_headers(trace),
+        headers = {"Authorization": f"Bearer {self.api_key.value}", "x-request-id": rid, **trace_headers(trace),
                    IDEMPOTENT_HEADER: "true" if self.idempotent else "false"}
         return json.dumps(envelope(payload, rid, deadline_s, trace)), headers
 

@@ -21,13 +21,14 @@ from ballast.chains.context import deadline_var, request_id_var, trace_id_var
 from ballast.chains.errors import ChainError
 from ballast.chains.handle import StepHandle
 from ballast.chains.local import load_module
-from ballast.chains.remote import Client, RemoteHandle
+from ballast.chains.remote import ChainKey, Client, RemoteHandle
 from ballast.observe import request_id_var as http_request_id_var
 from ballast.observe.hops import ENVELOPE, new_trace_id
 from ballast.openai.errors import APIError
 
 log = logging.getLogger("ballast.chains")
 KEY_VAR = "BALLAST_CHAIN_KEY"
+REFRESH_VAR = "BALLAST_CHAIN_KEY_REFRESH_S"  # how often to ask for the chain's current key (seconds, default 30)
 
 
 def deployment_name(chain: str, step: str) -> str:
@@ -56,6 +57,7 @@ class StepModel:
     def __init__(self) -> None:
         module = load_module(self.chain_file)
         cls: type[Chainlet] = getattr(module, self.step)
+        self._cls = cls
         gateway = os.environ.get("BALLAST_CHAIN_GATEWAY", "http://127.0.0.1:8000")
         key = os.environ.get(KEY_VAR, "")
         deps = dependencies_of(cls)
@@ -63,12 +65,33 @@ class StepModel:
             log.warning("step %s of chain %s has no %s: calls to other steps will be refused", self.step,
                         self.chain, KEY_VAR)
         self.client = Client()
+        self.key = ChainKey(key, gateway, self.chain)
+        self._refresher: asyncio.Task[None] | None = None
         handles = {name: RemoteHandle(contract_of(d.target), d, gateway, deployment_name(self.chain, d.target.__name__),
-                                      key, self.client, self.versions.get(d.target.__name__), self.chain)
+                                      self.key, self.client, self.versions.get(d.target.__name__), self.chain)
                    for name, d in deps.items()}
         self.handle = StepHandle(cls(**handles), contract_of(cls), Dependency(cls))
 
+    def _refreshing(self) -> None:
+        """Start (once, in the replica's event loop) the task that picks up a rotated internal key."""
+        if self._refresher is None and self.key.value and dependencies_of(self._cls):
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_key())
+
+    async def _refresh_key(self) -> None:
+        every = float(os.environ.get(REFRESH_VAR) or 30)
+        while True:
+            await asyncio.sleep(every)
+            if await self.key.refresh(self.client):
+                log.info("chain %s step %s: now using the chain's rotated internal key", self.chain, self.step)
+
+    async def is_healthy(self) -> bool:
+        """Readiness probes start the key refresher even before the first call (an idle step may outlive a
+        rotation's grace)."""
+        self._refreshing()
+        return True
+
     async def predict(self, inputs: Any) -> Any:
+        self._refreshing()
         meta: dict[str, Any] = {}
         if isinstance(inputs, dict) and ENVELOPE in inputs:
             meta, inputs = inputs[ENVELOPE] or {}, inputs.get("inputs", {})

@@ -110,5 +110,19 @@ def rollback(
     _show(PlatformClient(url, api_key).post(f"/chains/{name}/rollback", {"env": env}))
 
 
+@app.command("rotate-key")
+def rotate_key(
+    name: Annotated[str, typer.Argument(help="The chain.")],
+    grace: Annotated[float, typer.Option("--grace", help="Seconds the current internal key stays valid.")] = 300.0,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+) -> None:
+    """Issue the chain's next internal key (calls between its steps); the current one is revoked after --grace,
+    while running step replicas pick up the new one. No secret is shown: only the platform and its steps hold it."""
+    r = PlatformClient(url, api_key).post(f"/chains/{name}/rotate-key", {"grace_s": grace})
+    console.print(f"chain {name}: internal key rotated (generation {r['generation']}, key {r['key_id']}); "
+                  f"{r['previous_key_id']} is revoked at {r['previous_revoked_at']}", markup=False)
+
+
 def register(root: typer.Typer) -> None:
     root.add_typer(app, name="chains", help="Chains of steps (Chainlets): run them here or deploy them.")
