@@ -9,7 +9,9 @@ exactly like a local one. A step that could not answer at all (its replica died:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,12 +19,14 @@ import aiohttp
 
 from ballast.chains.chainlet import Contract, Dependency
 from ballast.chains.context import current_request_id, remaining_s, trace_id_var
+from ballast.chains.direct import Replicas
 from ballast.chains.errors import ChainError, Kind
 from ballast.chains.handle import StepHandle
 from ballast.observe.hops import ENVELOPE, IDEMPOTENT_HEADER, trace_headers
 
 KINDS: dict[str, Kind] = {"chain_error": "error", "chain_contract": "contract", "chain_deadline": "deadline"}
 UNAVAILABLE = (502, 503)
+DIRECT = os.environ.get("BALLAST_CHAIN_DIRECT", "1") != "0"  # 0: every call between steps through the gateway
 
 __all__ = ["ENVELOPE", "ChainKey", "Client", "RemoteHandle", "StepUnavailable", "decode_error", "envelope"]
 
@@ -104,6 +108,51 @@ class RemoteHandle(StepHandle):
                     else f"{base}/deployments/{deployment}/predict")
         self.api_key = api_key
         self.client = client
+        self.direct = Replicas(f"{base}/chains/{chain}/steps/{deployment}/versions/{version}/replicas", api_key,
+                               client) if version and chain and DIRECT else None
+
+    @contextlib.asynccontextmanager
+    async def _post(self, body: str, headers: dict[str, str]) -> AsyncIterator[aiohttp.ClientResponse]:
+        """POST the hop straight to a ready replica of the step, or through the gateway. The response is released
+        on exit (its connection closed when it was not read to its end, which cancels the step)."""
+        replicas = self.direct
+        url = replicas.pick() if replicas is not None else None
+        if replicas is None or url is None:
+            r = await self.client.session().post(self.url, data=body, headers=headers)
+            try:
+                yield r
+            finally:
+                r.release() if r.content.at_eof() else r.close()
+            return
+        replicas.inflight[url] = replicas.inflight.get(url, 0) + 1
+        try:
+            r = await self._direct(replicas, url, body, headers)
+            try:
+                yield r
+            finally:
+                r.release() if r.content.at_eof() else r.close()
+        finally:
+            replicas.inflight[url] -= 1
+
+    async def _direct(self, replicas: Replicas, url: str, body: str, headers: dict[str, str]
+                      ) -> aiohttp.ClientResponse:
+        """One replica, else the gateway when nothing ran there: the connection did not open, or the replica is
+        full or shutting down (the gateway holds the call or routes it elsewhere)."""
+        session = self.client.session()
+        try:
+            r = await session.post(f"{url}/predict", data=body,
+                                   headers={k: v for k, v in headers.items() if k != "Authorization"})
+        except aiohttp.ClientConnectorError:
+            replicas.failed()
+        except aiohttp.ClientError:
+            replicas.failed()  # it may have started: the caller decides (retried only if the step is idempotent)
+            raise
+        else:
+            if r.status not in (429, 503) or _from_a_step(await _peek(r)):
+                return r
+            r.release()
+            replicas.failed()
+        return await session.post(self.url, data=body, headers=headers)
 
     def _request(self, inputs: dict[str, Any], deadline_s: float | None) -> tuple[str, dict[str, str]]:
         rid = current_request_id()
@@ -127,7 +176,7 @@ class RemoteHandle(StepHandle):
     async def _once(self, inputs: dict[str, Any]) -> Any:
         body_out, headers = self._request(inputs, remaining_s())
         try:
-            async with self.client.session().post(self.url, data=body_out, headers=headers) as r:
+            async with self._post(body_out, headers) as r:
                 status, text = r.status, await r.text()
         except aiohttp.ClientError as e:
             raise StepUnavailable(f"the gateway could not be reached: {e!r}") from None
@@ -141,26 +190,25 @@ class RemoteHandle(StepHandle):
     async def _items(self, body_out: str, headers: dict[str, str]) -> AsyncIterator[Any]:
         """The step's stream (SSE), item by item as it arrives; closing this generator closes the connection, so
         the step's replica (through the gateway) cancels the step's generator."""
-        complete = False
         try:
-            r = await self.client.session().post(self.url, data=body_out,
-                                                 headers={**headers, "accept": "text/event-stream"})
+            async with self._post(body_out, {**headers, "accept": "text/event-stream"}) as r:
+                if r.status != 200:
+                    raise self._refused(r.status, await r.text())
+                if r.content_type != "text/event-stream":
+                    raise ChainError(self.step, current_request_id(), f"expected a stream, got {r.content_type}")
+                async for event, data in _events(r.content):
+                    if event == "error":
+                        raise self._refused(_status_of(data), data)
+                    yield json.loads(data)
         except aiohttp.ClientError as e:
-            raise StepUnavailable(f"the gateway could not be reached: {e!r}") from None
-        try:
-            if r.status != 200:
-                raise self._refused(r.status, await r.text())
-            if r.content_type != "text/event-stream":
-                raise ChainError(self.step, current_request_id(), f"expected a stream, got {r.content_type}")
-            async for event, data in _events(r.content):
-                if event == "error":
-                    raise self._refused(_status_of(data), data)
-                yield json.loads(data)
-            complete = True
-        except aiohttp.ClientError as e:
-            raise StepUnavailable(f"the stream from the gateway broke: {e!r}") from None
-        finally:
-            r.release() if complete else r.close()
+            raise StepUnavailable(f"the stream from the step broke: {e!r}") from None
+
+
+async def _peek(r: aiohttp.ClientResponse) -> Any:
+    try:
+        return json.loads(await r.read())
+    except ValueError:
+        return None
 
 
 def _status_of(data: str) -> int:

@@ -132,11 +132,30 @@ class ChainRoutes:
             raise APIError(403, f"only chain `{name}`'s own internal key may ask for it", code="not_a_chain_key")
         return JSONResponse({"key": secret}, headers={"Cache-Control": "no-store"})
 
+    async def replicas(self, request: Request) -> Response:
+        """The ready replicas of a chain's step version, for calls between steps that go straight to them (the
+        gateway's own routing view: ejected replicas left out). Only a key allowed the step may ask."""
+        gw = self.gateway
+        if gw.source.generation() != gw._generation:
+            await gw._catch_up()
+        key = gw.authenticate(request, "inference")
+        params = dict(request.path_params)
+        await self._resolve(params)  # the chain and the step exist
+        step, version = str(params["step"]), int(params["version"])
+        if not key.may_use(step):
+            raise APIError(403, f"this key may not use deployment `{step}`", code="deployment_not_allowed")
+        dep = gw.routes.get(step)
+        v = dep.versions.get(version) if dep is not None else None
+        now = time.monotonic()
+        urls = [ep.url for ep in (v.endpoints if v is not None else []) if ep.available(now)]
+        return JSONResponse({"replicas": urls})
+
     def routes(self) -> list[Route]:
         return [*[(path, self.run, ["POST"]) for path in (
             "/chains/{name}/run", "/chains/{name}/environments/{env}/run", "/chains/{name}/versions/{version:int}/run",
             "/chains/{name}/steps/{step}/versions/{version:int}/run")],
-            ("/chains/{name}/internal-key", self.internal_key, ["GET"])]
+            ("/chains/{name}/internal-key", self.internal_key, ["GET"]),
+            ("/chains/{name}/steps/{step}/versions/{version:int}/replicas", self.replicas, ["GET"])]
 
 
 async def _wait_disconnect(request: Request) -> None:

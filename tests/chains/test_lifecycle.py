@@ -42,6 +42,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
     (home / "chain.py").write_text(CHAIN)
     p = Platform(home)
     p.env["BALLAST_CHAIN_KEY_REFRESH_S"] = "0.5"  # step replicas ask for the current key this often
+    p.env["BALLAST_CHAIN_DIRECT"] = "0"  # every call between steps through the gateway, with the internal key
     p.start()
     try:
         for name in ("rk", "dl"):
