@@ -26,7 +26,7 @@ from ballast.observe.hops import ENVELOPE, IDEMPOTENT_HEADER, trace_headers
 
 KINDS: dict[str, Kind] = {"chain_error": "error", "chain_contract": "contract", "chain_deadline": "deadline"}
 UNAVAILABLE = (502, 503)
-DIRECT = os.environ.get("BALLAST_CHAIN_DIRECT", "1") != "0"  # 0: every call between steps through the gateway
+DIRECT_VAR = "BALLAST_CHAIN_DIRECT"  # "0": calls between steps go through the gateway, not straight to replicas
 
 __all__ = ["ENVELOPE", "ChainKey", "Client", "RemoteHandle", "StepUnavailable", "decode_error", "envelope"]
 
@@ -109,7 +109,7 @@ class RemoteHandle(StepHandle):
         self.api_key = api_key
         self.client = client
         self.direct = Replicas(f"{base}/chains/{chain}/steps/{deployment}/versions/{version}/replicas", api_key,
-                               client) if version and chain and DIRECT else None
+                               client) if version and chain and os.environ.get(DIRECT_VAR) != "0" else None
 
     @contextlib.asynccontextmanager
     async def _post(self, body: str, headers: dict[str, str]) -> AsyncIterator[aiohttp.ClientResponse]:

@@ -56,6 +56,8 @@ def deploy(
     out: Annotated[Path | None, typer.Option(help="Where the generated packages go "
                                              "(default $BALLAST_HOME/chains/NAME).")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for each step to be ready.")] = 900.0,
+    via_gateway: Annotated[bool, typer.Option("--via-gateway", help="Calls between steps go through the gateway "
+                                              "(metered per step), not straight to the steps' replicas.")] = False,
     url: UrlOpt = None,
     api_key: KeyOpt = None,
 ) -> None:
@@ -67,7 +69,7 @@ def deploy(
     def upload(pkg: StepPackage) -> int:
         return int(c.deploy(pkg.path, pkg.deployment, None)["version"])
 
-    built = build_packages(path, name, out_dir, c.url, upload)
+    built = build_packages(path, name, out_dir, c.url, upload, via_gateway)
     entry = next(p for p, _ in built if p.entry)
     steps = [{"step": p.step, "deployment": p.deployment, "version": v} for p, v in built]
     version = c.post(f"/chains/{name}/versions", {"entry": entry.deployment, "steps": steps})
