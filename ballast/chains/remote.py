@@ -1,4 +1,5 @@
-"""A dependency that is another deployment: the same `StepHandle` rules, the call made through the gateway.
+"""A dependency that is another deployment: the same `StepHandle` rules, the call made over HTTP (straight to a
+ready replica of the step, see `direct`, or through the gateway); a streaming step's items arrive as SSE events.
 
 The caller's request id, what is left of its deadline and the trace id travel in an envelope around the inputs
 (the trace id also as `traceparent`); a `ChainError` raised on the far side comes back as an error body (code

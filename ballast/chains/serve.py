@@ -1,9 +1,10 @@
 """The replica side of a deployed chain: one step served as a Ballast `Model` (what the generated model.py uses).
 
-Its dependencies become `RemoteHandle`s to their own deployments through the gateway (URL in
-`BALLAST_CHAIN_GATEWAY`), pinned to the versions the chain version was built with, and authenticated with the
-chain's internal key, which the platform puts in the replica's environment (`BALLAST_CHAIN_KEY`); the user's
-key is never involved. Each call logs one line with the chain's trace id, so every step's log has it.
+Its dependencies become `RemoteHandle`s to their own deployments (straight to their ready replicas, which the
+gateway at `BALLAST_CHAIN_GATEWAY` lists, or through it), pinned to the versions the chain version was built with,
+and authenticated with the chain's internal key, which the platform puts in the replica's environment
+(`BALLAST_CHAIN_KEY`) and which the replica refreshes after a rotation; the user's key is never involved. A
+streaming step answers with SSE. Each call logs one line with the chain's trace id, so every step's log has it.
 """
 
 from __future__ import annotations

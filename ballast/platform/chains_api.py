@@ -61,7 +61,7 @@ def router(control: ControlPlane, changed: Callable[[Any], Any]) -> APIRouter:
         the platform issues the chain's internal key for calls between its steps."""
         return chains.record(name, body.entry, [s.model_dump() for s in body.steps], actor=who)
 
-    @api.post("/chains/{name}/promote", tags=["chains"], responses=errors(404))
+    @api.post("/chains/{name}/promote", tags=["chains"], responses=errors(404, 409))
     def promote(name: Name, body: ChainPromoteRequest, who: Actor) -> dict[str, Any]:
         """Move an environment of the chain and of every step to a chain version (each step waits for ready
         replicas like any promotion)."""
