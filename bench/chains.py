@@ -5,12 +5,14 @@ BALLAST_HOME), deploys three chains with `ballast chains deploy`, and calls each
 (`POST /chains/NAME/run`, one client, keep-alive, one request at a time):
 
   hops     one    a chain of one no-op step: one direct call of a deployed step (the baseline)
-           deep   a chain of N no-op steps, each calling the next: N-1 hops between steps
+           deep   a chain of N no-op steps, each calling the next: N-1 hops between steps, straight to the
+                  next step's replica (the default)
+           deepgw the same chain deployed with --via-gateway: every hop through the gateway
            per-hop overhead = (p50 deep - p50 one) / (N-1), per round (aim: < 1 ms)
   fan-out  fan    an entry calling a step (2 replicas, 20 ms of awaited work per call) for 32 items,
                   with `map(concurrency=32)` or one after another; ratio = sequential / map time
 
-Rounds are interleaved (one, deep, one, deep, ...; map, seq, ...). Results: bench/results/chains.json and a
+Rounds are interleaved (one, deep, deepgw, one, ...; map, seq, ...). Results: bench/results/chains.json and a
 table, medians with min-max over rounds.
 """
 
@@ -85,9 +87,9 @@ def chain_of(n: int) -> str:
         text.replace("class S0(", "@entrypoint\nclass S0(")
 
 
-def deploy(env: dict[str, str], path: Path, name: str) -> None:
-    subprocess.run([ballast_cli(), "chains", "deploy", str(path), "--name", name, "--timeout", "300"], env=env,
-                   check=True, capture_output=True, text=True, timeout=600)
+def deploy(env: dict[str, str], path: Path, name: str, *extra: str) -> None:
+    subprocess.run([ballast_cli(), "chains", "deploy", str(path), "--name", name, "--timeout", "300", *extra],
+                   env=env, check=True, capture_output=True, text=True, timeout=600)
 
 
 def latencies(client: httpx.Client, url: str, body: dict[str, Any], n: int) -> list[float]:
@@ -120,6 +122,7 @@ def main() -> None:
         for name, text in (("one", chain_of(1)), ("deep", chain_of(args.depth)), ("fan", HEAD + FAN)):
             (home / f"{name}.py").write_text(text)
             deploy(env, home / f"{name}.py", name)
+        deploy(env, home / "deep.py", "deepgw", "--via-gateway")
         key = json.loads((home / "credentials.json").read_text())["api_key"]
         rows, ratios, params = measure(port, key, rounds, calls, args.depth, args.items)
     params.update({"rounds": rounds, "calls": calls, "cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg()})
@@ -131,25 +134,32 @@ def main() -> None:
 def measure(port: int, key: str, rounds: int, calls: int, depth: int, items: int
             ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
     base = f"http://127.0.0.1:{port}/chains"
-    p50: dict[str, list[float]] = {"one": [], "deep": []}
+    p50: dict[str, list[float]] = {"one": [], "deep": [], "deepgw": []}
     fan: dict[str, list[float]] = {"map": [], "seq": []}
     with httpx.Client(headers={"Authorization": f"Bearer {key}"}, timeout=120) as client:
-        for name in ("one", "deep"):
+        for name in p50:
             latencies(client, f"{base}/{name}/run", {"x": 1}, 10)  # warm up
         for _ in range(rounds):
-            for name in ("one", "deep"):
+            for name in p50:
                 p50[name].append(statistics.median(latencies(client, f"{base}/{name}/run", {"x": 1}, calls)))
             for mode in ("map", "seq"):
                 fan[mode].append(min(latencies(client, f"{base}/fan/run", {"n": items, "mode": mode}, 3)))
     hops = depth - 1
     per_hop = [(d - o) / hops * 1000 for d, o in zip(p50["deep"], p50["one"], strict=True)]
-    rows = [{"system": f"chain of {n}", "metric": "p50 latency", **{k: v * 1000 for k, v in summarize(vals).items()},
-             "unit": "ms"} for n, vals in ((1, p50["one"]), (depth, p50["deep"]))]
+    per_hop_gw = [(d - o) / hops * 1000 for d, o in zip(p50["deepgw"], p50["one"], strict=True)]
+    rows = [{"system": system, "metric": "p50 latency", **{k: v * 1000 for k, v in summarize(vals).items()},
+             "unit": "ms"} for system, vals in (("chain of 1", p50["one"]), (f"chain of {depth}", p50["deep"]),
+                                                (f"chain of {depth}, via gateway", p50["deepgw"]))]
     rows.append({"system": "per hop", "metric": "p50 overhead", **summarize(per_hop), "unit": "ms"})
+    rows.append({"system": "per hop, via gateway", "metric": "p50 overhead", **summarize(per_hop_gw), "unit": "ms"})
     rows += [{"system": f"fan-out {mode}", "metric": f"{items} items", **{k: v * 1000 for k, v in
               summarize(vals).items()}, "unit": "ms"} for mode, vals in fan.items()]
     speedup = [s / m for s, m in zip(fan["seq"], fan["map"], strict=True)]
+    gw_over_direct = [g / d for g, d in zip(per_hop_gw, per_hop, strict=True) if d > 0]
     ratios = {"per_hop_ms": {**summarize(per_hop), "of_medians": statistics.median(per_hop)},
+              "per_hop_via_gateway_ms": {**summarize(per_hop_gw), "of_medians": statistics.median(per_hop_gw)},
+              "hop_gateway_over_direct": {**summarize(gw_over_direct or [float("nan")]),
+                                          "of_medians": statistics.median(per_hop_gw) / statistics.median(per_hop)},
               "seq_over_map": {**summarize(speedup),
                                "of_medians": statistics.median(fan["seq"]) / statistics.median(fan["map"])}}
     return rows, ratios, {"depth": depth, "items": items, "work_s": 0.02, "work_replicas": 2}

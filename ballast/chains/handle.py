@@ -125,6 +125,10 @@ class StepHandle:
             return await asyncio.to_thread(self._instance.run, **inputs)  # type: ignore[attr-defined]
         return await self._instance.run(**inputs)  # type: ignore[attr-defined]
 
+    def _open(self, inputs: dict[str, Any]) -> AsyncIterator[Any]:
+        """Start one try at a stream (called outside the hop's limit: a remote step gets the caller's deadline)."""
+        return self._instance.run(**inputs)  # type: ignore[attr-defined]
+
     async def _call(self, inputs: dict[str, Any]) -> Any:
         attempt = 0
         while True:
@@ -147,7 +151,7 @@ class StepHandle:
         """Yield the step's validated items; a failure before the first item may be retried, never after."""
         attempt, started = 0, False
         while True:
-            gen = self._instance.run(**inputs)  # type: ignore[attr-defined]
+            gen = self._open(inputs)
             try:
                 while True:
                     hop = _Attempt(self.step, self._timeout_s)
@@ -162,7 +166,7 @@ class StepHandle:
                 if started or not (self._retryable(e, attempt) and await self._pause(attempt)):
                     raise self._failure(e) from None
             finally:
-                await gen.aclose()
+                await gen.aclose()  # type: ignore[attr-defined]
             attempt += 1
 
     async def map(self, items: Iterable[Any], concurrency: int = 8) -> list[Any]:

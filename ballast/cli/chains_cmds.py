@@ -56,6 +56,8 @@ def deploy(
     out: Annotated[Path | None, typer.Option(help="Where the generated packages go "
                                              "(default $BALLAST_HOME/chains/NAME).")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for each step to be ready.")] = 900.0,
+    via_gateway: Annotated[bool, typer.Option("--via-gateway", help="Calls between steps go through the gateway "
+                                              "(metered per step), not straight to the steps' replicas.")] = False,
     url: UrlOpt = None,
     api_key: KeyOpt = None,
 ) -> None:
@@ -67,7 +69,7 @@ def deploy(
     def upload(pkg: StepPackage) -> int:
         return int(c.deploy(pkg.path, pkg.deployment, None)["version"])
 
-    built = build_packages(path, name, out_dir, c.url, upload)
+    built = build_packages(path, name, out_dir, c.url, upload, via_gateway)
     entry = next(p for p, _ in built if p.entry)
     steps = [{"step": p.step, "deployment": p.deployment, "version": v} for p, v in built]
     version = c.post(f"/chains/{name}/versions", {"entry": entry.deployment, "steps": steps})
@@ -108,6 +110,20 @@ def rollback(
 ) -> None:
     """Point ENV of the chain and of every step back at the chain version it served before."""
     _show(PlatformClient(url, api_key).post(f"/chains/{name}/rollback", {"env": env}))
+
+
+@app.command("rotate-key")
+def rotate_key(
+    name: Annotated[str, typer.Argument(help="The chain.")],
+    grace: Annotated[float, typer.Option("--grace", help="Seconds the current internal key stays valid.")] = 300.0,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
+) -> None:
+    """Issue the chain's next internal key (calls between its steps); the current one is revoked after --grace,
+    while running step replicas pick up the new one. No secret is shown: only the platform and its steps hold it."""
+    r = PlatformClient(url, api_key).post(f"/chains/{name}/rotate-key", {"grace_s": grace})
+    console.print(f"chain {name}: internal key rotated (generation {r['generation']}, key {r['key_id']}); "
+                  f"{r['previous_key_id']} is revoked at {r['previous_revoked_at']}", markup=False)
 
 
 def register(root: typer.Typer) -> None:

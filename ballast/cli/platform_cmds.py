@@ -166,6 +166,8 @@ def _env_label(e: dict[str, Any]) -> str:
 
 
 def delete(name: Annotated[str, typer.Argument(help="Deployment name.")], yes: YesOpt = False,
+           force: Annotated[bool, typer.Option("--force", help="Delete a chain's step too, marking the chain "
+                                               "versions that use it broken.")] = False,
            url: UrlOpt = None, api_key: KeyOpt = None) -> None:
     """Delete a deployment: its versions and environments go, its replicas drain and stop (asks first)."""
     c = _client(url, api_key)
@@ -175,8 +177,11 @@ def delete(name: Annotated[str, typer.Argument(help="Deployment name.")], yes: Y
     console.print(f"deleting {name} removes:\n  environments: {envs or '-'}\n  versions: {versions or '-'}\n"
                   f"  replicas (drained, then stopped): {len(d['replicas'])}", markup=False)
     confirm(f"delete {name}?", yes)
-    c.request("DELETE", f"/deployments/{name}")
+    out = c.request("DELETE", f"/deployments/{name}", params={"force": "true"} if force else None)
     console.print(f"{name}: deleted")
+    for v in out.get("broken_chain_versions", []):
+        console.print(f"chain {v['chain']} version {v['version']} is broken (missing: {', '.join(v['missing'])})",
+                      markup=False)
 
 
 def logs(

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from ballast.control.chain_guard import missing_steps
 from ballast.control.chain_keys import ChainKeys
 from ballast.control.errors import ControlError, check_name
 from ballast.control.events import add_event
@@ -32,6 +33,8 @@ class ChainTarget:
     environments: dict[str, tuple[str, int]]
     versions: dict[int, tuple[str, int]]
     steps: set[str]  # every step deployment of every version: the calls between steps go to these
+    env_versions: dict[str, int] = field(default_factory=dict)  # the chain version each environment serves
+    broken: dict[int, list[str]] = field(default_factory=dict)  # chain version -> its deleted steps
 
 
 def _entry_version(v: ChainVersion) -> tuple[str, int]:
@@ -39,8 +42,10 @@ def _entry_version(v: ChainVersion) -> tuple[str, int]:
 
 
 def _version_view(v: ChainVersion) -> dict[str, Any]:
+    missing = missing_steps(v.steps)
     return {"chain": v.chain, "version": v.number, "entry": v.entry, "steps": list(v.steps),
-            "created_at": iso(v.created_at), "created_by": v.created_by}
+            "created_at": iso(v.created_at), "created_by": v.created_by, "broken": bool(missing),
+            "missing_steps": missing}
 
 
 class ChainStore:
@@ -134,6 +139,9 @@ class ChainStore:
         with self.sessions() as s:
             row = self._version(s, chain, number)
             steps = list(row.steps)
+            if missing := missing_steps(steps):
+                raise ControlError(409, f"chain {chain!r} version {number} is broken: its step "
+                                   f"{', '.join(missing)} was deleted", "chain_broken", "version")
             self._check_steps(s, row.entry, steps)  # every step version still exists: move all or none
         moved = [{**st, **self.control.promote(st["deployment"], st["version"], env, actor=actor)} for st in steps]
         with self.control.lock, self.sessions() as s, s.begin():
@@ -150,6 +158,23 @@ class ChainStore:
         self.control.routing.changed()
         return {"chain": chain, "environment": env, "version": number, "previous_version": previous,
                 "steps": moved}
+
+    # ---- internal key ----------------------------------------------------------------------------
+    def rotate_key(self, chain: str, grace_s: float = 300.0, actor: str = "system") -> dict[str, Any]:
+        """Issue the chain's next internal key; the current one stays valid for `grace_s` (running step replicas
+        fetch the new one meanwhile; new replicas start with it), then is revoked."""
+        if not 0 <= grace_s <= 86400:
+            raise ControlError(400, "grace_s must be between 0 and 86400 seconds", "invalid_request", "grace_s")
+        with self.control.lock, self.sessions() as s, s.begin():
+            entry = self._version(s, chain, None).entry
+            out = self.keys.rotate(s, chain, grace_s)
+            if not out:
+                raise ControlError(404, f"chain {chain!r} has no internal key", "chain_not_found", "name")
+            add_event(s, entry, "chain_key_rotated", f"chain {chain}: internal key rotated (generation "
+                      f"{out['generation']}); the previous key is revoked at {iso(out['previous_revoked_at'])}",
+                      actor, chain=chain, generation=out["generation"], grace_s=grace_s)
+        self.control.routing.changed()
+        return {"chain": chain, **out, "previous_revoked_at": iso(out["previous_revoked_at"]), "grace_s": grace_s}
 
     # ---- reads -----------------------------------------------------------------------------------
     def describe(self, chain: str) -> dict[str, Any]:
@@ -179,8 +204,11 @@ class ChainStore:
         for v in versions:
             t = out.setdefault(v.chain, ChainTarget({}, {}, set()))
             t.versions[v.number] = by_version[(v.chain, v.number)]
-            t.steps.update(s["deployment"] for s in v.steps)
+            t.steps.update(s["deployment"] for s in v.steps if not s.get("missing"))
+            if missing := missing_steps(v.steps):
+                t.broken[v.number] = missing
         for e in envs:
             if (e.chain, e.version) in by_version:
                 out[e.chain].environments[e.name] = by_version[(e.chain, e.version)]
+                out[e.chain].env_versions[e.name] = e.version
         return out

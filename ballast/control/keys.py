@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -118,10 +118,11 @@ class KeyStore:
             return _view(row)
 
     def live(self) -> builtins.list[KeyRecord]:  # `list` is a method of this class
-        """Every unrevoked key, with the tokens each budgeted key has used in its current period."""
+        """Every unrevoked key (a rotated chain key until the end of its grace: revoked in the future), with the
+        tokens each budgeted key has used in its current period."""
         now = datetime.now(UTC)
         with self.sessions() as s:
-            keys = s.scalars(select(ApiKey).where(ApiKey.revoked_at.is_(None))).all()
+            keys = s.scalars(select(ApiKey).where(or_(ApiKey.revoked_at.is_(None), ApiKey.revoked_at > now))).all()
             used: dict[str, int] = {}
             budgeted = [k for k in keys if k.token_budget is not None]
             for per in {k.budget_per for k in budgeted}:

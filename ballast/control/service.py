@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ballast.config import ConfigError
 from ballast.control import views
+from ballast.control.chain_guard import guard_delete
 from ballast.control.errors import ControlError, check_name
 from ballast.control.events import add_event
 from ballast.control.health import ACTIVE_STATES
@@ -280,15 +281,17 @@ class ControlPlane:
             return {"environment": env, "min_replicas": row.min_replicas, "max_replicas": row.max_replicas}
 
     @moves_traffic
-    def delete(self, name: str, *, actor: str = "system") -> dict[str, Any]:
-        """Remove the deployment; the reconciler drains and stops its replicas (they belong to nothing now)."""
+    def delete(self, name: str, *, force: bool = False, actor: str = "system") -> dict[str, Any]:
+        """Remove the deployment; the reconciler drains and stops its replicas (they belong to nothing now). A step
+        of a chain version is kept (409) unless `force`, which marks those chain versions broken."""
         with self.lock, self.sessions() as s, s.begin():
             dep = self._deployment(s, name)
+            broken = guard_delete(s, name, force, actor)
             s.execute(delete(Environment).where(Environment.deployment_id == dep.id))
             s.execute(delete(Version).where(Version.deployment_id == dep.id))
             s.execute(delete(Deployment).where(Deployment.id == dep.id))
             add_event(s, name, "delete", f"deployment {name} deleted", actor)
-        return {"deployment": name, "deleted": True}
+        return {"deployment": name, "deleted": True, **({"broken_chain_versions": broken} if broken else {})}
 
     # ---- dev -----------------------------------------------------------------------------------
     @moves_traffic

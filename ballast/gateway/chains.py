@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from ballast.control.chains import ChainTarget
 from ballast.gateway.service import Gateway, _read_body
@@ -51,9 +51,11 @@ def _deadline(request: Request) -> float | None:
 
 
 class ChainRoutes:
-    def __init__(self, gateway: Gateway, read: Callable[[], dict[str, ChainTarget]]) -> None:
+    def __init__(self, gateway: Gateway, read: Callable[[], dict[str, ChainTarget]],
+                 current_key: Callable[[str, str], str | None] | None = None) -> None:
         self.gateway = gateway
         self.read = read
+        self.current_key = current_key
         self.targets: dict[str, ChainTarget] = {}
         self._generation = -1
         self._lock = asyncio.Lock()
@@ -79,13 +81,18 @@ class ChainRoutes:
                                code="chain_not_found")
             return f"{params['step']}:{params['version']}"
         if "version" in params:
-            target = chain.versions.get(int(params["version"]))
-            where = f"version {params['version']}"
+            number: int | None = int(params["version"])
+            target, where = chain.versions.get(int(params["version"])), f"version {params['version']}"
         else:
             env = str(params.get("env", "production"))
             target, where = chain.environments.get(env), f"environment `{env}`"
+            number = chain.env_versions.get(env)
         if target is None:
             raise APIError(404, f"chain `{name}` has no {where}", param="name", code="chain_not_found")
+        if number in chain.broken:
+            missing = chain.broken[number]
+            raise APIError(409, f"chain `{name}` version {number} is broken: its step {', '.join(missing)} was "
+                           "deleted; deploy the chain again", param=missing[0], code="chain_broken")
         return f"{target[0]}:{target[1]}"
 
     async def run(self, request: Request) -> Response:
@@ -112,10 +119,43 @@ class ChainRoutes:
         response.headers[TRACE_HEADER] = str(meta["trace_id"])
         return response
 
+    async def internal_key(self, request: Request) -> Response:
+        """A step replica asks for its chain's current internal key with the key it holds (current, or rotated
+        and still in its grace); any other key is refused. Not cached: it is asked rarely."""
+        gw = self.gateway
+        if gw.source.generation() != gw._generation:
+            await gw._catch_up()
+        key = gw.authenticate(request, "inference")
+        name = str(request.path_params["name"])
+        secret = await asyncio.to_thread(self.current_key, name, key.id) if self.current_key else None
+        if secret is None:
+            raise APIError(403, f"only chain `{name}`'s own internal key may ask for it", code="not_a_chain_key")
+        return JSONResponse({"key": secret}, headers={"Cache-Control": "no-store"})
+
+    async def replicas(self, request: Request) -> Response:
+        """The ready replicas of a chain's step version, for calls between steps that go straight to them (the
+        gateway's own routing view: ejected replicas left out). Only a key allowed the step may ask."""
+        gw = self.gateway
+        if gw.source.generation() != gw._generation:
+            await gw._catch_up()
+        key = gw.authenticate(request, "inference")
+        params = dict(request.path_params)
+        await self._resolve(params)  # the chain and the step exist
+        step, version = str(params["step"]), int(params["version"])
+        if not key.may_use(step):
+            raise APIError(403, f"this key may not use deployment `{step}`", code="deployment_not_allowed")
+        dep = gw.routes.get(step)
+        v = dep.versions.get(version) if dep is not None else None
+        now = time.monotonic()
+        urls = [ep.url for ep in (v.endpoints if v is not None else []) if ep.available(now)]
+        return JSONResponse({"replicas": urls})
+
     def routes(self) -> list[Route]:
-        return [(path, self.run, ["POST"]) for path in (
+        return [*[(path, self.run, ["POST"]) for path in (
             "/chains/{name}/run", "/chains/{name}/environments/{env}/run", "/chains/{name}/versions/{version:int}/run",
-            "/chains/{name}/steps/{step}/versions/{version:int}/run")]
+            "/chains/{name}/steps/{step}/versions/{version:int}/run")],
+            ("/chains/{name}/internal-key", self.internal_key, ["GET"]),
+            ("/chains/{name}/steps/{step}/versions/{version:int}/replicas", self.replicas, ["GET"])]
 
 
 async def _wait_disconnect(request: Request) -> None:

@@ -34,6 +34,10 @@ class ChainPromoteRequest(BaseModel):
     env: str = Field("production", pattern=NAME, max_length=63)
 
 
+class ChainRotateKeyRequest(BaseModel):
+    grace_s: float = Field(300.0, ge=0, le=86400, description="How long the current internal key stays valid.")
+
+
 class ChainRollbackRequest(BaseModel):
     env: str = Field("production", pattern=NAME, max_length=63)
 
@@ -57,7 +61,7 @@ def router(control: ControlPlane, changed: Callable[[Any], Any]) -> APIRouter:
         the platform issues the chain's internal key for calls between its steps."""
         return chains.record(name, body.entry, [s.model_dump() for s in body.steps], actor=who)
 
-    @api.post("/chains/{name}/promote", tags=["chains"], responses=errors(404))
+    @api.post("/chains/{name}/promote", tags=["chains"], responses=errors(404, 409))
     def promote(name: Name, body: ChainPromoteRequest, who: Actor) -> dict[str, Any]:
         """Move an environment of the chain and of every step to a chain version (each step waits for ready
         replicas like any promotion)."""
@@ -67,5 +71,11 @@ def router(control: ControlPlane, changed: Callable[[Any], Any]) -> APIRouter:
     def rollback(name: Name, body: ChainRollbackRequest, who: Actor) -> dict[str, Any]:
         """Point an environment of the chain and of every step back at the chain version it served before."""
         return changed(chains.rollback(name, body.env, actor=who))
+
+    @api.post("/chains/{name}/rotate-key", tags=["chains"], responses=errors(404))
+    def rotate_key(name: Name, body: ChainRotateKeyRequest, who: Actor) -> dict[str, Any]:
+        """Issue the chain's next internal key (for calls between its steps); the current one stays valid for
+        `grace_s` while running step replicas fetch the new one, then is revoked. No secret is returned."""
+        return changed(chains.rotate_key(name, body.grace_s, actor=who))
 
     return api

@@ -81,9 +81,11 @@ def router(control: ControlPlane, changed: Callable[[Any], Any]) -> APIRouter:
         """Versions, environments, and replicas with state, pool, url, uptime, restarts and last error."""
         return control.describe(name)
 
-    @api.delete("/deployments/{name}", tags=["deployments"], responses=errors(404))
-    def delete(name: Name, who: Actor) -> dict[str, Any]:
-        return changed(control.delete(name, actor=who))
+    @api.delete("/deployments/{name}", tags=["deployments"], responses=errors(404, 409))
+    def delete(name: Name, who: Actor, force: bool = False) -> dict[str, Any]:
+        """Delete a deployment. A step of a chain version is refused (409 naming the chains) unless `force`, which
+        marks those chain versions broken (a run of one answers 409 naming the missing step)."""
+        return changed(control.delete(name, force=force, actor=who))
 
     @api.post("/deployments/{name}/promote", tags=["environments"], responses=errors(404, 409))
     def promote(name: Name, body: PromoteRequest, who: Actor) -> dict[str, Any]:

@@ -104,7 +104,8 @@ def assemble(control: ControlPlane, backend: Backend, registry: CollectorRegistr
     gateway = Gateway(StoreSource(control, reconciler.wake), registry)
     autoscaler.signal = install_async(control, gateway, webhook_allow or [])
     install_history(control, gateway, registry)
-    gateway.extra_routes += ChainRoutes(gateway, ChainStore(control).targets).routes()
+    chains = ChainStore(control)
+    gateway.extra_routes += ChainRoutes(gateway, chains.targets, chains.keys.current_for).routes()
     install_capture(control, gateway)
     return reconciler, gateway
 

@@ -145,3 +145,30 @@ def test_a_deployed_chain_fails_like_the_local_one(platform: Platform, tmp_path:
     # The same through the envelope a client may send itself.
     late = _run(platform, "loud/run", envelope({"text": "zzz"}, "req-late2", 0.5))
     assert decode_error(late.status_code, late.json(), "Shout", "req-late2").step == "UpperWord"
+
+
+def _gateway_requests(p: Platform, deployment: str) -> float:
+    text = httpx.get(f"{p.url}/metrics", headers={"Authorization": f"Bearer {p.key}"}, timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("ballast_gateway_requests_total{") and f'deployment="{deployment}"' in line)
+
+
+@pytest.mark.slow
+def test_calls_between_steps_go_straight_to_the_steps_replicas(platform: Platform, tmp_path: Path) -> None:
+    _deploy(platform, PIPELINE, "demo", tmp_path / "pkgs")
+    for _ in range(3):  # the entry's replica asks the gateway where the steps' replicas are (in the background)
+        assert _run(platform, "demo/run", {"text": "kiwi"}).status_code == 200
+    platform.wait("the entry to know its steps' replicas", lambda: _bypasses_the_gateway(platform), timeout=30)
+    entry, embed = _gateway_requests(platform, "demo-pipeline"), _gateway_requests(platform, "demo-embed")
+    for _ in range(5):
+        assert _run(platform, "demo/run", {"text": "banana apple kiwi"}).status_code == 200
+    # The gateway saw the five calls to the entry (metered there), and none of the calls between steps.
+    assert _gateway_requests(platform, "demo-pipeline") == entry + 5
+    assert _gateway_requests(platform, "demo-embed") == embed
+
+
+def _bypasses_the_gateway(p: Platform) -> bool:
+    """Whether one more run of the chain left demo-embed's count at the gateway as it was."""
+    before = _gateway_requests(p, "demo-embed")
+    assert _run(p, "demo/run", {"text": "b"}).status_code == 200
+    return _gateway_requests(p, "demo-embed") == before

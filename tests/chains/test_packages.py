@@ -5,9 +5,6 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-import pytest
-
-from ballast.chains import ChainDefinitionError
 from ballast.chains.deploy import StepPackage, build_packages
 from ballast.chains.serve import deployment_name
 from ballast.package.package import load_package
@@ -43,7 +40,7 @@ def test_each_step_becomes_a_valid_package_with_its_config(tmp_path: Path) -> No
     assert "versions = {'Embed': 8, 'Split': 7}" in (pkgs[2].path / "model.py").read_text()
 
 
-def test_a_streaming_step_is_refused_for_deployment(tmp_path: Path) -> None:
+def test_a_streaming_step_is_packaged_like_any_other(tmp_path: Path) -> None:
     chain = tmp_path / "chain.py"
     chain.write_text(textwrap.dedent('''
         from collections.abc import AsyncIterator
@@ -57,5 +54,6 @@ def test_a_streaming_step_is_refused_for_deployment(tmp_path: Path) -> None:
                 for i in range(n):
                     yield i
     '''))
-    with pytest.raises(ChainDefinitionError, match="step Tokens streams"):
-        build_packages(chain, "demo", tmp_path / "out", "http://127.0.0.1:9", lambda p: 1)
+    built = build_packages(chain, "demo", tmp_path / "out", "http://127.0.0.1:9", lambda p: 1)
+    assert [(p.step, p.entry) for p, _ in built] == [("Tokens", True)]
+    assert load_package(built[0][0].path).config.name == "demo-tokens"

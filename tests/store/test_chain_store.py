@@ -60,3 +60,39 @@ def test_chain_versions_promote_and_roll_back_every_step(database_url: str, tmp_
         assert row.key_hash == hash_key(secret) and secret not in str(row.__dict__)
     assert ChainKeys(sessions).secret("other") != secret
     engine.dispose()
+
+
+def test_deleting_a_step_is_refused_unless_forced_which_marks_the_chain_versions_broken(
+        database_url: str, tmp_path: Path) -> None:
+    engine, sessions = open_store(database_url)
+    cp = ControlPlane(sessions, tmp_path / "home")
+    chains = ChainStore(cp)
+    steps = [{"step": "Leaf", "deployment": "d-leaf", "version": _deploy(cp, tmp_path, "d-leaf", 1)},
+             {"step": "Top", "deployment": "d-top", "version": _deploy(cp, tmp_path, "d-top", 1)}]
+    chains.record("d", "d-top", steps)
+    chains.promote("d", 1)
+    _deploy(cp, tmp_path, "lonely", 1)
+    assert cp.delete("lonely")["deleted"] is True  # a deployment no chain uses goes as before
+
+    with pytest.raises(ControlError) as e:
+        cp.delete("d-leaf")
+    assert (e.value.status, e.value.code) == (409, "deployment_in_chain") and "chain d (version 1)" in e.value.message
+    assert cp.describe("d-leaf")["name"] == "d-leaf"  # nothing was deleted
+    assert chains.describe("d")["versions"][0]["broken"] is False
+
+    out = cp.delete("d-leaf", force=True)
+    assert out["broken_chain_versions"] == [{"chain": "d", "version": 1, "missing": ["Leaf"]}]
+    version = chains.describe("d")["versions"][0]
+    assert (version["broken"], version["missing_steps"]) == (True, ["Leaf"])
+    target = chains.targets()["d"]
+    assert target.broken == {1: ["Leaf"]} and target.env_versions == {"production": 1} and target.steps == {"d-top"}
+    with pytest.raises(ControlError) as e:
+        chains.promote("d", 1, "staging")
+    assert (e.value.status, e.value.code) == (409, "chain_broken") and "Leaf" in e.value.message
+    # The same step deployment made anew (its versions start over at 1): a new chain version, not the broken one.
+    steps[0]["version"] = _deploy(cp, tmp_path, "d-leaf", 2)
+    again = chains.record("d", "d-top", steps)
+    assert (again["version"], again["reused"], again["broken"]) == (2, False, False)
+    assert cp.delete("d-top", force=True)["broken_chain_versions"] == [
+        {"chain": "d", "version": 1, "missing": ["Leaf", "Top"]}, {"chain": "d", "version": 2, "missing": ["Top"]}]
+    engine.dispose()
