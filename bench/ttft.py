@@ -12,18 +12,50 @@ against `transformers serve`; this benchmark splits that figure, for one request
 
 Each round runs the three interleaved (replica, engine, hf), on a new random prompt of about 128 tokens (no
 prefix-cache hit beyond the chat template). The replica idles while this process computes, and the
-reverse. Results: bench/results/ttft.json (medians, min-max, per-round ratios to `hf`).
+reverse. Besides times, each round counts the voluntary context switches (sleeps) of all the threads of the
+replica and of this process during the request: a figure that does not depend on how busy the machine is.
+Results: bench/results/ttft.json (medians, min-max, per-round ratios to `hf`).
+
+Finding (issue #14, item 4). The quick run at commit 235e662 (quiet machine, 140-token prompt) measured the
+replica at 279 ms (251-303), the engine in a plain process at 175 ms (166-195), a bare HF forward at 213 ms
+(190-217): the replica ran the same forward 1.6x slower. Hypotheses, one measurement each (2-core VM):
+- (a) a spinning thread: no. Per-thread CPU ticks over 10 prefills: the event loop thread 3 ticks (30 ms),
+  no other thread but the engine thread and one OpenMP worker used CPU; 2 s idle: 0 ticks.
+- (c) a CPU limit: no. `sched_getaffinity` of the replica {0, 1} and Cpus_allowed_list 0-1, as in a shell;
+  no nice, no cgroup quota set by `ballast serve`.
+- (d) a different model: no. The replica's EngineArgs equal the benchmark's (dtype auto = fp32, same KV,
+  same batch budget); perf (cpu-clock) shows the same MKL sgemm and flash-attention kernels in both.
+- (b) the thread pools: yes, the root cause. The replica built the engine in an `asyncio.to_thread` worker
+  (model init and weight loading run OpenMP regions there, so that thread got its own team: master + 1
+  worker) and stepped it on the engine thread (a second team). libgomp then counts 3 managed threads on 2
+  CPUs and cuts its spin-wait from 300000 iterations to 1000 ("throttled"), so the engine's OpenMP worker
+  slept on a futex after every parallel region: 1110 voluntary context switches per prefill in the worker
+  (11100 over 10 prefills), 8.6% of samples in the kernel's `finish_task_switch`; the plain process
+  (one team) sleeps a handful of times. A micro-check (30 x linear + mul + silu): a second team alive ->
+  180 sleeps per run vs 38 with one team.
+Fix (ballast/engine/async_engine.py): the engine thread itself builds the engine, and every other tensor
+job (LoRA registration) is sent to it with `AsyncEngine.call`: one OpenMP team per replica, libgomp's default
+spin-wait, the same as a plain process and as HF. After it the worker's sleeps per prefill fell from ~1110
+to ~200 even on a machine at load average 10-16.
+The other side, measured under that load: libgomp's default spin-wait is what makes OpenMP slow on a CPU
+that other busy processes share (the throttled 1000-iteration spin, GOMP_SPINCOUNT=1000 or
+OMP_WAIT_POLICY=passive ran the micro-check in 280-330 ms vs 1525 ms with the default spin). HF and a plain
+process pay the same; on a shared CPU set `engine.num_threads: 1` (no team at all) or start the replica
+with OMP_WAIT_POLICY=passive.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shutil
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -48,6 +80,26 @@ WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with
 
 def log(msg: str) -> None:
     print(f"[ttft {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def sleeps(pid: int) -> int:
+    """Voluntary context switches of all of `pid`'s threads so far (an OpenMP worker that sleeps between
+    parallel regions shows here, however busy the machine is)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches"):
+                    total += int(line.split()[1])
+        except OSError:  # the thread ended
+            continue
+    return total
+
+
+def counted(pid: int, fn: Callable[[Any], float], arg: Any) -> tuple[float, int]:
+    before = sleeps(pid)
+    ms = fn(arg)
+    return ms, sleeps(pid) - before
 
 
 def replica_ttft(url: str, text: str) -> float:
@@ -105,8 +157,6 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1234)
     args = ap.parse_args()
     rounds = args.rounds or (7 if args.quick else 15)
-    import os
-
     threads = max(1, len(os.sched_getaffinity(0)))  # what the replica's engine uses (num_threads unset)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -120,16 +170,25 @@ def main() -> None:
         for text in texts[:2]:  # warm-up, unmeasured (first requests at a new size are slower)
             replica_ttft(url, text), engine(ids(text)), bare(ids(text))
         res: dict[str, list[float]] = {"replica": [], "engine": [], "hf": []}
+        slept: dict[str, list[float]] = {k: [] for k in res}
+        me, pid = os.getpid(), procs[0].proc.pid
         for i, text in enumerate(texts[2:]):
             prompt = ids(text)
-            res["replica"].append(replica_ttft(url, text))
-            res["engine"].append(engine(prompt))
-            res["hf"].append(bare(prompt))
-            log(f"round {i + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.0f} ms" for k, v in res.items()))
+            runs = {"replica": (pid, partial(replica_ttft, url), text), "engine": (me, engine, prompt),
+                    "hf": (me, bare, prompt)}
+            for name, (who, fn, arg) in runs.items():
+                ms, n = counted(who, fn, arg)
+                res[name].append(ms)
+                slept[name].append(n)
+            log(f"round {i + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.0f} ms ({slept[k][-1]} sleeps)"
+                                                         for k, v in res.items()))
     rows = [{"system": k, "metric": "ttft_c1", **summarize(v), "unit": "ms"} for k, v in res.items()]
+    rows += [{"system": k, "metric": "voluntary context switches per request", **summarize(v), "unit": "count"}
+             for k, v in slept.items()]
     ratios = {"replica/hf": ratio_stats(res["replica"], res["hf"]), "engine/hf": ratio_stats(res["engine"], res["hf"]),
               "replica/engine": ratio_stats(res["replica"], res["engine"])}
     params = {"quick": args.quick, "rounds": rounds, "prompt_tokens": len(ids(texts[0])), "threads": threads,
+              "load_avg": os.getloadavg(),
               "replica": "ballast serve examples/chat, streaming, first non-empty content chunk",
               "engine": "in-process LLM, examples/chat settings, repetition_penalty 1.05, max_tokens 1",
               "hf": "in-process AutoModelForCausalLM fp32 sdpa, one forward + argmax"}

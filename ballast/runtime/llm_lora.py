@@ -9,7 +9,6 @@ thread; requests already running on an unloaded adapter finish on it.
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -100,7 +99,7 @@ class LoraRoutes:
                            code="adapter_exists")
         try:
             full = adapter_path(self.host.package.path, path, also=home_path() / "models")
-            await asyncio.to_thread(mgr.register, name, full)
+            await self.host.engine.call(mgr.register, name, full)  # tensor work: on the engine thread
         except ValueError as e:  # outside the allowed roots, or not a valid adapter for this base (EngineError)
             raise APIError(400, str(e), param="lora_path", code=getattr(e, "code", None) or "invalid_adapter") from None
         return JSONResponse({"object": "lora_adapter", "id": name, "parent": self.host.model_name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 
 import pytest
 
@@ -306,3 +307,40 @@ def test_abort_mid_prefill_with_pending_siblings(tiny):
         eng.step()
     assert not eng._forking
     assert_no_leaks(llm)
+
+
+def test_async_engine_builds_steps_and_calls_on_one_thread(tiny, monkeypatch):
+    """All of a replica's torch work on one thread: a second thread running tensor ops starts a second OpenMP
+    team, and libgomp then throttles its spin-wait (the replica's TTFT was 1.6x a plain process's; bench/ttft.py)."""
+    import ballast.engine.async_engine as ae
+
+    built_on: list[int] = []
+
+    class Recorded(ae.LLMEngine):
+        def __init__(self, args: EngineArgs):
+            built_on.append(threading.get_ident())
+            super().__init__(args)
+
+    monkeypatch.setattr(ae, "LLMEngine", Recorded)
+
+    async def run() -> tuple[AsyncEngine, set[int], int, int]:
+        eng = await asyncio.to_thread(AsyncEngine, EngineArgs(str(tiny), kv_cache_bytes=16 << 20))  # as the host
+        await eng.start()
+        forwards: set[int] = set()
+        eng.core.runner.model.register_forward_pre_hook(lambda *_: forwards.add(threading.get_ident()))
+        outs = [o async for o in eng.add_request("a", [3, 4, 5, 6], GREEDY)]
+        assert outs[-1].finished and sum(len(o.outputs[0].token_ids) for o in outs) == GREEDY.max_tokens
+        called_on = await eng.call(threading.get_ident)
+        with pytest.raises(ZeroDivisionError):  # a failing call fails its caller alone
+            await eng.call(lambda: 1 / 0)
+        after = [o async for o in eng.add_request("b", [3, 4, 5, 6], GREEDY)]
+        assert after[-1].finished and eng.health() == (True, None)
+        await eng.shutdown()
+        return eng, forwards, called_on, threading.get_ident()
+
+    eng, forwards, called_on, loop_thread = asyncio.run(run())
+    assert forwards == {called_on} == {built_on[0]} == {eng._thread.ident}
+    assert called_on != loop_thread
+    with pytest.raises(EngineError, match=r"no config\.json"):  # a build failure reaches the caller; no thread stays
+        AsyncEngine(EngineArgs(str(tiny / "missing"), kv_cache_bytes=16 << 20))
+    assert not [t for t in threading.enumerate() if t.name == "ballast-engine"]
