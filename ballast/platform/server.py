@@ -52,6 +52,8 @@ class PlatformOptions:
     backend: str = "local"
     ray_address: str | None = None
     ha: bool = False  # one of several platforms on one store: reconcile under a lease, leave replicas on stop
+    redis_url: str | None = None  # share limits, prefix affinity and load with the other gateways (gateway/shared.py)
+    redis_prefix: str | None = None  # Redis key prefix (default: BALLAST_REDIS_PREFIX, else one per platform)
 
 
 def _env_float(name: str, default: float) -> float:
@@ -135,6 +137,12 @@ def run_platform(opts: PlatformOptions, announce: Callable[[str], None] = print)
     registry = CollectorRegistry()
     lease = Lease(sessions, f"{socket.gethostname()}-{os.getpid()}-{os.urandom(2).hex()}") if opts.ha else None
     reconciler, gateway = assemble(control, backend, registry, webhook_allow=opts.webhook_allow, lease=lease)
+    redis_url = opts.redis_url or os.environ.get("BALLAST_REDIS_URL")
+    if redis_url:
+        from ballast.gateway.shared import default_prefix, install_shared  # redis is optional (`ballast[redis]`)
+
+        install_shared(gateway, reconciler.autoscaler, redis_url, opts.redis_prefix or default_prefix(instance_id),
+                       registry)
     app = create_app(control, reconciler, gateway=gateway, registry=registry)
     if opts.max_package_bytes:
         rest: Any = getattr(app, "api", app)  # the FastAPI app behind the platform's front

@@ -1,0 +1,306 @@
+"""Gateway state shared by several platform processes through Redis (`ballast up --redis-url`).
+
+Several `ballast up --ha` processes behind one load balancer each run a gateway; with its own buckets each would
+let a key through once per gateway. With Redis:
+
+- per-key limits (requests/min, tokens/min, the period's token budget) are one Lua script round trip per admitted
+  request and one per finished request, on Redis's clock, so every gateway judges by the same buckets;
+- prefix affinity (a digest of the prefix -> replica id, never the prompt) lives in Redis with a TTL: read, its TTL
+  renewed, before a prefix-routed request; written when a gateway places a prefix anew;
+- each gateway publishes its load (in flight and held, requests/s, per deployment and version) with a short TTL,
+  and the autoscaler adds every other live gateway's load to its own (`FleetLoad`), so the leader scales for all.
+
+Keys sit under a per-platform prefix and name API keys by id, never by secret. A key without limits costs no round
+trip. When Redis does not answer the gateway logs once, sets `ballast_gateway_shared_state_up` to 0 and judges in
+its own buckets (which count every request all along) until its probe finds Redis back; requests never fail for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import re
+import socket
+import time
+from collections import Counter
+from collections.abc import Awaitable, Coroutine
+from datetime import UTC, datetime
+from typing import Any
+
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import Counter as PromCounter
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from ballast.control.autoscaler import Autoscaler, LoadSignal
+from ballast.gateway.limits import KeyLimiter, LocalState, period_end
+from ballast.gateway.routing import Router, affinity_digest
+from ballast.gateway.service import Gateway
+
+log = logging.getLogger("ballast.gateway.shared")
+
+# A token bucket in a hash {l: level, s: stamp}, refilled at `rate` per minute; a missing key is a full bucket, so
+# each write sets the TTL to the time the bucket takes to fill up again.
+_BUCKETS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local function level(key, rate)
+  local v = redis.call('HMGET', key, 'l', 's')
+  if not v[1] then return rate end
+  return math.min(rate, tonumber(v[1]) + (now - tonumber(v[2])) * rate / 60)
+end
+local function put(key, rate, l)
+  redis.call('HSET', key, 'l', tostring(l), 's', tostring(now))
+  redis.call('EXPIRE', key, math.ceil((rate - l) * 60 / rate) + 1)
+end
+"""
+# KEYS: rpm bucket, tpm bucket, budget counter. ARGV: rpm, tpm (0: none), budget (-1: none), tokens the store
+# knows were used this period. Returns {0} admitted, or {1 rpm | 2 tpm | 3 budget, seconds to wait}.
+ADMIT = _BUCKETS + """
+local rpm, tpm, budget = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if budget >= 0 then
+  local used = math.max(tonumber(redis.call('GET', KEYS[3]) or '0'), tonumber(ARGV[4]))
+  if used >= budget then return {3, '0'} end
+end
+if tpm > 0 then
+  local l = level(KEYS[2], tpm)
+  if l <= 0 then return {2, tostring((1e-9 - l) * 60 / tpm)} end
+end
+if rpm > 0 then
+  local l = level(KEYS[1], rpm)
+  if l < 1 then return {1, tostring((1 - l) * 60 / rpm)} end
+  put(KEYS[1], rpm, l - 1)
+end
+return {0, '0'}
+"""
+# KEYS: tpm bucket, budget counter. ARGV: tpm (0: none), tokens, the budget counter's TTL (0: no budget).
+CHARGE = _BUCKETS + """
+local tpm, tokens, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if tpm > 0 then put(KEYS[1], tpm, level(KEYS[1], tpm) - tokens) end
+if ttl > 0 then
+  redis.call('INCRBY', KEYS[2], tokens)
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
+return 0
+"""
+MAX_PENDING_WRITES = 1000  # fire-and-forget writes in flight; beyond that (Redis slow) they are dropped
+
+
+def safe_redis_url(url: str) -> str:
+    """The URL without its password, for logs."""
+    return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
+
+
+def default_prefix(instance_id: str) -> str:
+    """Every platform on one store shares an instance id, so they share state; another platform never does."""
+    return os.environ.get("BALLAST_REDIS_PREFIX") or f"ballast:{instance_id}:"
+
+
+class RedisState(LocalState):
+    """The gateway's limits, prefix affinity and load, shared through Redis (a gateway companion)."""
+
+    def __init__(self, url: str, prefix: str, gateway: Gateway, registry: CollectorRegistry | None = None, *,
+                 publish_s: float = 0.5, load_ttl_s: float = 3.0, affinity_ttl_s: int = 600, timeout_s: float = 0.5):
+        self.url, self.prefix, self.gateway = url, prefix, gateway
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(2).hex()}"
+        self.redis = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                             retry=Retry(NoBackoff(), 0), decode_responses=True)
+        self._admit = self.redis.register_script(ADMIT)
+        self._charge = self.redis.register_script(CHARGE)
+        self.publish_s, self.load_ttl_s, self.affinity_ttl_s = publish_s, load_ttl_s, affinity_ttl_s
+        self.up = True
+        self._others: dict[tuple[str, int], float] = {}
+        self._done: Counter[tuple[str, int]] = Counter()  # requests finished since the last publish
+        self._published = time.monotonic()
+        self._writes: set[asyncio.Task[Any]] = set()
+        self._task: asyncio.Task[None] | None = None
+        reg = registry or CollectorRegistry()
+        self.m_up = Gauge("ballast_gateway_shared_state_up", "1 while Redis (shared limits, affinity, load) "
+                          "answers; 0 while this gateway judges limits on its own", registry=reg)
+        self.m_fallbacks = PromCounter("ballast_gateway_shared_state_fallbacks", "Requests whose limits this "
+                                       "gateway judged on its own because Redis did not answer", registry=reg)
+        self.m_gateways = Gauge("ballast_gateway_live_gateways", "Gateways publishing their load to Redis "
+                                "(this one included)", registry=reg)
+        self.m_up.set(1)
+
+    def key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    # ---- limits ------------------------------------------------------------------------------
+    async def admit(self, limiter: KeyLimiter | None) -> None:
+        if limiter is None or not limiter.limited:
+            return
+        if self.up:
+            try:
+                verdict, wait = await self._admit(keys=self._limit_keys(limiter), args=[
+                    limiter.rpm or 0, limiter.tpm or 0,
+                    -1 if limiter.token_budget is None else limiter.token_budget, limiter.used_in_period])
+            except RedisError as e:
+                self.lost(e)
+            else:
+                if int(verdict) == 0:
+                    limiter.note_admitted()
+                    return
+                raise (limiter.over_rpm(float(wait)) if int(verdict) == 1 else
+                       limiter.over_tpm(float(wait)) if int(verdict) == 2 else limiter.over_budget())
+        self.m_fallbacks.inc()
+        limiter.admit()
+
+    def _limit_keys(self, limiter: KeyLimiter) -> list[str]:
+        # {key id}: a Redis Cluster keeps one key's buckets in one slot, as a script needs.
+        tag = "{" + limiter.key_id + "}"
+        period = limiter.current_period().strftime("%Y%m%d") if limiter.token_budget is not None else "-"
+        return [self.key("rpm", tag), self.key("tpm", tag), self.key("budget", tag, period)]
+
+    def finished(self, limiter: KeyLimiter | None, deployment: str, version: int, tokens: int) -> None:
+        self._done[(deployment, version)] += 1
+        super().finished(limiter, deployment, version, tokens)
+        if limiter is None or tokens <= 0 or not (limiter.tpm or limiter.token_budget is not None) or not self.up:
+            return
+        keys = self._limit_keys(limiter)[1:]
+        ttl = 0
+        if limiter.token_budget is not None:
+            ttl = math.ceil((period_end(limiter.budget_per) - datetime.now(UTC)).total_seconds()) + 86400
+        self._spawn(self._charge(keys=keys, args=[limiter.tpm or 0, tokens, ttl]))
+
+    # ---- prefix affinity -----------------------------------------------------------------------
+    async def recall(self, router: Router, key: bytes | None) -> None:
+        if key is None or not self.up:
+            return
+        digest = affinity_digest(key)
+        try:
+            owner = await self.redis.getex(self.key("aff", digest.hex()), ex=self.affinity_ttl_s)
+        except RedisError as e:
+            self.lost(e)
+            return
+        if owner:
+            router.remember(digest, str(owner))
+
+    def placed(self, digest: bytes, replica_id: str) -> None:
+        """The router placed a prefix on a replica anew (Router.on_place): tell the other gateways."""
+        if self.up:
+            self._spawn(self.redis.set(self.key("aff", digest.hex()), replica_id, ex=self.affinity_ttl_s))
+
+    def _spawn(self, write: Awaitable[Any]) -> None:
+        if len(self._writes) >= MAX_PENDING_WRITES:
+            if isinstance(write, Coroutine):
+                write.close()
+            return
+        task = asyncio.get_running_loop().create_task(self._write(write))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _write(self, write: Awaitable[Any]) -> None:
+        try:
+            await write
+        except RedisError as e:
+            self.lost(e)
+
+    # ---- load ----------------------------------------------------------------------------------
+    def others(self) -> dict[tuple[str, int], float]:
+        """The load the other live gateways published last (empty while Redis is away)."""
+        return self._others
+
+    async def publish(self) -> None:
+        """Publish this gateway's load (expiring unless renewed) and read every other live gateway's."""
+        now = time.monotonic()
+        elapsed, self._published = max(now - self._published, 1e-3), now
+        done, self._done = self._done, Counter()
+        held: dict[str, int] = dict(self.gateway._held)
+        mine = {"load": [[d, v, x] for (d, v), x in self.gateway.load().items() if x],
+                "held": [[slot, n] for slot, n in held.items() if n],
+                "rps": [[d, v, round(n / elapsed, 3)] for (d, v), n in done.items()]}
+        members_key = self.key("gateways")
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(self.key("load", self.id), json.dumps(mine), px=int(self.load_ttl_s * 1000))
+        pipe.sadd(members_key, self.id)
+        pipe.smembers(members_key)
+        members = sorted(m for m in (await pipe.execute())[-1] if m != self.id)
+        values = await self.redis.mget([self.key("load", m) for m in members]) if members else []
+        gone = [m for m, v in zip(members, values, strict=True) if v is None]
+        if gone:
+            await self.redis.srem(members_key, *gone)
+        total: dict[tuple[str, int], float] = {}
+        for v in values:
+            for d, ver, x in json.loads(v)["load"] if v else []:
+                total[(d, int(ver))] = total.get((d, int(ver)), 0.0) + float(x)
+        self._others = total
+        self.m_gateways.set(1 + len(members) - len(gone))
+
+    # ---- lifecycle and health -----------------------------------------------------------------
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await asyncio.gather(*self._writes, return_exceptions=True)
+        if self.up:
+            try:  # gone at once rather than after its TTL
+                await self.redis.delete(self.key("load", self.id))
+                await self.redis.srem(self.key("gateways"), self.id)
+            except RedisError:
+                pass
+        await self.redis.aclose()
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                if self.up:
+                    await self.publish()
+                else:
+                    await self.redis.ping()
+                    self.back()
+            except RedisError as e:
+                self.lost(e)
+            except Exception:
+                log.exception("publishing the gateway's load to Redis failed")
+            await asyncio.sleep(self.publish_s)
+
+    def lost(self, e: Exception) -> None:
+        if self.up:
+            log.warning("Redis at %s does not answer (%s: %s): limits are judged by this gateway alone, and prefix "
+                        "affinity and load stay local, until it is back", safe_redis_url(self.url),
+                        type(e).__name__, e)
+        self.up = False
+        self._others = {}
+        self.m_up.set(0)
+
+    def back(self) -> None:
+        log.warning("Redis at %s answers again: limits, prefix affinity and load are shared again",
+                    safe_redis_url(self.url))
+        self.up = True
+        self.m_up.set(1)
+
+
+class FleetLoad:
+    """The autoscaler's load signal with shared state: this process's (in flight, held, queued) plus what every
+    other live gateway published."""
+
+    def __init__(self, local: LoadSignal, state: RedisState):
+        self.local, self.state = local, state
+
+    def load(self) -> dict[tuple[str, int], float]:
+        out = dict(self.local.load())
+        for k, v in self.state.others().items():
+            out[k] = out.get(k, 0.0) + v
+        return out
+
+
+def install_shared(gateway: Gateway, autoscaler: Autoscaler, url: str, prefix: str,
+                   registry: CollectorRegistry | None = None) -> RedisState:
+    """Share this gateway's limits, prefix affinity and load through Redis at `url`, under `prefix`."""
+    state = RedisState(url, prefix, gateway, registry)
+    gateway.shared = state
+    gateway.router.on_place = state.placed
+    gateway.companions.insert(0, state)
+    if autoscaler.signal is not None:
+        autoscaler.signal = FleetLoad(autoscaler.signal, state)
+    log.info("gateway state shared through Redis at %s (prefix %s)", safe_redis_url(url), prefix)
+    return state
