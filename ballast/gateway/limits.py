@@ -127,13 +127,13 @@ class LocalState:
     """Where the gateway keeps per-key limits and prefix affinity: in this process (the default, no I/O on the
     hot path). `gateway/shared.RedisState` shares them between gateways (`ballast up --redis-url`)."""
 
-    async def admit(self, limiter: KeyLimiter | None) -> None:
-        """Raise 429 if the key (None: a key without limit state) is over a limit; otherwise count the request."""
+    async def admit(self, limiter: KeyLimiter | None, router: Router | None = None,
+                    prefix: bytes | None = None) -> None:
+        """Raise 429 if the key (None: not to be judged) is over a limit; otherwise count the request. With
+        `prefix` (the request's affinity key), `router` also learns where other gateways sent it: nothing to learn
+        in one process."""
         if limiter is not None:
             limiter.admit()
-
-    async def recall(self, router: Router, key: bytes | None) -> None:
-        """Before routing by `key`: learn where other gateways sent it (nothing to learn in one process)."""
 
     def finished(self, limiter: KeyLimiter | None, deployment: str, version: int, tokens: int) -> None:
         """A request is over: charge its tokens to the key's token bucket and budget."""

@@ -314,13 +314,13 @@ class Gateway:
         if adapter:
             self.adapters.check(dep, version, adapter)
         limiter = self.limiters.get(key.id)
-        await self.shared.admit(limiter if admit else None)
+        is_llm_call = kind != "predict"  # an adapter's key: where it sits in device slots already (bounded load)
+        prefix = b"a:" + adapter.encode() if adapter else affinity_key(dep.prefix_routing and is_llm_call, parsed,
+                                                                        session)
+        await self.shared.admit(limiter if admit else None, self.router, prefix)  # and learn where `prefix` went
         endpoints = await self._endpoints(dep, version)
-        is_llm_call = kind != "predict"
-        prefix = affinity_key(dep.prefix_routing and is_llm_call, parsed, session)
-        if adapter:  # where the adapter sits in device slots already (bounded load, as for prefixes)
-            endpoints, prefix = self.adapters.endpoints(dep, version, adapter, endpoints), b"a:" + adapter.encode()
-        await self.shared.recall(self.router, prefix)
+        if adapter:
+            endpoints = self.adapters.endpoints(dep, version, adapter, endpoints)
         headers = {"content-type": "application/json", REQUEST_ID_HEADER: current_request_id()}
         if priority is not None:
             headers[PRIORITY_HEADER] = str(priority)

@@ -34,7 +34,7 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client import Counter as PromCounter
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.retry import Retry
 
 from ballast.control.autoscaler import Autoscaler, LoadSignal
@@ -59,24 +59,27 @@ local function put(key, rate, l)
   redis.call('EXPIRE', key, math.ceil((rate - l) * 60 / rate) + 1)
 end
 """
-# KEYS: rpm bucket, tpm bucket, budget counter. ARGV: rpm, tpm (0: none), budget (-1: none), tokens the store
-# knows were used this period. Returns {0} admitted, or {1 rpm | 2 tpm | 3 budget, seconds to wait}.
+# KEYS: rpm bucket, tpm bucket, budget counter, the prefix's replica. ARGV: rpm, tpm (0: none), budget (-1: none),
+# tokens the store knows were used this period, the prefix's TTL (0: no prefix). Returns {verdict, seconds to wait,
+# the prefix's replica or nil}: verdict 0 admitted, 1 over rpm, 2 over tpm, 3 over budget.
 ADMIT = _BUCKETS + """
+local owner = false
+if tonumber(ARGV[5]) > 0 then owner = redis.call('GETEX', KEYS[4], 'EX', ARGV[5]) end
 local rpm, tpm, budget = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 if budget >= 0 then
   local used = math.max(tonumber(redis.call('GET', KEYS[3]) or '0'), tonumber(ARGV[4]))
-  if used >= budget then return {3, '0'} end
+  if used >= budget then return {3, '0', owner} end
 end
 if tpm > 0 then
   local l = level(KEYS[2], tpm)
-  if l <= 0 then return {2, tostring((1e-9 - l) * 60 / tpm)} end
+  if l <= 0 then return {2, tostring((1e-9 - l) * 60 / tpm), owner} end
 end
 if rpm > 0 then
   local l = level(KEYS[1], rpm)
-  if l < 1 then return {1, tostring((1 - l) * 60 / rpm)} end
+  if l < 1 then return {1, tostring((1 - l) * 60 / rpm), owner} end
   put(KEYS[1], rpm, l - 1)
 end
-return {0, '0'}
+return {0, '0', owner}
 """
 # KEYS: tpm bucket, budget counter. ARGV: tpm (0: none), tokens, the budget counter's TTL (0: no budget).
 CHARGE = _BUCKETS + """
@@ -118,6 +121,8 @@ class RedisState(LocalState):
         self._done: Counter[tuple[str, int]] = Counter()  # requests finished since the last publish
         self._published = time.monotonic()
         self._writes: set[asyncio.Task[Any]] = set()
+        self._charges: dict[tuple[str, ...], tuple[int, int, int]] = {}  # (tpm, budget) keys -> (tpm, tokens, ttl)
+        self._charging: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
         reg = registry or CollectorRegistry()
         self.m_up = Gauge("ballast_gateway_shared_state_up", "1 while Redis (shared limits, affinity, load) "
@@ -131,25 +136,42 @@ class RedisState(LocalState):
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
-    # ---- limits ------------------------------------------------------------------------------
-    async def admit(self, limiter: KeyLimiter | None) -> None:
-        if limiter is None or not limiter.limited:
+    # ---- limits and prefix affinity -----------------------------------------------------------
+    async def admit(self, limiter: KeyLimiter | None, router: Router | None = None,
+                    prefix: bytes | None = None) -> None:
+        """One round trip: the key's limits (when it has any) and where other gateways sent `prefix` (if any)."""
+        limited = limiter is not None and limiter.limited
+        digest = affinity_digest(prefix) if prefix is not None and router is not None else None
+        if not limited and digest is None:
             return
         if self.up:
             try:
-                verdict, wait = await self._admit(keys=self._limit_keys(limiter), args=[
-                    limiter.rpm or 0, limiter.tpm or 0,
-                    -1 if limiter.token_budget is None else limiter.token_budget, limiter.used_in_period])
+                verdict, wait, owner = await self._ask(limiter if limited else None, digest)
             except RedisError as e:
                 self.lost(e)
             else:
-                if int(verdict) == 0:
-                    limiter.note_admitted()
+                if owner and digest is not None and router is not None:
+                    router.remember(digest, str(owner))
+                if limiter is None or not limited or verdict == 0:
+                    if limiter is not None and limited:
+                        limiter.note_admitted()
                     return
-                raise (limiter.over_rpm(float(wait)) if int(verdict) == 1 else
-                       limiter.over_tpm(float(wait)) if int(verdict) == 2 else limiter.over_budget())
-        self.m_fallbacks.inc()
-        limiter.admit()
+                raise (limiter.over_rpm(wait) if verdict == 1 else
+                       limiter.over_tpm(wait) if verdict == 2 else limiter.over_budget())
+        if limiter is not None and limited:
+            self.m_fallbacks.inc()
+            limiter.admit()
+
+    async def _ask(self, limiter: KeyLimiter | None, digest: bytes | None) -> tuple[int, float, str | None]:
+        """(verdict, seconds to wait, the prefix's replica) from Redis."""
+        aff = self.key("aff", digest.hex()) if digest is not None else ""
+        if limiter is None:
+            owner = await self.redis.getex(aff, ex=self.affinity_ttl_s)
+            return 0, 0.0, str(owner) if owner else None
+        budget = -1 if limiter.token_budget is None else limiter.token_budget
+        reply = await self._admit(keys=[*self._limit_keys(limiter), aff], args=[
+            limiter.rpm or 0, limiter.tpm or 0, budget, limiter.used_in_period, self.affinity_ttl_s if aff else 0])
+        return int(reply[0]), float(reply[1]), str(reply[2]) if len(reply) > 2 and reply[2] else None
 
     def _limit_keys(self, limiter: KeyLimiter) -> list[str]:
         # {key id}: a Redis Cluster keeps one key's buckets in one slot, as a script needs.
@@ -158,42 +180,50 @@ class RedisState(LocalState):
         return [self.key("rpm", tag), self.key("tpm", tag), self.key("budget", tag, period)]
 
     def finished(self, limiter: KeyLimiter | None, deployment: str, version: int, tokens: int) -> None:
+        """Charge the tokens locally, and in Redis: charges that arrive while a write is in flight are added up
+        and sent together when it returns (one round trip per batch, however busy the gateway)."""
         self._done[(deployment, version)] += 1
         super().finished(limiter, deployment, version, tokens)
         if limiter is None or tokens <= 0 or not (limiter.tpm or limiter.token_budget is not None) or not self.up:
             return
-        keys = self._limit_keys(limiter)[1:]
+        keys = tuple(self._limit_keys(limiter)[1:])
         ttl = 0
         if limiter.token_budget is not None:
             ttl = math.ceil((period_end(limiter.budget_per) - datetime.now(UTC)).total_seconds()) + 86400
-        self._spawn(self._charge(keys=keys, args=[limiter.tpm or 0, tokens, ttl]))
+        _, pending, _ = self._charges.get(keys, (0, 0, 0))
+        self._charges[keys] = (limiter.tpm or 0, pending + tokens, ttl)
+        if self._charging is None or self._charging.done():
+            self._charging = self._spawn(self._flush_charges())
 
-    # ---- prefix affinity -----------------------------------------------------------------------
-    async def recall(self, router: Router, key: bytes | None) -> None:
-        if key is None or not self.up:
-            return
-        digest = affinity_digest(key)
-        try:
-            owner = await self.redis.getex(self.key("aff", digest.hex()), ex=self.affinity_ttl_s)
-        except RedisError as e:
-            self.lost(e)
-            return
-        if owner:
-            router.remember(digest, str(owner))
+    async def _flush_charges(self) -> None:
+        while self._charges:
+            batch, self._charges = self._charges, {}
+            for attempt in (1, 2):
+                pipe = self.redis.pipeline(transaction=False)
+                for (tpm_key, budget_key), (tpm, tokens, ttl) in batch.items():
+                    pipe.evalsha(self._charge.sha, 2, tpm_key, budget_key, tpm, tokens, ttl)
+                try:
+                    await pipe.execute()
+                    break
+                except NoScriptError:  # a restarted Redis has no scripts: none of the batch ran
+                    if attempt == 2:
+                        raise
+                    await self.redis.script_load(CHARGE)
 
     def placed(self, digest: bytes, replica_id: str) -> None:
         """The router placed a prefix on a replica anew (Router.on_place): tell the other gateways."""
         if self.up:
             self._spawn(self.redis.set(self.key("aff", digest.hex()), replica_id, ex=self.affinity_ttl_s))
 
-    def _spawn(self, write: Awaitable[Any]) -> None:
+    def _spawn(self, write: Awaitable[Any]) -> asyncio.Task[None] | None:
         if len(self._writes) >= MAX_PENDING_WRITES:
             if isinstance(write, Coroutine):
                 write.close()
-            return
+            return None
         task = asyncio.get_running_loop().create_task(self._write(write))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
+        return task
 
     async def _write(self, write: Awaitable[Any]) -> None:
         try:

@@ -20,7 +20,7 @@ from ballast.control.autoscaler import Autoscaler
 from ballast.control.keys import KeyRecord
 from ballast.gateway.limits import KeyLimiter
 from ballast.gateway.metering import UsageCounts, UsageKey
-from ballast.gateway.routing import Endpoint, prefix_key
+from ballast.gateway.routing import Endpoint, Router, prefix_key
 from ballast.gateway.service import DeploymentRoute, Gateway, VersionRoute
 from ballast.gateway.shared import FleetLoad, RedisState, install_shared, safe_redis_url
 from ballast.openai import APIError
@@ -133,21 +133,22 @@ async def test_prefixes_keep_their_replica_across_gateways(pair: Any) -> None:
     eps_a = ga.routes["d"].versions[1].endpoints
     eps_b = gb.routes["d"].versions[1].endpoints
     # Gateway a sees load on the replica the prefix would go to by hashing: it places the prefix on the other.
-    fresh = gb.router.choose(list(eps_b), key=prefix_key({"prompt": "unrelated"}, None))
-    assert fresh is not None
     first = ga.router.choose(list(eps_a), key=key)
     assert first is not None
     for ep in eps_a:
         ep.outstanding = 0 if ep.replica_id != first.replica_id else 5
-    await sa.recall(ga.router, key)
     ga.router._affinity.clear()  # as if a never saw this prefix either
     placed = ga.router.choose(list(eps_a), key=key)
     assert placed is not None and placed.replica_id != first.replica_id
     await asyncio.gather(*sa._writes)
-    # Idle gateway b would pick `first` by hashing; it learns from Redis where a put the prefix.
-    assert gb.router.choose(list(eps_b), key=key).replica_id == first.replica_id  # type: ignore[union-attr]
+    # Idle gateway b would pick `first` by hashing (as a router that shares nothing does); it learns from Redis
+    # where a put the prefix.
+    assert Router().choose(list(eps_b), key=key).replica_id == first.replica_id  # type: ignore[union-attr]
+    await sb.admit(None, gb.router, key)  # no limits to judge: only where the prefix went
+    assert gb.router.choose(list(eps_b), key=key).replica_id == placed.replica_id  # type: ignore[union-attr]
+    # A limited key learns it in the same round trip as its limits (the admit script).
     gb.router._affinity.clear()
-    await sb.recall(gb.router, key)
+    await sb.admit(gb.limiters["rpm3"], gb.router, key)
     assert gb.router.choose(list(eps_b), key=key).replica_id == placed.replica_id  # type: ignore[union-attr]
 
 
