@@ -11,11 +11,10 @@ two platforms, each with its own copy of bench/peers/echo_chat (one replica, cha
 The limited key has rpm, tpm and a monthly token budget far above what the run sends, so every request runs
 the whole path and none is refused: with Redis that is one Lua script that admits and reads the prefix's
 replica (awaited), and one that charges the tokens (not awaited; batched while one is in flight). wrk sends the
-same POST
-/v1/chat/completions, first over 1 connection (latency: the difference to `local` in the same round is what
-Redis adds), then over 64 (requests/s), interleaved by round. Each platform and Redis are pinned to CPU 0 (Redis's
-work counts against the gateway side); replicas and wrk to CPU 1. Results: bench/results/shared_state.json and a
-table; ratios are per round, median (min-max).
+same POST /v1/chat/completions, first over 1 connection (latency: the difference to `local` in the same round
+is what Redis adds), then over 64 (requests/s), interleaved by round. Each platform and Redis are pinned to CPU 0
+(Redis's work counts against the gateway side); replicas and wrk to CPU 1. Results: bench/results/shared_state.json
+and a table; ratios are per round, median (min-max).
 """
 
 from __future__ import annotations
