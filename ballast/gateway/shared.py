@@ -198,6 +198,10 @@ class RedisState(LocalState):
     async def _flush_charges(self) -> None:
         while self._charges:
             batch, self._charges = self._charges, {}
+            if len(batch) == 1:  # the usual case unless busy: one EVALSHA, without a pipeline's overhead
+                ((tpm_key, budget_key), (tpm, tokens, ttl)), = batch.items()
+                await self._charge(keys=[tpm_key, budget_key], args=[tpm, tokens, ttl])
+                continue
             for attempt in (1, 2):
                 pipe = self.redis.pipeline(transaction=False)
                 for (tpm_key, budget_key), (tpm, tokens, ttl) in batch.items():
