@@ -26,7 +26,7 @@ import re
 import socket
 import time
 from collections import Counter
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -91,7 +91,6 @@ if ttl > 0 then
 end
 return 0
 """
-MAX_PENDING_WRITES = 1000  # fire-and-forget writes in flight; beyond that (Redis slow) they are dropped
 
 
 def safe_redis_url(url: str) -> str:
@@ -122,7 +121,8 @@ class RedisState(LocalState):
         self._published = time.monotonic()
         self._writes: set[asyncio.Task[Any]] = set()
         self._charges: dict[tuple[str, ...], tuple[int, int, int]] = {}  # (tpm, budget) keys -> (tpm, tokens, ttl)
-        self._charging: asyncio.Task[None] | None = None
+        self._placements: dict[str, str] = {}  # Redis key of a prefix -> its replica, not yet written
+        self._flushing: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
         reg = registry or CollectorRegistry()
         self.m_up = Gauge("ballast_gateway_shared_state_up", "1 while Redis (shared limits, affinity, load) "
@@ -140,27 +140,28 @@ class RedisState(LocalState):
     async def admit(self, limiter: KeyLimiter | None, router: Router | None = None,
                     prefix: bytes | None = None) -> None:
         """One round trip: the key's limits (when it has any) and where other gateways sent `prefix` (if any)."""
-        limited = limiter is not None and limiter.limited
+        judged = limiter if limiter is not None and limiter.limited else None
         digest = affinity_digest(prefix) if prefix is not None and router is not None else None
-        if not limited and digest is None:
+        if judged is None and digest is None:
             return
         if self.up:
             try:
-                verdict, wait, owner = await self._ask(limiter if limited else None, digest)
+                verdict, wait, owner = await self._ask(judged, digest)
             except RedisError as e:
                 self.lost(e)
             else:
                 if owner and digest is not None and router is not None:
-                    router.remember(digest, str(owner))
-                if limiter is None or not limited or verdict == 0:
-                    if limiter is not None and limited:
-                        limiter.note_admitted()
+                    router.remember(digest, owner)
+                if judged is None:
                     return
-                raise (limiter.over_rpm(wait) if verdict == 1 else
-                       limiter.over_tpm(wait) if verdict == 2 else limiter.over_budget())
-        if limiter is not None and limited:
+                if verdict == 0:
+                    judged.note_admitted()
+                    return
+                raise (judged.over_rpm(wait) if verdict == 1 else
+                       judged.over_tpm(wait) if verdict == 2 else judged.over_budget())
+        if judged is not None:
             self.m_fallbacks.inc()
-            limiter.admit()
+            judged.admit()
 
     async def _ask(self, limiter: KeyLimiter | None, digest: bytes | None) -> tuple[int, float, str | None]:
         """(verdict, seconds to wait, the prefix's replica) from Redis."""
@@ -192,42 +193,52 @@ class RedisState(LocalState):
             ttl = math.ceil((period_end(limiter.budget_per) - datetime.now(UTC)).total_seconds()) + 86400
         _, pending, _ = self._charges.get(keys, (0, 0, 0))
         self._charges[keys] = (limiter.tpm or 0, pending + tokens, ttl)
-        if self._charging is None or self._charging.done():
-            self._charging = self._spawn(self._flush_charges())
+        self._kick()
+
+    def placed(self, digest: bytes, replica_id: str) -> None:
+        """The router placed a prefix on a replica anew (Router.on_place): tell the other gateways."""
+        if self.up:
+            self._placements[self.key("aff", digest.hex())] = replica_id
+            self._kick()
+
+    def _kick(self) -> None:
+        """One writer at a time, so this gateway's writes land in the order it made them (the latest placement of a
+        prefix wins); what comes meanwhile is sent in one batch when the write in flight returns."""
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.get_running_loop().create_task(self._write(self._flush()))
+            self._writes.add(self._flushing)
+            self._flushing.add_done_callback(self._writes.discard)
+
+    async def _flush(self) -> None:
+        while self._charges or self._placements:
+            placements, self._placements = self._placements, {}
+            if len(placements) == 1:
+                ((name, replica_id),) = placements.items()
+                await self.redis.set(name, replica_id, ex=self.affinity_ttl_s)
+            elif placements:
+                pipe = self.redis.pipeline(transaction=False)
+                for name, replica_id in placements.items():
+                    pipe.set(name, replica_id, ex=self.affinity_ttl_s)
+                await pipe.execute()
+            await self._flush_charges()
 
     async def _flush_charges(self) -> None:
-        while self._charges:
-            batch, self._charges = self._charges, {}
-            if len(batch) == 1:  # the usual case unless busy: one EVALSHA, without a pipeline's overhead
-                ((tpm_key, budget_key), (tpm, tokens, ttl)), = batch.items()
-                await self._charge(keys=[tpm_key, budget_key], args=[tpm, tokens, ttl])
-                continue
+        batch, self._charges = self._charges, {}
+        if len(batch) == 1:  # the usual case unless busy: one EVALSHA, without a pipeline's overhead
+            (((tpm_key, budget_key), (tpm, tokens, ttl)),) = batch.items()
+            await self._charge(keys=[tpm_key, budget_key], args=[tpm, tokens, ttl])
+        elif batch:
             for attempt in (1, 2):
                 pipe = self.redis.pipeline(transaction=False)
                 for (tpm_key, budget_key), (tpm, tokens, ttl) in batch.items():
                     pipe.evalsha(self._charge.sha, 2, tpm_key, budget_key, tpm, tokens, ttl)
                 try:
                     await pipe.execute()
-                    break
+                    return
                 except NoScriptError:  # a restarted Redis has no scripts: none of the batch ran
                     if attempt == 2:
                         raise
                     await self.redis.script_load(CHARGE)
-
-    def placed(self, digest: bytes, replica_id: str) -> None:
-        """The router placed a prefix on a replica anew (Router.on_place): tell the other gateways."""
-        if self.up:
-            self._spawn(self.redis.set(self.key("aff", digest.hex()), replica_id, ex=self.affinity_ttl_s))
-
-    def _spawn(self, write: Awaitable[Any]) -> asyncio.Task[None] | None:
-        if len(self._writes) >= MAX_PENDING_WRITES:
-            if isinstance(write, Coroutine):
-                write.close()
-            return None
-        task = asyncio.get_running_loop().create_task(self._write(write))
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
-        return task
 
     async def _write(self, write: Awaitable[Any]) -> None:
         try:
