@@ -60,12 +60,21 @@ local function put(key, rate, l)
 end
 """
 # KEYS: rpm bucket, tpm bucket, budget counter, the prefix's replica. ARGV: rpm, tpm (0: none), budget (-1: none),
-# tokens the store knows were used this period, the prefix's TTL (0: no prefix). Returns {verdict, seconds to wait,
-# the prefix's replica or nil}: verdict 0 admitted, 1 over rpm, 2 over tpm, 3 over budget.
+# tokens the store knows were used this period, the prefix's TTL (0: no prefix), tokens this gateway has yet to
+# charge to the key and the budget counter's TTL (charged first). Returns {verdict, seconds to wait, the prefix's
+# replica or nil}: verdict 0 admitted, 1 over rpm, 2 over tpm, 3 over budget.
 ADMIT = _BUCKETS + """
 local owner = false
 if tonumber(ARGV[5]) > 0 then owner = redis.call('GETEX', KEYS[4], 'EX', ARGV[5]) end
 local rpm, tpm, budget = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local pending = tonumber(ARGV[6])
+if pending > 0 then
+  if tpm > 0 then put(KEYS[2], tpm, level(KEYS[2], tpm) - pending) end
+  if budget >= 0 then
+    redis.call('INCRBY', KEYS[3], pending)
+    redis.call('EXPIRE', KEYS[3], ARGV[7])
+  end
+end
 if budget >= 0 then
   local used = math.max(tonumber(redis.call('GET', KEYS[3]) or '0'), tonumber(ARGV[4]))
   if used >= budget then return {3, '0', owner} end
@@ -107,7 +116,8 @@ class RedisState(LocalState):
     """The gateway's limits, prefix affinity and load, shared through Redis (a gateway companion)."""
 
     def __init__(self, url: str, prefix: str, gateway: Gateway, registry: CollectorRegistry | None = None, *,
-                 publish_s: float = 0.5, load_ttl_s: float = 3.0, affinity_ttl_s: int = 600, timeout_s: float = 0.5):
+                 publish_s: float = 0.5, load_ttl_s: float = 3.0, affinity_ttl_s: int = 600, timeout_s: float = 0.5,
+                 charge_delay_s: float = 0.05):
         self.url, self.prefix, self.gateway = url, prefix, gateway
         self.id = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(2).hex()}"
         self.redis = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
@@ -123,6 +133,8 @@ class RedisState(LocalState):
         self._charges: dict[tuple[str, ...], tuple[int, int, int]] = {}  # (tpm, budget) keys -> (tpm, tokens, ttl)
         self._placements: dict[str, str] = {}  # Redis key of a prefix -> its replica, not yet written
         self._flushing: asyncio.Task[None] | None = None
+        self._charge_timer: asyncio.TimerHandle | None = None
+        self.charge_delay_s = charge_delay_s
         self._task: asyncio.Task[None] | None = None
         reg = registry or CollectorRegistry()
         self.m_up = Gauge("ballast_gateway_shared_state_up", "1 while Redis (shared limits, affinity, load) "
@@ -170,8 +182,11 @@ class RedisState(LocalState):
             owner = await self.redis.getex(aff, ex=self.affinity_ttl_s)
             return 0, 0.0, str(owner) if owner else None
         budget = -1 if limiter.token_budget is None else limiter.token_budget
-        reply = await self._admit(keys=[*self._limit_keys(limiter), aff], args=[
-            limiter.rpm or 0, limiter.tpm or 0, budget, limiter.used_in_period, self.affinity_ttl_s if aff else 0])
+        keys = self._limit_keys(limiter)
+        _, pending, ttl = self._charges.pop((keys[1], keys[2]), (0, 0, 0))  # rides along: no write of its own
+        reply = await self._admit(keys=[*keys, aff], args=[
+            limiter.rpm or 0, limiter.tpm or 0, budget, limiter.used_in_period, self.affinity_ttl_s if aff else 0,
+            pending, ttl])
         return int(reply[0]), float(reply[1]), str(reply[2]) if len(reply) > 2 and reply[2] else None
 
     def _limit_keys(self, limiter: KeyLimiter) -> list[str]:
@@ -181,8 +196,8 @@ class RedisState(LocalState):
         return [self.key("rpm", tag), self.key("tpm", tag), self.key("budget", tag, period)]
 
     def finished(self, limiter: KeyLimiter | None, deployment: str, version: int, tokens: int) -> None:
-        """Charge the tokens locally, and in Redis: charges that arrive while a write is in flight are added up
-        and sent together when it returns (one round trip per batch, however busy the gateway)."""
+        """Charge the tokens locally, and in Redis: the key's next admit script charges them first, in the same
+        round trip; those still pending after `charge_delay_s` are written in one batch."""
         self._done[(deployment, version)] += 1
         super().finished(limiter, deployment, version, tokens)
         if limiter is None or tokens <= 0 or not (limiter.tpm or limiter.token_budget is not None) or not self.up:
@@ -193,7 +208,18 @@ class RedisState(LocalState):
             ttl = math.ceil((period_end(limiter.budget_per) - datetime.now(UTC)).total_seconds()) + 86400
         _, pending, _ = self._charges.get(keys, (0, 0, 0))
         self._charges[keys] = (limiter.tpm or 0, pending + tokens, ttl)
+        if self._charge_timer is None:  # the key's next admit (usually sooner) carries the charge instead
+            self._charge_timer = asyncio.get_running_loop().call_later(self.charge_delay_s, self._charges_due)
+
+    def _charges_due(self) -> None:
+        self._charge_timer = None
+        if self._charges:
+            self._kick()
+
+    async def flush(self) -> None:
+        """Write what is pending now (charges wait up to `charge_delay_s` for a request of theirs to carry them)."""
         self._kick()
+        await asyncio.gather(*self._writes)
 
     def placed(self, digest: bytes, replica_id: str) -> None:
         """The router placed a prefix on a replica anew (Router.on_place): tell the other gateways."""
@@ -285,6 +311,11 @@ class RedisState(LocalState):
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._charge_timer is not None:
+            self._charge_timer.cancel()
+            self._charge_timer = None
+        if self.up:
+            self._kick()  # pending charges
         await asyncio.gather(*self._writes, return_exceptions=True)
         if self.up:
             try:  # gone at once rather than after its TTL

@@ -115,7 +115,7 @@ async def test_tokens_and_budgets_charged_through_one_gateway_refuse_in_the_othe
     sa.finished(ga.limiters["tpm50"], "d", 1, 80)  # 30 tokens over the minute's 50
     await sb.admit(gb.limiters["budget100"])
     sa.finished(ga.limiters["budget100"], "d", 1, 120)  # over the day's budget
-    await asyncio.gather(*sa._writes)
+    await sa.flush()
     with pytest.raises(APIError) as e:
         await sb.admit(gb.limiters["tpm50"])
     assert e.value.code == "rate_limit_tokens" and 30 <= int(e.value.headers["Retry-After"]) <= 37
@@ -125,6 +125,25 @@ async def test_tokens_and_budgets_charged_through_one_gateway_refuse_in_the_othe
     # Without sharing, gateway b's own buckets know nothing of it.
     gb.limiters["tpm50"].admit()
     gb.limiters["budget100"].admit()
+
+
+async def test_a_charge_rides_along_with_the_keys_next_request(pair: Any, server: RedisServer) -> None:
+    (ga, sa), (gb, sb) = pair
+    await sa.admit(ga.limiters["budget100"])
+    sa.finished(ga.limiters["budget100"], "d", 1, 70)
+    await sa.admit(ga.limiters["budget100"])  # carries the 70 tokens: charged before it is judged
+    r = aioredis.Redis.from_url(server.url, decode_responses=True)
+    try:
+        names = [k async for k in r.scan_iter(sa.prefix + "budget:*")]
+        assert len(names) == 1 and await r.get(names[0]) == "70"
+    finally:
+        await r.aclose()
+    assert sa._charges == {}
+    sa.finished(ga.limiters["budget100"], "d", 1, 40)
+    await sa.flush()  # no request of the key came: written on its own
+    with pytest.raises(APIError) as e:
+        await sb.admit(gb.limiters["budget100"])
+    assert e.value.code == "budget_exceeded"
 
 
 async def test_prefixes_keep_their_replica_across_gateways(pair: Any) -> None:
@@ -140,7 +159,7 @@ async def test_prefixes_keep_their_replica_across_gateways(pair: Any) -> None:
     ga.router._affinity.clear()  # as if a never saw this prefix either
     placed = ga.router.choose(list(eps_a), key=key)
     assert placed is not None and placed.replica_id != first.replica_id
-    await asyncio.gather(*sa._writes)
+    await sa.flush()
     # Idle gateway b would pick `first` by hashing (as a router that shares nothing does); it learns from Redis
     # where a put the prefix.
     assert Router().choose(list(eps_b), key=key).replica_id == first.replica_id  # type: ignore[union-attr]
@@ -204,7 +223,7 @@ async def test_redis_down_judges_locally_then_shares_again(tmp_path: Path) -> No
         ga.limiters["tpm50"] = KeyLimiter(KEYS[1])
         gb.limiters["tpm50"] = KeyLimiter(KEYS[1])
         sa.finished(ga.limiters["tpm50"], "d", 1, 60)
-        await asyncio.gather(*sa._writes)
+        await sa.flush()
         with pytest.raises(APIError):
             await sb.admit(gb.limiters["tpm50"])  # shared again: b's own bucket is still full
         await sa.stop()

@@ -105,11 +105,16 @@ def _post(p: Platform, path: str, key: str | None = None, **kw: Any) -> httpx.Re
 
 def _key(f: Fleet, **limits: Any) -> str:
     """A new key, made through a; returned once b's gateway knows it too."""
-    secret: str = f.a.api("POST", "/keys", expect=201, json={"scopes": ["inference"], **limits})["key"]
+    return _new_key(f, **limits)["key"]
+
+
+def _new_key(f: Fleet, **limits: Any) -> dict[str, Any]:
+    created: dict[str, Any] = f.a.api("POST", "/keys", expect=201, json={"scopes": ["inference"], **limits})
+    secret = created["key"]
     for p in (f.a, f.b):
         p.wait("the key known", lambda p=p: httpx.get(p.url + "/v1/models", timeout=10, headers={
             "Authorization": f"Bearer {secret}"}).status_code == 200, timeout=30)
-    return secret
+    return created
 
 
 def _alternating(f: Fleet, key: str, n: int) -> list[httpx.Response]:
@@ -133,6 +138,15 @@ def _published_load(f: Fleet) -> float:
     return sum(x for v in values for d, _, x in v["load"] if d == "shared")
 
 
+def _redis_get(f: Fleet, pattern: str) -> int | None:
+    r = redis.Redis.from_url(f.redis.url, decode_responses=True)
+    try:
+        names = list(r.scan_iter(pattern))
+        return int(r.get(names[0]) or 0) if names else None
+    finally:
+        r.close()
+
+
 def test_a_requests_per_minute_limit_holds_across_both_gateways(fleet: Fleet) -> None:
     answers = _alternating(fleet, _key(fleet, rpm=3), 10)
     assert [r.status_code for r in answers].count(200) == 3, [r.status_code for r in answers]
@@ -144,11 +158,16 @@ def test_a_requests_per_minute_limit_holds_across_both_gateways(fleet: Fleet) ->
 
 
 def test_a_token_budget_spent_through_one_gateway_is_spent_in_the_other(fleet: Fleet) -> None:
-    key = _key(fleet, token_budget=50, per="day")
+    created = _new_key(fleet, token_budget=50, per="day")
+    key = created["key"]
     body = {"model": "shared", "prompt": "words " * 60}
     first = _post(fleet.a, "/v1/completions", key, json=body)
     assert first.status_code == 200 and first.json()["usage"]["total_tokens"] == 61
-    second = _post(fleet.b, "/v1/completions", key, json=body)  # before any usage reaches the store
+    # a writes the charge within 50 ms (sooner when the key's next request through a carries it), long before
+    # its usage reaches the store (about a second), which is all b would know of without Redis.
+    fleet.a.wait("the charge in Redis", lambda: _redis_get(fleet, f"{PREFIX}budget:{{{created['id']}}}:*") == 61,
+                 timeout=5, every=0.02)
+    second = _post(fleet.b, "/v1/completions", key, json=body)
     assert second.status_code == 429 and second.json()["error"]["code"] == "budget_exceeded", second.text
 
 
