@@ -9,8 +9,8 @@ two platforms, each with its own copy of bench/peers/echo_chat (one replica, cha
   redis-nolim  the redis platform with its admin key (no limits: no limit script, only the affinity read)
 
 The limited key has rpm, tpm and a monthly token budget far above what the run sends, so every request runs
-the whole path and none is refused: with Redis that is one Lua script that admits and reads the prefix's
-replica (awaited), and one that charges the tokens (not awaited; batched while one is in flight). wrk sends the
+the whole path and none is refused: with Redis that is one Lua script that charges the previous request's tokens,
+admits, and reads the prefix's replica (one awaited round trip per request). wrk sends the
 same POST /v1/chat/completions, first over 1 connection (latency: the difference to `local` in the same round
 is what Redis adds), then over 64 (requests/s), interleaved by round. Each platform and Redis are pinned to CPU 0
 (Redis's work counts against the gateway side); replicas and wrk to CPU 1. Results: bench/results/shared_state.json
@@ -167,9 +167,8 @@ def report(samples: dict[tuple[str, int], list[dict[str, float]]], rounds: int, 
         "pinning": f"both platforms and redis-server on CPU {PLATFORM_CPUS} (Redis's work counts against the gateway "
                    f"side); their replicas and wrk on CPU {BACKEND_CPUS}; one platform under load at a time",
         "deployment": "bench/peers/echo_chat with routing.policy prefix, one replica per platform, --no-isolation",
-        "per_request_with_redis": "limited key: one EVALSHA (limits + GETEX of the prefix's replica), awaited; one "
-                                  "EVALSHA charge after the answer, not awaited, batched while one is in flight; "
-                                  "admin key (no limits): one GETEX",
+        "per_request_with_redis": "limited key: one EVALSHA (the pending token charge, limits, GETEX of the "
+                                  "prefix's replica), awaited; admin key (no limits): one GETEX",
         "versions": versions("ballast", "redis", "uvicorn", "aiohttp"),
         "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in load_after],
         "wall_s": round(time.monotonic() - started, 1),

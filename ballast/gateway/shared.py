@@ -3,16 +3,18 @@
 Several `ballast up --ha` processes behind one load balancer each run a gateway; with its own buckets each would
 let a key through once per gateway. With Redis:
 
-- per-key limits (requests/min, tokens/min, the period's token budget) are one Lua script round trip per admitted
-  request and one per finished request, on Redis's clock, so every gateway judges by the same buckets;
+- per-key limits (requests/min, tokens/min, the period's token budget) are one Lua script round trip per request,
+  on Redis's clock, so every gateway judges by the same buckets; a finished request's tokens ride along with the
+  key's next request (charged before it is judged), or are written on their own after `charge_delay_s`;
 - prefix affinity (a digest of the prefix -> replica id, never the prompt) lives in Redis with a TTL: read, its TTL
-  renewed, before a prefix-routed request; written when a gateway places a prefix anew;
+  renewed, in the same round trip; written (one writer, in order) when a gateway places a prefix anew;
 - each gateway publishes its load (in flight and held, requests/s, per deployment and version) with a short TTL,
   and the autoscaler adds every other live gateway's load to its own (`FleetLoad`), so the leader scales for all.
 
-Keys sit under a per-platform prefix and name API keys by id, never by secret. A key without limits costs no round
-trip. When Redis does not answer the gateway logs once, sets `ballast_gateway_shared_state_up` to 0 and judges in
-its own buckets (which count every request all along) until its probe finds Redis back; requests never fail for it.
+Keys sit under a per-platform prefix and name API keys by id, never by secret. A request of a key without limits
+costs a round trip only when it is prefix-routed (one GETEX). When Redis does not answer the gateway logs once, sets
+`ballast_gateway_shared_state_up` to 0 and judges in its own buckets (which count every request all along) until its
+probe finds Redis back; requests never fail for it.
 """
 
 from __future__ import annotations
