@@ -85,6 +85,12 @@ def up(
     webhook_allow: Annotated[list[str] | None, typer.Option(
         "--webhook-allow", metavar="CIDR", help="CIDR that async webhooks may target although private or "
         "loopback (repeatable; also BALLAST_WEBHOOK_ALLOW, comma-separated).")] = None,
+    redis_url: Annotated[str | None, typer.Option(
+        "--redis-url", envvar="BALLAST_REDIS_URL", help="redis://HOST:PORT/DB: gateways share rate limits, budgets, "
+        "prefix affinity and load through it (for --ha); without it all stays in this process.")] = None,
+    redis_prefix: Annotated[str | None, typer.Option(
+        "--redis-prefix", envvar="BALLAST_REDIS_PREFIX", help="Prefix of this platform's Redis keys (default: "
+        "ballast:<instance id>:, the same for every platform on one store).")] = None,
 ) -> None:
     """Start the platform: REST API, gateway, reconciler, replicas on this machine. Ctrl-C stops it all.
 
@@ -95,7 +101,7 @@ def up(
     run_platform(PlatformOptions(host=host, port=port, database_url=database_url, no_isolation=no_isolation,
                                  retire_grace_s=retire_grace_s, webhook_allow=webhook_allow or [], tls_cert=tls_cert,
                                  tls_key=tls_key, max_package_bytes=max_package_bytes, backend=backend,
-                                 ray_address=ray_address, ha=ha),
+                                 ray_address=ray_address, ha=ha, redis_url=redis_url, redis_prefix=redis_prefix),
                  announce=_Announcer())
 
 

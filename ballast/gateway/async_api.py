@@ -65,9 +65,7 @@ class AsyncAPI:
         payload, model = _payload(body, kind, model)
         hook, priority, wait = parse_options(body)
         dep = queued_deployment(gw, model, key)
-        limiter = gw.limiters.get(key.id)
-        if limiter is not None:
-            limiter.admit()
+        await gw.shared.admit(gw.limiters.get(key.id))
         if hook is not None:
             try:
                 if literal_host(hook):

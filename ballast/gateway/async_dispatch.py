@@ -257,7 +257,7 @@ class Dispatcher:
         if c.batch_id is not None and limiter is not None:
             # Batch lines were not admitted one by one at submission: the key's limits apply as each one runs.
             try:
-                limiter.admit()
+                await self.gateway.shared.admit(limiter)
             except APIError as e:
                 raise _Limited(float(e.headers.get("Retry-After", "5"))) from None
         body_obj = c.payload.get("body")

@@ -17,7 +17,7 @@ import math
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,11 @@ class Endpoint:
         return self.ejected_until <= now
 
 
+def affinity_digest(key: bytes) -> bytes:
+    """What the router remembers of a prefix key (never the prompt itself)."""
+    return hashlib.blake2b(key, digest_size=16).digest()
+
+
 def _score(key: bytes, replica_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(key + replica_id.encode(), digest_size=8).digest(), "big")
 
@@ -55,6 +60,15 @@ class Router:
         # Where each prefix went last (a digest of the key -> replica id), least recently used first.
         self._affinity: OrderedDict[bytes, str] = OrderedDict()
         self.max_affinity = max_affinity
+        # Told (digest, replica id) when a prefix is placed on a replica anew: gateway/shared.py shares it.
+        self.on_place: Callable[[bytes, str], None] | None = None
+
+    def remember(self, digest: bytes, replica_id: str) -> None:
+        """Where a prefix went (another gateway sent it there): the next choice for it starts from that replica."""
+        self._affinity[digest] = replica_id
+        self._affinity.move_to_end(digest)
+        if len(self._affinity) > self.max_affinity:
+            self._affinity.popitem(last=False)
 
     def choose(
         self, endpoints: Sequence[Endpoint], *, key: bytes | None = None,
@@ -93,7 +107,7 @@ class Router:
         goes to the least loaded replica, ties broken by rendezvous hashing, and is remembered there."""
         mean = (sum(e.outstanding for e in candidates) + 1) / len(candidates)
         bound = max(math.ceil(mean * (1 + self.load_epsilon)), math.floor(mean) + self.load_slack)
-        digest = hashlib.blake2b(key, digest_size=16).digest()
+        digest = affinity_digest(key)
         owner = self._affinity.get(digest)
         if owner is not None:
             for e in candidates:
@@ -101,10 +115,9 @@ class Router:
                     self._affinity.move_to_end(digest)
                     return e
         chosen = min(candidates, key=lambda e: (e.outstanding, -_score(key, e.replica_id)))
-        self._affinity[digest] = chosen.replica_id
-        self._affinity.move_to_end(digest)
-        if len(self._affinity) > self.max_affinity:
-            self._affinity.popitem(last=False)
+        self.remember(digest, chosen.replica_id)
+        if self.on_place is not None and owner != chosen.replica_id:
+            self.on_place(digest, chosen.replica_id)
         return chosen
 
 

@@ -1,6 +1,6 @@
 """The gateway: one OpenAI-compatible endpoint in front of every deployment.
 
-Hot path per request: key lookup (a dict), limits (in-memory buckets), target resolution (a dict),
+Hot path per request: key lookup (a dict), limits (in-memory buckets; with Redis, one script), target resolution,
 replica choice, proxy. No database round trip: keys and routes are snapshots that the control plane
 refreshes (`GatewaySource`), usage is written in batches by the `Meter`.
 """
@@ -26,7 +26,7 @@ from ballast.gateway.auth import MISSING_KEY_MESSAGE, api_key_from_headers
 from ballast.gateway.body import MAX_BODY as MAX_BODY  # where batches.py finds it
 from ballast.gateway.body import _read_body
 from ballast.gateway.capture import Capture, CapturePolicy
-from ballast.gateway.limits import KeyLimiter
+from ballast.gateway.limits import KeyLimiter, LocalState
 from ballast.gateway.metering import Meter, UsageCounts, UsageKey, counts_from_usage
 from ballast.gateway.metrics import GatewayMetrics
 from ballast.gateway.proxy import Outcome, Proxy, resume_plan
@@ -94,6 +94,7 @@ class Gateway:
         self.keys: dict[str, KeyRecord] = {}
         self.routes: dict[str, DeploymentRoute] = {}
         self.limiters: dict[str, KeyLimiter] = {}
+        self.shared = LocalState()  # limits and prefix affinity; gateway/shared.py shares them through Redis
         self._splits: dict[tuple[str, str], tuple[tuple[tuple[int, int], ...], WeightedSplit]] = {}
         self._held: dict[str, int] = {}
         self._changed = asyncio.Event()
@@ -296,13 +297,13 @@ class Gateway:
         if adapter:
             self.adapters.check(dep, version, adapter)
         limiter = self.limiters.get(key.id)
-        if limiter is not None and admit:
-            limiter.admit()
+        is_llm_call = kind != "predict"  # an adapter's key: where it sits in device slots already (bounded load)
+        prefix = b"a:" + adapter.encode() if adapter else affinity_key(dep.prefix_routing and is_llm_call, parsed,
+                                                                        session)
+        await self.shared.admit(limiter if admit else None, self.router, prefix)  # and learn where `prefix` went
         endpoints = await self._endpoints(dep, version)
-        is_llm_call = kind != "predict"
-        prefix = affinity_key(dep.prefix_routing and is_llm_call, parsed, session)
-        if adapter:  # where the adapter sits in device slots already (bounded load, as for prefixes)
-            endpoints, prefix = self.adapters.endpoints(dep, version, adapter, endpoints), b"a:" + adapter.encode()
+        if adapter:
+            endpoints = self.adapters.endpoints(dep, version, adapter, endpoints)
         headers = {"content-type": "application/json", REQUEST_ID_HEADER: current_request_id()}
         if priority is not None:
             headers[PRIORITY_HEADER] = str(priority)
@@ -339,8 +340,7 @@ class Gateway:
         self.meter.record(key.id, deployment, version, counts)
         if traced is not None:
             spans.on_done(*traced, o, counts)
-        if limiter is not None:
-            limiter.charge(counts.prompt_tokens + counts.completion_tokens)
+        self.shared.finished(limiter, deployment, version, counts.prompt_tokens + counts.completion_tokens)
 
     def models_for(self, request: Request) -> Response:
         key = self.authenticate(request, "inference")

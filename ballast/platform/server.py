@@ -23,7 +23,9 @@ from prometheus_client import CollectorRegistry
 
 from ballast.backends import Backend, LocalBackend
 from ballast.control import ControlPlane, Settings
+from ballast.control.autoscaler import Autoscaler
 from ballast.control.lease import Lease
+from ballast.gateway.service import Gateway
 from ballast.home import ballast_home
 from ballast.observe import configure_logging
 from ballast.platform.app import create_app
@@ -52,6 +54,8 @@ class PlatformOptions:
     backend: str = "local"
     ray_address: str | None = None
     ha: bool = False  # one of several platforms on one store: reconcile under a lease, leave replicas on stop
+    redis_url: str | None = None  # share limits, prefix affinity and load with the other gateways (gateway/shared.py)
+    redis_prefix: str | None = None  # Redis key prefix (default: BALLAST_REDIS_PREFIX, else one per platform)
 
 
 def _env_float(name: str, default: float) -> float:
@@ -99,6 +103,19 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+def _share_state(opts: PlatformOptions, gateway: Gateway, autoscaler: Autoscaler, instance_id: str,
+                 registry: CollectorRegistry) -> None:
+    """With a Redis URL, this gateway shares limits, prefix affinity and load with the others (gateway/shared.py)."""
+    redis_url = opts.redis_url or os.environ.get("BALLAST_REDIS_URL")
+    if not redis_url:
+        return
+    try:
+        from ballast.gateway.shared import default_prefix, install_shared  # redis is optional (`ballast[redis]`)
+    except ImportError as e:
+        raise RuntimeError(f"--redis-url needs the redis package: pip install 'ballast[redis]' ({e})") from None
+    install_shared(gateway, autoscaler, redis_url, opts.redis_prefix or default_prefix(instance_id), registry)
+
+
 def run_platform(opts: PlatformOptions, announce: Callable[[str], None] = print) -> None:
     """Run until Ctrl-C/SIGTERM. Prints the URL, and the admin key on the very first start."""
     configure_logging()
@@ -135,6 +152,7 @@ def run_platform(opts: PlatformOptions, announce: Callable[[str], None] = print)
     registry = CollectorRegistry()
     lease = Lease(sessions, f"{socket.gethostname()}-{os.getpid()}-{os.urandom(2).hex()}") if opts.ha else None
     reconciler, gateway = assemble(control, backend, registry, webhook_allow=opts.webhook_allow, lease=lease)
+    _share_state(opts, gateway, reconciler.autoscaler, instance_id, registry)
     app = create_app(control, reconciler, gateway=gateway, registry=registry)
     if opts.max_package_bytes:
         rest: Any = getattr(app, "api", app)  # the FastAPI app behind the platform's front
