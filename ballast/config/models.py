@@ -156,7 +156,8 @@ class CaptureConfig(_Strict):
     """Opt-in capture of sampled request/response pairs into a named dataset (off unless this section is set)."""
 
     dataset: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", description="The dataset the pairs go to.")
-    sample_rate: float = Field(1.0, ge=0, le=1, description="The share of successful non-streamed calls captured.")
+    sample_rate: float = Field(1.0, ge=0, le=1, description="The share of successful calls captured "
+                               "(chat completions, completions, responses; streamed or not).")
     redact: list[str] = Field(default_factory=list, max_length=64, description="Regular expressions replaced by "
                               "[REDACTED] in every string before anything is written.")
     retention_days: float = Field(30.0, gt=0, description="Captured pairs are deleted this long after capture.")

@@ -8,7 +8,6 @@ refreshes (`GatewaySource`), usage is written in batches by the `Meter`.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -34,6 +33,7 @@ from ballast.gateway.targets import affinity_key, model_of_path, parse_model, re
 from ballast.observe import REQUEST_ID_HEADER, current_request_id
 from ballast.observe.tracing import current_span
 from ballast.openai import APIError
+from ballast.openai.jsonio import parse_json
 from ballast.openai.priority import PRIORITY_HEADER
 from ballast.store import hash_key
 
@@ -90,10 +90,7 @@ async def _read_body(request: Request, parse: bool) -> tuple[bytes, Any]:
         raise APIError(413, f"request body exceeds {MAX_BODY} bytes", code="request_too_large")
     if not parse:
         return body, None
-    try:
-        parsed = json.loads(body) if body else None
-    except ValueError as e:
-        raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+    parsed = parse_json(body) if body else None  # 400 for deep nesting and lone surrogates, as the replica
     if not isinstance(parsed, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_request")
     return body, parsed
@@ -299,7 +296,7 @@ class Gateway:
             model = parsed.get("model")
         wanted = self.capture.requested(request, key) if self.capture is not None else None
         resp = await self.forward(key, kind, model, body, parsed, request.headers.get("x-ballast-session"), started)
-        return await self.capture.record(kind, key, parsed, resp, wanted) if self.capture is not None else resp
+        return await self.capture.record(kind, key, model, parsed, resp, wanted) if self.capture is not None else resp
 
     async def forward(self, key: KeyRecord, kind: str, model: str | None, body: bytes, parsed: Any,
                       session: str | None, started: float, admit: bool = True, priority: int | None = None,

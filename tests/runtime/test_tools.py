@@ -135,14 +135,35 @@ def test_tool_errors_are_400s(llm):
                                   response_format={"type": "json_object"}, max_tokens=4)
 
 
+def capabilities(replica) -> dict:
+    models = httpx.get(replica.url + "/v1/models", timeout=30).json()["data"]
+    assert len(models) == 1
+    return models[0]["capabilities"]
+
+
+def test_model_list_says_what_the_model_supports(llm):
+    caps = capabilities(llm)
+    assert caps["tool_calling"]["tool_parser"] == "hermes"  # read from the checkpoint's template
+    assert set(caps["tool_calling"]["tool_choice"]) == {"auto", "none", "required", "function"}
+    assert set(caps["structured_outputs"]["response_format"]) == {"json_object", "json_schema"}
+    assert "guided_regex" in caps["structured_outputs"]["extra_body"]
+    assert caps["responses_api"] == {"store": False}
+    # The tiny checkpoint's generation_config.json sets no sampling: the package default bound alone applies.
+    assert caps["default_sampling"] == {"max_tokens": 1024}
+
+
 def test_configured_llama3_json_parser(tiny_checkpoint: Path, tmp_path: Path, replica_factory):
     """`engine.tool_parser: llama3_json` overrides the template's format: calls are bare JSON objects."""
     pkg = write_package(tmp_path / "l3", f"""
         name: l3
         engine: {{kind: native, checkpoint: {tiny_checkpoint}, served_model_name: l3, max_model_len: 2048,
-                  kv_cache_memory: 64Mi, tool_parser: llama3_json}}
+                  kv_cache_memory: 64Mi, tool_parser: llama3_json, default_sampling: {{top_k: 5, max_tokens: 300}}}}
         """)
-    c = client_for(replica_factory(pkg))
+    rep = replica_factory(pkg)
+    caps = capabilities(rep)
+    assert caps["tool_calling"]["tool_parser"] == "llama3_json"
+    assert caps["default_sampling"] == {"top_k": 5, "max_tokens": 300}
+    c = client_for(rep)
     named = {"type": "function", "function": {"name": "get_weather"}}
     kw = dict(model="l3", messages=MSGS, tools=[WEATHER], tool_choice=named, temperature=0, max_tokens=120)
     r = c.chat.completions.create(**kw)
