@@ -42,7 +42,9 @@ def ray_cluster() -> Iterator[str]:
     token = os.urandom(6).hex()
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
     port = free_port()
-    env = {**os.environ, "BALLAST_TEST_RAY": token, "RAY_USAGE_STATS_ENABLED": "0"}
+    # TMPDIR: the replica actors' private directories (package copy, replica.log) go inside `temp`, so the actors
+    # killed below leave nothing in the system temp directory.
+    env = {**os.environ, "BALLAST_TEST_RAY": token, "RAY_USAGE_STATS_ENABLED": "0", "TMPDIR": temp}
     cmd = [shutil.which("ray") or "ray", "start", "--head", f"--port={port}", "--num-cpus=2",
            "--include-dashboard=false", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}",
            f"--memory={8 * 2**30}", f"--object-store-memory={200 * 2**20}", "--disable-usage-stats"]
