@@ -241,7 +241,7 @@ class NativeEngineConfig(_Strict):
     stall_timeout_s: float = Field(
         120.0, gt=0, description="No engine step for this long while requests wait: the replica is unhealthy."
     )
-    tool_parser: Literal["auto", "hermes", "llama3_json"] = Field(
+    tool_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
         "auto", description="How tool calls are written and parsed; auto reads the chat template."
     )
     speculative: SpeculativeConfig | None = Field(None, description="Speculative decoding; off when unset.")

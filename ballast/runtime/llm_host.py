@@ -256,7 +256,8 @@ class EngineHost:
         self._check_model(req.model)
         if (req.messages is None) == (req.prompt is None):
             raise APIError(400, "send `prompt` (a string) or `messages`, not both", param="prompt")
-        text = self._render(req.messages) if req.messages is not None else req.prompt
+        parser = choose_parser(self.engine.tokenizer.chat_template, self.cfg.tool_parser)  # as chat renders them
+        text = self._render(req.messages, None, parser) if req.messages is not None else req.prompt
         ids = self.engine.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
         return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": self.engine.max_model_len})
 
