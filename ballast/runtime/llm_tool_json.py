@@ -45,6 +45,12 @@ def _as_call(text: str, args_key: str) -> ToolCall | None:
     return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
 
 
+def mistral_id(call_id: Any) -> str:
+    """A call id as Mistral's chat templates require (9 letters or digits), the same for the call and its result."""
+    alnum = "".join(ch for ch in str(call_id or "") if ch.isascii() and ch.isalnum())
+    return alnum[-9:].rjust(9, "0")
+
+
 class Llama3JsonParser:
     """The whole output is one call (or several joined by `;`) when it starts with `{`; else it is text."""
 

@@ -19,7 +19,14 @@ from typing import Any
 
 from ballast.engine.guided import GuidedSpec
 from ballast.openai.tools import ToolRequest, message_tool_calls
-from ballast.runtime.llm_tool_json import MISTRAL_MARK, Llama3JsonParser, MistralParser, ToolCall, _as_call
+from ballast.runtime.llm_tool_json import (
+    MISTRAL_MARK,
+    Llama3JsonParser,
+    MistralParser,
+    ToolCall,
+    _as_call,
+    mistral_id,
+)
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
@@ -82,6 +89,10 @@ def _template_message(i: int, m: Any, knows: bool, parser: str) -> dict[str, Any
         msg["tool_call_id"] = extra["tool_call_id"]
     if m.name:
         msg["name"] = m.name
+    if knows and parser == "mistral":  # Mistral's templates refuse ids that are not 9 letters or digits
+        calls = [{**c, "id": mistral_id(c.get("id"))} for c in calls]
+        if "tool_call_id" in msg:
+            msg["tool_call_id"] = mistral_id(msg["tool_call_id"])
     if knows:
         if calls:
             msg["tool_calls"] = calls

@@ -268,6 +268,35 @@ def test_mistral_whole_streamed_and_markerless():
     assert choose_parser("{{ '[TOOL_CALLS]' }}") == "mistral" and choose_parser(None, "mistral") == "mistral"
 
 
+def test_mistral_templates_get_nine_character_call_ids():
+    """Mistral's templates raise unless every tool call id is 9 letters or digits: ids are mapped, consistently."""
+    from ballast.openai.schemas import ChatCompletionRequest
+    from ballast.runtime.llm_tools import template_messages
+
+    template = ("{%- for m in messages %}{%- for c in m.tool_calls or [] %}{%- if c.id|length != 9 %}"
+                "{{ raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}{%- endif %}"
+                "[TOOL_CALLS] {{ c.id }}{%- endfor %}{%- if m.role == 'tool' %}[TOOL_RESULTS] {{ m.tool_call_id }}"
+                "{%- endif %}{%- endfor %}{# tools #}")
+    req = ChatCompletionRequest.model_validate({"messages": [
+        *MSGS, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_0123456789abcdef", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_0123456789abcdef", "content": "ok"}]})
+    msgs, _ = template_messages(req.messages, None, template, "mistral")
+    ids = {msgs[1]["tool_calls"][0]["id"], msgs[2]["tool_call_id"]}
+    assert len(ids) == 1 and all(len(i) == 9 and i.isalnum() for i in ids)
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(message)
+
+    import jinja2
+    env = jinja2.Environment()
+    env.globals["raise_exception"] = raise_exception
+    assert "[TOOL_RESULTS] " + ids.pop() in env.from_string(template).render(messages=msgs)
+    hermes, _ = template_messages(req.messages, None, template, "hermes")
+    with pytest.raises(ValueError, match="length 9"):  # what a Mistral template does with OpenAI-style ids
+        env.from_string(template).render(messages=hermes)
+
+
 def test_plain_text_and_llama3_json():
     assert parse_text("no calls <tool here", "hermes") == ("no calls <tool here", [])
     assert parse_text("<tool_call>{broken</tool_call>", "hermes")[1] == []
