@@ -70,7 +70,8 @@ def _marked(token: str) -> list[int]:
 @contextlib.contextmanager
 def ray_cluster() -> Iterator[str]:
     token, temp, port = os.urandom(6).hex(), tempfile.mkdtemp(prefix="ray-", dir="/tmp"), free_port()
-    env = {**os.environ, "BALLAST_BENCH_RAY": token, "RAY_USAGE_STATS_ENABLED": "0"}
+    # TMPDIR: the replica actors' directories (package copy, replica.log) go inside `temp`, removed below.
+    env = {**os.environ, "BALLAST_BENCH_RAY": token, "RAY_USAGE_STATS_ENABLED": "0", "TMPDIR": temp}
     ray = str(Path(sys.executable).parent / "ray")
     try:
         subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",

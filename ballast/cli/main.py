@@ -123,7 +123,9 @@ def main() -> None:
             sys.exit(130)
         if debug:
             raise
-        err_console.print(f"[red]error:[/red] {e}", highlight=False, markup=True, soft_wrap=True)
+        from rich.markup import escape  # the message's own brackets (`ballast[postgres]`) are text, not markup
+
+        err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, markup=True, soft_wrap=True)
         sys.exit(1)
 
 

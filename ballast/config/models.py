@@ -159,7 +159,8 @@ class CaptureConfig(_Strict):
     """Opt-in capture of sampled request/response pairs into a named dataset (off unless this section is set)."""
 
     dataset: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", description="The dataset the pairs go to.")
-    sample_rate: float = Field(1.0, ge=0, le=1, description="The share of successful non-streamed calls captured.")
+    sample_rate: float = Field(1.0, ge=0, le=1, description="The share of successful calls captured "
+                               "(chat completions, completions, responses; streamed or not).")
     redact: list[str] = Field(default_factory=list, max_length=64, description="Regular expressions replaced by "
                               "[REDACTED] in every string before anything is written.")
     retention_days: float = Field(30.0, gt=0, description="Captured pairs are deleted this long after capture.")
@@ -243,7 +244,7 @@ class NativeEngineConfig(_Strict):
     stall_timeout_s: float = Field(
         120.0, gt=0, description="No engine step for this long while requests wait: the replica is unhealthy."
     )
-    tool_parser: Literal["auto", "hermes", "llama3_json"] = Field(
+    tool_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = Field(
         "auto", description="How tool calls are written and parsed; auto reads the chat template."
     )
     speculative: SpeculativeConfig | None = Field(None, description="Speculative decoding; off when unset.")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from starlette.requests import Request
 
 from ballast.openai import APIError
+from ballast.openai.jsonio import parse_json
 
 MAX_BODY = 32 * 2**20
 
@@ -22,10 +22,7 @@ async def _read_body(request: Request, parse: bool) -> tuple[bytes, Any]:
         raise APIError(413, f"request body exceeds {MAX_BODY} bytes", code="request_too_large")
     if not parse:
         return body, None
-    try:
-        parsed = json.loads(body) if body else None
-    except ValueError as e:
-        raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+    parsed = parse_json(body) if body else None  # 400 for deep nesting and lone surrogates, as the replica
     if not isinstance(parsed, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_request")
     return body, parsed

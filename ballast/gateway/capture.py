@@ -1,9 +1,10 @@
 """Opt-in capture of traffic into datasets, and `POST /v1/feedback`.
 
 Nothing is stored unless a deployment's `capture:` section or a request's `x-ballast-capture: DATASET` header (a
-key with the `capture` scope, or admin) asks for it. Only successful, non-streamed chat completions are captured:
-the conversation sent and the assistant message returned, with every configured pattern replaced by
-`[REDACTED]` here, in the gateway, before the store sees anything.
+key with the `capture` scope, or admin) asks for it. Successful chat completions, completions and Responses API
+calls are captured, streamed or not (`capture_shapes`): the conversation sent and the assistant message returned,
+with every configured pattern replaced by `[REDACTED]` here, in the gateway, before the store sees anything. A
+stream is relayed untouched and its pair written after it ends.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import logging
 import random
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ from ballast.control.datasets import Datasets
 from ballast.control.errors import ControlError
 from ballast.control.eval_store import INTERNAL_KEY_ID
 from ballast.control.keys import KeyRecord
+from ballast.gateway.capture_shapes import KINDS, StreamAnswer, answer, conversation
 from ballast.gateway.targets import parse_model
 from ballast.observe import current_request_id
 from ballast.openai import APIError
@@ -67,6 +69,18 @@ def redactor(patterns: tuple[str, ...]) -> Callable[[Any], Any]:
     return scrub
 
 
+@dataclass(frozen=True)
+class _Target:
+    """Where one request's pair goes, and the conversation it sent (taken before anything is relayed)."""
+
+    dataset: str
+    deployment: str
+    policy: CapturePolicy
+    sent: list[Any]
+    request_id: str
+    key_id: str
+
+
 def _correction(v: Any) -> dict[str, Any] | None:
     if v is None:
         return None
@@ -83,6 +97,7 @@ class Capture:
         self.gateway = gateway
         self.datasets = datasets
         self._task: asyncio.Task[None] | None = None
+        self._writes: set[asyncio.Task[None]] = set()  # streamed pairs being written after their stream ended
 
     # ---- the hook in Gateway.handle ------------------------------------------------------------
     def requested(self, request: Request, key: KeyRecord) -> str | None:
@@ -102,30 +117,71 @@ class Capture:
         dep = self.gateway.routes.get(parse_model(target)[0]) if target else None
         return (dep.name, dep.capture or CapturePolicy()) if dep is not None else None
 
-    async def record(self, kind: str, key: KeyRecord, parsed: Any, resp: Response, wanted: str | None) -> Response:
-        """Capture one answered request when its deployment or header asks for it (never fails the request)."""
-        await self._record(kind, key, parsed, resp, wanted)
+    async def record(self, kind: str, key: KeyRecord, model: Any, parsed: Any, resp: Response,
+                     wanted: str | None) -> Response:
+        """Capture one answered request when its deployment or header asks for it (never fails the request).
+        `model` is the one the client named (the body's was rewritten to the replica's served name). A stream
+        is read as it is relayed, and its pair written once it has ended."""
+        try:
+            target = self._target(kind, key, model, parsed, resp, wanted)
+        except Exception:
+            log.exception("capturing request %s failed", current_request_id())
+            return resp
+        if target is None:
+            return resp
+        if isinstance(resp, StreamingResponse):
+            resp.body_iterator = self._tap(resp.body_iterator, StreamAnswer(kind), target)
+            return resp
+        await self._write(target, answer(kind, bytes(resp.body)))
         return resp
 
-    async def _record(self, kind: str, key: KeyRecord, parsed: Any, resp: Response, wanted: str | None) -> None:
-        if kind != "chat_completions" or resp.status_code != 200 or isinstance(resp, StreamingResponse):
-            return
+    def _target(self, kind: str, key: KeyRecord, model: Any, parsed: Any, resp: Response,
+                wanted: str | None) -> _Target | None:
+        """Where this request's pair goes, if anywhere: opt-in by deployment (sampled) or by header."""
+        if kind not in KINDS or resp.status_code != 200 or not isinstance(parsed, dict):
+            return None
         if key.id == INTERNAL_KEY_ID:  # an eval's requests replay a dataset: capturing them would feed it itself
-            return
-        found = self._policy(parsed.get("model") if isinstance(parsed, dict) else None)
+            return None
+        found = self._policy(model)
         if found is None:
-            return
+            return None
         deployment, policy = found
         dataset = wanted or policy.dataset
         if dataset is None or (wanted is None and random.random() >= policy.sample_rate):
+            return None
+        sent = conversation(kind, parsed)
+        if sent is None:
+            return None
+        return _Target(dataset, deployment, policy, sent, current_request_id(), key.id)
+
+    async def _tap(self, chunks: AsyncIterable[Any], stream: StreamAnswer, target: _Target) -> AsyncIterator[Any]:
+        """Relay every chunk as it comes, keeping a copy for the pair; write it in the background once the
+        stream has ended properly (a client gone or a replica failed mid-stream: nothing is written)."""
+        try:
+            async for chunk in chunks:
+                try:
+                    stream.feed(chunk if isinstance(chunk, bytes) else str(chunk).encode())
+                except Exception:
+                    stream.failed = True
+                yield chunk
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        task = asyncio.create_task(self._write(target, stream.result()))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _write(self, target: _Target, answer: dict[str, Any] | None) -> None:
+        if answer is None:
             return
         try:
-            answer = json.loads(bytes(resp.body))["choices"][0]["message"]
-            scrub = redactor(policy.redact)
-            await asyncio.to_thread(self.datasets.capture, dataset, current_request_id(), key.id, deployment,
-                                    scrub(parsed["messages"]), scrub(answer), policy.retention_days)
+            scrub = redactor(target.policy.redact)
+            await asyncio.to_thread(self.datasets.capture, target.dataset, target.request_id, target.key_id,
+                                    target.deployment, scrub(target.sent), scrub(answer),
+                                    target.policy.retention_days)
         except Exception:
-            log.exception("capturing request %s failed", current_request_id())
+            log.exception("capturing request %s failed", target.request_id)
 
     # ---- feedback ------------------------------------------------------------------------------
     async def feedback(self, request: Request) -> Response:
@@ -169,6 +225,8 @@ class Capture:
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
+        if self._writes:  # pairs of streams that just ended: let them land
+            await asyncio.wait(set(self._writes), timeout=5)
 
     async def _sweep_loop(self) -> None:
         while True:

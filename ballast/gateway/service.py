@@ -283,7 +283,7 @@ class Gateway:
             model = parsed.get("model")
         wanted = self.capture.requested(request, key) if self.capture is not None else None
         resp = await self.forward(key, kind, model, body, parsed, request.headers.get("x-ballast-session"), started)
-        return await self.capture.record(kind, key, parsed, resp, wanted) if self.capture is not None else resp
+        return await self.capture.record(kind, key, model, parsed, resp, wanted) if self.capture is not None else resp
 
     async def forward(self, key: KeyRecord, kind: str, model: str | None, body: bytes, parsed: Any,
                       session: str | None, started: float, admit: bool = True, priority: int | None = None,

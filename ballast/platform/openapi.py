@@ -1,7 +1,7 @@
 """The platform's OpenAPI document, made true: each route declares the error statuses it answers (with
 the OpenAI error body), validation failures are documented as the 400 they are (FastAPI would say 422),
 and the key requirement is a security scheme, so generated clients and fuzzers see the real contract.
-Bodies are read by the runtime's JSON reader, so the platform refuses the same malformed JSON as a replica."""
+Bodies are read by the one JSON reader (openai/jsonio), so the platform refuses the malformed JSON a replica does."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 from starlette.responses import Response
 
+from ballast.openai.jsonio import parse_json
 from ballast.platform.schemas import ErrorBody
-from ballast.runtime.jsonio import parse_json
 
 _REASONS = {
     400: "Invalid request (the message names the parameter).",
@@ -27,7 +27,7 @@ _REASONS = {
 
 
 class CheckedJSONRoute(APIRoute):
-    """Request bodies go through the runtime's JSON reader (400 for deep nesting and lone surrogates)
+    """Request bodies go through the one JSON reader (400 for deep nesting and lone surrogates)
     before FastAPI validates them; the parsed value is handed on, so nothing is parsed twice."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:

@@ -226,8 +226,25 @@ class EngineHost:
     async def _models(self, _req: Request) -> Response:
         created = int(time.time() - (time.monotonic() - (self.load_seconds or 0)))
         data = [{"id": self.model_name, "object": "model", "created": created, "owned_by": "ballast",
-                 "max_model_len": getattr(self.engine, "max_model_len", None)}, *self.lora.models(created)]
+                 "max_model_len": getattr(self.engine, "max_model_len", None),
+                 "capabilities": self._capabilities()}, *self.lora.models(created)]
         return JSONResponse({"object": "list", "data": data})
+
+    def _capabilities(self) -> dict[str, Any] | None:
+        """What a client may ask of this model: constraints, the tool-call format, the Responses API, and the
+        sampling a request that omits a parameter gets (the checkpoint's generation_config.json + the package's)."""
+        if self.engine is None:
+            return None
+        core = self.engine.core
+        return {
+            "structured_outputs": {
+                "response_format": ["json_object", "json_schema"],
+                "extra_body": ["guided_json", "guided_regex", "guided_choice", "structured_outputs"]},
+            "tool_calling": {"tool_parser": choose_parser(self.engine.tokenizer.chat_template, self.cfg.tool_parser),
+                             "tool_choice": ["auto", "none", "required", "function"], "parallel_tool_calls": True},
+            "responses_api": {"store": False},
+            "default_sampling": {**core.default_sampling, "max_tokens": core.default_max_tokens},
+        }
 
     async def _body(self, request: Request) -> Any:
         from ballast.runtime.server import read_json
@@ -240,7 +257,8 @@ class EngineHost:
         self._check_model(req.model)
         if (req.messages is None) == (req.prompt is None):
             raise APIError(400, "send `prompt` (a string) or `messages`, not both", param="prompt")
-        text = self._render(req.messages) if req.messages is not None else req.prompt
+        parser = choose_parser(self.engine.tokenizer.chat_template, self.cfg.tool_parser)  # as chat renders them
+        text = self._render(req.messages, None, parser) if req.messages is not None else req.prompt
         ids = self.engine.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
         return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": self.engine.max_model_len})
 

@@ -1,10 +1,11 @@
 """Tool calling on the native engine: prompt rendering, forced calls by grammar, and parsing calls out of
 the model's text (whole, or streamed as OpenAI `tool_calls` deltas).
 
-Two call formats: Hermes (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, SmolLM2/Qwen
-style) and Llama-3 JSON (`{"name": ..., "parameters": {...}}`). Which one is read from the chat
-template's text unless `engine.tool_parser` says. A template that does not know tools (SmolLM2's)
-gets the tools described in the system message, and past calls and results written in the format.
+Three call formats: Hermes (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, SmolLM2/Qwen
+style), Llama-3 JSON (`{"name": ..., "parameters": {...}}`) and Mistral (`[TOOL_CALLS] [{...}]`; those two in
+`llm_tool_json`). Which one is read from the chat template's text unless `engine.tool_parser` says. A
+template that does not know tools (SmolLM2's) gets the tools described in the system message, and past
+calls and results written in the format.
 Parsing is post-processing of the formatter's output, so plain completions pay nothing.
 """
 
@@ -13,13 +14,19 @@ from __future__ import annotations
 import copy
 import json
 import re
-import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from ballast.engine.guided import GuidedSpec
 from ballast.openai.tools import ToolRequest, message_tool_calls
+from ballast.runtime.llm_tool_json import (
+    MISTRAL_MARK,
+    Llama3JsonParser,
+    MistralParser,
+    ToolCall,
+    _as_call,
+    mistral_id,
+)
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
@@ -28,6 +35,8 @@ def choose_parser(template: str | None, configured: str = "auto") -> str:
     if configured != "auto":
         return configured
     t = template or ""
+    if MISTRAL_MARK in t:
+        return "mistral"
     if "<|python_tag|>" in t or ("ipython" in t and "parameters" in t):
         return "llama3_json"
     return "hermes"
@@ -39,6 +48,10 @@ def _tools_prompt(tools: ToolRequest, parser: str) -> str:
     if parser == "llama3_json":
         return ("You can call these functions:\n" + specs + "\nTo call one, answer with only a JSON object "
                 '{"name": <function name>, "parameters": <arguments object>}.')
+    if parser == "mistral":
+        listed = specs.replace("\n", ", ")
+        return (f"[AVAILABLE_TOOLS] [{listed}] [/AVAILABLE_TOOLS]\nTo call functions, answer with "
+                f'{MISTRAL_MARK} [{{"name": <function name>, "arguments": <arguments object>}}, ...].')
     return ("You can call functions. Their signatures, as JSON schemas, are:\n<tools>\n" + specs + "\n</tools>\n"
             f"To call a function, answer with one {OPEN}{CLOSE} block per call, each holding a JSON object:\n"
             f'{OPEN}{{"name": <function name>, "arguments": <arguments object>}}{CLOSE}')
@@ -48,6 +61,8 @@ def _call_text(call: dict[str, Any], parser: str) -> str:
     fn = call["function"]
     if parser == "llama3_json":
         return json.dumps({"name": fn["name"], "parameters": fn["arguments"]}, ensure_ascii=False)
+    if parser == "mistral":
+        return MISTRAL_MARK + " " + json.dumps([{"name": fn["name"], "arguments": fn["arguments"]}], ensure_ascii=False)
     return OPEN + json.dumps({"name": fn["name"], "arguments": fn["arguments"]}, ensure_ascii=False) + CLOSE
 
 
@@ -74,6 +89,10 @@ def _template_message(i: int, m: Any, knows: bool, parser: str) -> dict[str, Any
         msg["tool_call_id"] = extra["tool_call_id"]
     if m.name:
         msg["name"] = m.name
+    if knows and parser == "mistral":  # Mistral's templates refuse ids that are not 9 letters or digits
+        calls = [{**c, "id": mistral_id(c.get("id"))} for c in calls]
+        if "tool_call_id" in msg:
+            msg["tool_call_id"] = mistral_id(msg["tool_call_id"])
     if knows:
         if calls:
             msg["tool_calls"] = calls
@@ -113,42 +132,17 @@ def forced_spec(tools: ToolRequest, parser: str) -> GuidedSpec | None:
     body = "%json " + json.dumps(call)
     if parser == "llama3_json":
         return GuidedSpec("lark", f"start: call\ncall: {body}", "tools")
+    if parser == "mistral":
+        item = {k: v for k, v in call.items() if k != "x-guidance"}
+        calls = {"type": "array", "items": item, "minItems": 1, "x-guidance": call["x-guidance"]}
+        if not (tools.parallel and tools.choice == "required"):
+            calls["maxItems"] = 1
+        return GuidedSpec("lark", f'start: "{MISTRAL_MARK} " calls\ncalls: %json {json.dumps(calls)}', "tools")
     many = tools.parallel and tools.choice == "required"
     return GuidedSpec("lark", f'start: tc{"+" if many else ""}\ntc: "{OPEN}" call "{CLOSE}"\ncall: {body}', "tools")
 
 
 # ---- parsing -----------------------------------------------------------------------------------
-@dataclass
-class ToolCall:
-    name: str
-    arguments: str  # JSON text
-
-    def openai(self, index: int | None = None) -> dict[str, Any]:
-        d: dict[str, Any] = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                             "function": {"name": self.name, "arguments": self.arguments}}
-        if index is not None:
-            d["index"] = index
-        return d
-
-
-def _as_call(text: str, args_key: str) -> ToolCall | None:
-    try:
-        obj = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-        return None
-    args = obj.get(args_key, obj.get("arguments", obj.get("parameters", {})))
-    if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except ValueError:
-            return None
-    if not isinstance(args, dict):
-        return None
-    return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
-
-
 _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
 
 
@@ -239,44 +233,10 @@ class HermesParser:
         return out, []
 
 
-class Llama3JsonParser:
-    """The whole output is one call (or several joined by `;`) when it starts with `{`; else it is text."""
-
-    def __init__(self) -> None:
-        self.buf = ""
-        self.mode: str | None = None  # None (deciding), "json" or "text"
-        self.ncalls = 0
-
-    def feed(self, text: str) -> tuple[str, list[ToolCall]]:
-        if self.mode == "text":
-            return text, []
-        self.buf += text
-        head = self.buf.lstrip()
-        if not head:
-            return "", []
-        self.mode = "json" if head.startswith("{") else "text"
-        if self.mode == "text":
-            out, self.buf = self.buf, ""
-            return out, []
-        return "", []
-
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        buf, self.buf = self.buf, ""
-        if self.mode != "json":
-            return buf, []
-        parts = [p for p in buf.strip().split(";") if p.strip()]
-        calls = [_as_call(p.strip(), "parameters") for p in parts]
-        if not calls or any(c is None for c in calls):
-            whole = _as_call(buf.strip(), "parameters")
-            if whole is None:
-                return buf, []
-            calls = [whole]
-        self.ncalls = len(calls)
-        return "", [c for c in calls if c is not None]
-
-
-def new_parser(parser: str) -> HermesParser | Llama3JsonParser:
-    return Llama3JsonParser() if parser == "llama3_json" else HermesParser()
+def new_parser(parser: str) -> HermesParser | Llama3JsonParser | MistralParser:
+    if parser == "llama3_json":
+        return Llama3JsonParser()
+    return MistralParser() if parser == "mistral" else HermesParser()
 
 
 def parse_text(text: str, parser: str) -> tuple[str | None, list[ToolCall]]:

@@ -26,10 +26,10 @@ from ballast.observe import RequestIdMiddleware, request_id_var
 from ballast.observe.requests import with_tracing
 from ballast.observe.tracing import get_tracer
 from ballast.openai import DONE, APIError, error_body, sse_event
+from ballast.openai.jsonio import parse_json
 from ballast.openai.priority import PRIORITY_HEADER, parse_priority_header
 from ballast.runtime.admission import Admission
 from ballast.runtime.host import STREAM_TOKENS_HEADER, Handler, Host, request_priority, stream_tokens
-from ballast.runtime.jsonio import parse_json
 from ballast.runtime.metrics import RequestMetrics, RuntimeMetrics
 from ballast.runtime.model import OPENAI_METHODS, LoadState
 from ballast.runtime.openapi import replica_openapi

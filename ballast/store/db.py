@@ -47,7 +47,13 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    try:
+        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    except ModuleNotFoundError as e:  # the driver is an extra: say which, not just "No module named psycopg"
+        if (e.name or "").startswith("psycopg"):
+            raise RuntimeError("a PostgreSQL store needs the psycopg 3 driver: "
+                               "pip install 'ballast[postgres]'") from None
+        raise
 
 
 def _private_sqlite_file(url: str) -> None:

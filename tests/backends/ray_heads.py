@@ -47,7 +47,9 @@ class RayHead:
         self.resources = dict(resources or {})  # custom resources its node declares
 
     def start(self) -> RayHead:
-        env = {**os.environ, "BALLAST_TEST_RAY": self.token, "RAY_USAGE_STATS_ENABLED": "0"}
+        # TMPDIR: the replica actors' private directories (package copy, replica.log) go inside `temp`, so actors
+        # killed with the cluster leave nothing in the system temp directory.
+        env = {**os.environ, "BALLAST_TEST_RAY": self.token, "RAY_USAGE_STATS_ENABLED": "0", "TMPDIR": self.temp}
         cmd = [shutil.which("ray") or "ray", "start", "--head", f"--port={self.port}", f"--num-cpus={self.num_cpus}",
                "--include-dashboard=false", "--node-ip-address=127.0.0.1", f"--temp-dir={self.temp}",
                f"--memory={self.memory_gib * 2**30}", f"--object-store-memory={100 * 2**20}", "--disable-usage-stats",

@@ -178,27 +178,122 @@ def test_feedback_bad_bodies(plat: Platform) -> None:
     assert _error(post(b" " * (2**20 + 1)), 413)["code"] == "request_too_large"
 
 
-def test_tiny_llm_capture_and_streams_skipped(plat: Platform, tiny_checkpoint: Path, tmp_path: Path) -> None:
+# ---- a tiny LLM: chat, completions and the Responses API, whole and streamed --------------------------------
+SECRET = re.compile(r"secret-[0-9]+")
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]}}}
+
+
+@pytest.fixture(scope="module")
+def tiny(plat: Platform, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A captured LLM deployment whose replica answers to another name than the deployment's."""
     pytest.importorskip("ballast.engine", reason="the native engine is not built")
-    pkg = write_package(tmp_path / "tiny", f"""
+    pkg = write_package(tmp_path_factory.mktemp("tiny") / "tiny", f"""
         name: tiny
-        engine: {{kind: native, checkpoint: {tiny_checkpoint}, max_model_len: 256, kv_cache_memory: 16Mi}}
+        engine: {{kind: native, checkpoint: {tiny_checkpoint}, served_model_name: tiny-served, max_model_len: 2048,
+                  kv_cache_memory: 64Mi}}
         autoscaling: {{min_replicas: 1, max_replicas: 1}}
         capture: {{dataset: tinyset, redact: ['secret-[0-9]+']}}
         """)
     plat.api("POST", "/deployments", expect=201, json={"path": str(pkg)})
     plat.wait_serving("tiny", 1, timeout=180)
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "say secret-42"}], "max_tokens": 8,
+    return "tiny"
+
+
+def _post(p: Platform, path: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(p.url + path, json=body, headers={"Authorization": f"Bearer {p.key}"}, timeout=120)
+
+
+def _stream(p: Platform, path: str, body: dict[str, Any], **headers: str) -> tuple[str, str]:
+    """(the request id, the raw SSE text) of a streamed request read to its end."""
+    with httpx.stream("POST", p.url + path, json={**body, "stream": True}, timeout=120,
+                      headers={"Authorization": f"Bearer {p.key}", **headers}) as s:
+        assert s.status_code == 200
+        return s.headers["x-request-id"], s.read().decode()
+
+
+def _captured(p: Platform, request_id: str) -> list[dict[str, Any]]:
+    """The captured messages of one request, waited for: a stream's pair is written just after it ends."""
+    def find() -> list[dict[str, Any]] | None:
+        r = p.api("GET", "/datasets/tinyset", expect=None, params={"limit": 1000})
+        rows = r.get("data", []) if isinstance(r, dict) else []
+        return next((x["messages"] for x in rows if x["request_id"] == request_id), None)
+
+    return list(p.wait(f"request {request_id} captured", find, timeout=30, every=0.2))
+
+
+def test_chat_whole_and_streamed_are_captured_alike(plat: Platform, tiny: str) -> None:
+    body = {"model": tiny, "messages": [{"role": "user", "content": "say secret-42"}], "max_tokens": 12,
             "temperature": 0}
-    headers = {"Authorization": f"Bearer {plat.key}"}
-    with httpx.stream("POST", plat.url + "/v1/chat/completions", json={**body, "stream": True}, headers=headers,
-                      timeout=60) as s:
-        assert s.status_code == 200 and "data: [DONE]" in s.read().decode()
-    plat.api("GET", "/datasets/tinyset", expect=404)  # streams are not captured
-    r = httpx.post(plat.url + "/v1/chat/completions", json=body, headers=headers, timeout=60)
+    r = _post(plat, "/v1/chat/completions", body)
     assert r.status_code == 200, r.text
-    [example] = plat.api("GET", "/datasets/tinyset")["data"]
-    assert example["messages"][0] == {"role": "user", "content": "say [REDACTED]"}
-    answer = r.json()["choices"][0]["message"]["content"]
-    assert example["messages"][1]["content"] == re.sub(r"secret-[0-9]+", "[REDACTED]", answer)
-    assert example["request_id"] == r.headers["x-request-id"]
+    answer = r.json()["choices"][0]["message"]
+    said = {"role": "user", "content": "say [REDACTED]"}
+    whole = _captured(plat, r.headers["x-request-id"])
+    assert whole == [said, {**answer, "content": SECRET.sub("[REDACTED]", answer["content"])}]
+    rid, text = _stream(plat, "/v1/chat/completions", body)
+    assert "data: [DONE]" in text and "[REDACTED]" not in text  # the client's stream is untouched
+    assert _captured(plat, rid) == whole
+
+    tools = {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+             "max_tokens": 80}
+    r = _post(plat, "/v1/chat/completions", {**body, **tools})
+    call = r.json()["choices"][0]["message"]["tool_calls"][0]
+    rid, _ = _stream(plat, "/v1/chat/completions", {**body, **tools})
+    streamed = _captured(plat, rid)[-1]
+    assert streamed["content"] is None and [c["function"] for c in streamed["tool_calls"]] == [call["function"]]
+    assert streamed["tool_calls"][0]["id"].startswith("call_")
+
+
+def test_completions_and_responses_are_captured(plat: Platform, tiny: str) -> None:
+    comp = {"model": tiny, "prompt": "The secret-7 is", "max_tokens": 8, "temperature": 0}
+    r = _post(plat, "/v1/completions", comp)
+    assert r.status_code == 200, r.text
+    text = SECRET.sub("[REDACTED]", r.json()["choices"][0]["text"])
+    expected = [{"role": "user", "content": "The [REDACTED] is"}, {"role": "assistant", "content": text}]
+    assert _captured(plat, r.headers["x-request-id"]) == expected
+    rid, _ = _stream(plat, "/v1/completions", comp)
+    assert _captured(plat, rid) == expected
+
+    resp = {"model": tiny, "instructions": "Be brief.", "input": "Hello secret-9", "max_output_tokens": 8,
+            "temperature": 0}
+    r = _post(plat, "/v1/responses", resp)
+    assert r.status_code == 200, r.text
+    out = SECRET.sub("[REDACTED]", r.json()["output"][0]["content"][0]["text"])
+    expected = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello [REDACTED]"},
+                {"role": "assistant", "content": out}]
+    assert _captured(plat, r.headers["x-request-id"]) == expected
+    rid, text = _stream(plat, "/v1/responses", resp)
+    assert f"event: response.{r.json()['status']}" in text  # completed, or incomplete at max_output_tokens
+    assert _captured(plat, rid) == expected
+
+    tool = {"type": "function", **WEATHER["function"]}
+    rid, _ = _stream(plat, "/v1/responses", {**resp, "tools": [tool], "max_output_tokens": 80,
+                                             "tool_choice": {"type": "function", "name": "get_weather"}})
+    [call] = _captured(plat, rid)[-1]["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and "city" in json.loads(call["function"]["arguments"])
+
+
+def test_an_abandoned_stream_and_a_skipped_one_write_nothing(plat: Platform, tiny: str) -> None:
+    body = {"model": tiny, "messages": [{"role": "user", "content": "tell a long story"}], "max_tokens": 400,
+            "temperature": 1.0, "stream": True, "ignore_eos": True}
+    key = plat.api("POST", "/keys", expect=201, json={"scopes": ["inference"]})
+    with httpx.stream("POST", plat.url + "/v1/chat/completions", json=body, timeout=120,
+                      headers={"Authorization": f"Bearer {key['key']}"}) as s:
+        abandoned = s.headers["x-request-id"]
+        next(s.iter_raw())  # one chunk, then the client goes away
+    # Metered once the gateway's relay of it is over: a pair, had there been one, would be on its way by then.
+    plat.wait("the abandoned stream metered", lambda: plat.api("GET", f"/usage?key={key['id']}&group=key")["data"],
+              timeout=60, every=0.5)
+    token_ids = _post(plat, "/v1/completions", {"model": tiny, "prompt": [[1, 2, 3]], "max_tokens": 2})
+    assert token_ids.status_code == 200  # answered, but token ids are not a conversation: not captured
+    marker, _ = _stream(plat, "/v1/chat/completions", {**body, "max_tokens": 2, "ignore_eos": False})
+    _captured(plat, marker)
+    ids = {x["request_id"] for x in plat.api("GET", "/datasets/tinyset", params={"limit": 1000})["data"]}
+    assert abandoned not in ids and token_ids.headers["x-request-id"] not in ids
+    # The header picks the dataset for a stream as for a whole answer.
+    picked, _ = _stream(plat, "/v1/chat/completions", {**body, "max_tokens": 2}, **{"x-ballast-capture": "picked-s"})
+    plat.wait("the header's stream captured", lambda: plat.api("GET", "/datasets/picked-s", expect=None).get("data"),
+              timeout=30, every=0.2)
+    assert [x["request_id"] for x in plat.api("GET", "/datasets/picked-s")["data"]] == [picked]
+    assert picked not in {x["request_id"] for x in plat.api("GET", "/datasets/tinyset", params={"limit": 1000})["data"]}

@@ -135,14 +135,66 @@ def test_tool_errors_are_400s(llm):
                                   response_format={"type": "json_object"}, max_tokens=4)
 
 
+def capabilities(replica) -> dict:
+    models = httpx.get(replica.url + "/v1/models", timeout=30).json()["data"]
+    assert len(models) == 1
+    return models[0]["capabilities"]
+
+
+def test_model_list_says_what_the_model_supports(llm):
+    caps = capabilities(llm)
+    assert caps["tool_calling"]["tool_parser"] == "hermes"  # read from the checkpoint's template
+    assert set(caps["tool_calling"]["tool_choice"]) == {"auto", "none", "required", "function"}
+    assert set(caps["structured_outputs"]["response_format"]) == {"json_object", "json_schema"}
+    assert "guided_regex" in caps["structured_outputs"]["extra_body"]
+    assert caps["responses_api"] == {"store": False}
+    # The tiny checkpoint's generation_config.json sets no sampling: the package default bound alone applies.
+    assert caps["default_sampling"] == {"max_tokens": 1024}
+
+
+def test_configured_mistral_parser(tiny_checkpoint: Path, tmp_path: Path, replica_factory):
+    """`engine.tool_parser: mistral`: calls are `[TOOL_CALLS] [...]`, forced by grammar, whole and streamed alike."""
+    pkg = write_package(tmp_path / "mi", f"""
+        name: mi
+        engine: {{kind: native, checkpoint: {tiny_checkpoint}, served_model_name: mi, max_model_len: 2048,
+                  kv_cache_memory: 64Mi, tool_parser: mistral}}
+        """)
+    rep = replica_factory(pkg)
+    assert capabilities(rep)["tool_calling"]["tool_parser"] == "mistral"
+    c = client_for(rep)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    kw = dict(model="mi", messages=MSGS, tools=[TIME, WEATHER], tool_choice=named, temperature=0, max_tokens=120)
+    ch = c.chat.completions.create(**kw).choices[0]
+    assert ch.finish_reason == "tool_calls" and len(ch.message.tool_calls) == 1 and not ch.message.content
+    valid_call(ch.message.tool_calls[0], WEATHER)
+    deltas = [d for chunk in c.chat.completions.create(**kw, stream=True) for choice in chunk.choices
+              for d in choice.delta.tool_calls or []]
+    whole = ch.message.tool_calls[0].function.arguments
+    assert "".join(d.function.arguments or "" for d in deltas if d.function) == whole
+    for ch in c.chat.completions.create(model="mi", messages=MSGS, tools=[TIME, WEATHER], tool_choice="required",
+                                        parallel_tool_calls=False, n=3, temperature=1.0, max_tokens=300).choices:
+        assert ch.finish_reason == "tool_calls" and len(ch.message.tool_calls) == 1, ch.message
+        call = ch.message.tool_calls[0]
+        valid_call(call, WEATHER if call.function.name == "get_weather" else TIME)
+    # A past call goes back into the prompt in the same format.
+    history = [*MSGS, ch.message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": '{"ok": true}'}]
+    ids = httpx.post(rep.url + "/tokenize", json={"messages": history}).json()["tokens"]
+    assert '[TOOL_CALLS] [{"name": "' in httpx.post(rep.url + "/detokenize", json={"tokens": ids}).json()["prompt"]
+
+
 def test_configured_llama3_json_parser(tiny_checkpoint: Path, tmp_path: Path, replica_factory):
     """`engine.tool_parser: llama3_json` overrides the template's format: calls are bare JSON objects."""
     pkg = write_package(tmp_path / "l3", f"""
         name: l3
         engine: {{kind: native, checkpoint: {tiny_checkpoint}, served_model_name: l3, max_model_len: 2048,
-                  kv_cache_memory: 64Mi, tool_parser: llama3_json}}
+                  kv_cache_memory: 64Mi, tool_parser: llama3_json, default_sampling: {{top_k: 5, max_tokens: 300}}}}
         """)
-    c = client_for(replica_factory(pkg))
+    rep = replica_factory(pkg)
+    caps = capabilities(rep)
+    assert caps["tool_calling"]["tool_parser"] == "llama3_json"
+    assert caps["default_sampling"] == {"top_k": 5, "max_tokens": 300}
+    c = client_for(rep)
     named = {"type": "function", "function": {"name": "get_weather"}}
     kw = dict(model="l3", messages=MSGS, tools=[WEATHER], tool_choice=named, temperature=0, max_tokens=120)
     r = c.chat.completions.create(**kw)
@@ -188,6 +240,61 @@ def test_hermes_parse_whole_and_streamed_agree():
 
     for step in (1, 3, 7, len(HERMES)):
         assert asyncio.run(streamed(step)) == (content, [(c.name, c.arguments) for c in calls])
+
+
+def test_mistral_whole_streamed_and_markerless():
+    text = '[TOOL_CALLS] [{"name": "f", "arguments": {"a": 1}}, {"name": "g", "arguments": {"b": "x"}}]'
+    content, calls = parse_text(text, "mistral")
+    assert content is None
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("f", {"a": 1}), ("g", {"b": "x"})]
+    assert [(c.name, c.arguments) for c in parse_text(text[len("[TOOL_CALLS] "):], "mistral")[1]] == [
+        (c.name, c.arguments) for c in calls]  # a detokenizer that drops the special token
+    assert parse_text("[1] is a list", "mistral") == ("[1] is a list", [])
+    assert parse_text("[TOOL_CALLS] [oops", "mistral") == ("[TOOL_CALLS] [oops", [])
+
+    async def stream(pieces: list[str]) -> list[dict]:
+        async def chunks():
+            yield {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+            for i, p in enumerate(pieces):
+                yield {"choices": [{"index": 0, "delta": {"content": p}, "logprobs": None,
+                                    "finish_reason": "stop" if i == len(pieces) - 1 else None}]}
+        return [c async for c in apply_to_stream(chunks(), "mistral")]
+
+    out = asyncio.run(stream([text[i:i + 3] for i in range(0, len(text), 3)]))
+    deltas = [d for c in out for ch in c["choices"] for d in ch["delta"].get("tool_calls") or []]
+    assert [d["function"].get("name") for d in deltas if d.get("id")] == ["f", "g"]
+    assert not any(ch["delta"].get("content") for c in out[1:] for ch in c["choices"])
+    assert out[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert choose_parser("{{ '[TOOL_CALLS]' }}") == "mistral" and choose_parser(None, "mistral") == "mistral"
+
+
+def test_mistral_templates_get_nine_character_call_ids():
+    """Mistral's templates raise unless every tool call id is 9 letters or digits: ids are mapped, consistently."""
+    from ballast.openai.schemas import ChatCompletionRequest
+    from ballast.runtime.llm_tools import template_messages
+
+    template = ("{%- for m in messages %}{%- for c in m.tool_calls or [] %}{%- if c.id|length != 9 %}"
+                "{{ raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}{%- endif %}"
+                "[TOOL_CALLS] {{ c.id }}{%- endfor %}{%- if m.role == 'tool' %}[TOOL_RESULTS] {{ m.tool_call_id }}"
+                "{%- endif %}{%- endfor %}{# tools #}")
+    req = ChatCompletionRequest.model_validate({"messages": [
+        *MSGS, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_0123456789abcdef", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_0123456789abcdef", "content": "ok"}]})
+    msgs, _ = template_messages(req.messages, None, template, "mistral")
+    ids = {msgs[1]["tool_calls"][0]["id"], msgs[2]["tool_call_id"]}
+    assert len(ids) == 1 and all(len(i) == 9 and i.isalnum() for i in ids)
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(message)
+
+    import jinja2
+    env = jinja2.Environment()
+    env.globals["raise_exception"] = raise_exception
+    assert "[TOOL_RESULTS] " + ids.pop() in env.from_string(template).render(messages=msgs)
+    hermes, _ = template_messages(req.messages, None, template, "hermes")
+    with pytest.raises(ValueError, match="length 9"):  # what a Mistral template does with OpenAI-style ids
+        env.from_string(template).render(messages=hermes)
 
 
 def test_plain_text_and_llama3_json():

@@ -78,3 +78,20 @@ def test_concurrent_deploys_get_distinct_numbers(database_url, tmp_path):
         t.join(60)
     assert len(out) == 4 and len(set(out)) == 1 and out[0] == len(pkgs) + 1
     engine.dispose()
+
+
+def test_postgres_without_its_driver_says_which_extra(tmp_path: Path) -> None:
+    """`ballast up --database-url postgresql://...` where psycopg is not installed: one line naming the extra."""
+    import os
+    import subprocess
+    import sys
+
+    shadow = tmp_path / "no-psycopg" / "psycopg"  # an import of psycopg fails here as it does where it is missing
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'psycopg'\", name='psycopg')\n")
+    env = {**os.environ, "BALLAST_HOME": str(tmp_path / "home"),
+           "PYTHONPATH": os.pathsep.join([str(shadow.parent), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "ballast.cli.main", "up", "--port", "1", "--database-url",
+                        "postgresql://nobody@127.0.0.1:1/none"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "pip install 'ballast[postgres]'" in r.stderr and "Traceback" not in r.stderr, r.stderr

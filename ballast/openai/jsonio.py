@@ -1,4 +1,4 @@
-"""Parsing request JSON safely: one reader for the replica runtime and the platform's REST API.
+"""Parsing request JSON safely: one reader for the replica runtime, the gateway and the platform's REST API.
 
 `json.loads` accepts documents that break the code after it: nesting thousands deep (a RecursionError
 later, in user code, pydantic or when the result is encoded) and lone UTF-16 surrogates such as
