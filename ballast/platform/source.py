@@ -105,6 +105,7 @@ def assemble(control: ControlPlane, backend: Backend, registry: CollectorRegistr
     install_history(control, gateway, registry)
     gateway.extra_routes += ChainRoutes(gateway, ChainStore(control).targets).routes()
     install_capture(control, gateway)
+    install_finetune(control, gateway)
     return reconciler, gateway
 
 
@@ -113,6 +114,18 @@ def install_capture(control: ControlPlane, gateway: Gateway) -> None:
     gateway.capture = Capture(gateway, Datasets(control.sessions))
     gateway.companions.append(gateway.capture)
     gateway.extra_routes += gateway.capture.routes()
+
+
+def install_finetune(control: ControlPlane, gateway: Gateway) -> None:
+    """Fine-tuning jobs: the `/v1/fine_tuning/jobs` routes and their runner (a gateway companion)."""
+    from ballast.control.finetune import FineTunes
+    from ballast.control.finetune_state import FineTuneState
+    from ballast.gateway.finetune_api import FineTuneAPI
+    from ballast.platform.finetune_runner import FineTuneRunner, GateContext
+
+    runner = FineTuneRunner(FineTuneState(control.sessions), control.home, GateContext(control, gateway))
+    gateway.companions.append(runner)
+    gateway.extra_routes += FineTuneAPI(gateway, FineTunes(control.sessions, control.home), runner.wake).routes()
 
 
 def install_history(control: ControlPlane, gateway: Gateway, registry: CollectorRegistry) -> Sampler | None:

@@ -38,14 +38,14 @@ def train_dpo(spec: TrainSpec, job_dir: Path) -> dict[str, Any]:
     resume = _last(out)
     progress = Progress(job_dir, total, int(resume.name.split("-")[1]) if resume else 0)
     progress.write("start", step=progress.start_step, total_steps=total, examples=len(rows), resumed=bool(resume))
-    tokens = {"n": 0, "t": time.perf_counter()}
+    tokens: dict[str, float] = {"n": 0, "t": time.perf_counter()}
 
-    class Report(TrainerCallback):  # type: ignore[misc]
+    class Report(TrainerCallback):
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
             if logs and "loss" in logs:
                 now = time.perf_counter()
                 n = int(state.num_input_tokens_seen or 0)
-                progress.step(state.global_step, float(logs["loss"]), n - tokens["n"], now - tokens["t"], n)
+                progress.step(state.global_step, float(logs["loss"]), n - int(tokens["n"]), now - tokens["t"], n)
                 tokens.update(n=n, t=now)
 
         def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -62,5 +62,5 @@ def train_dpo(spec: TrainSpec, job_dir: Path) -> dict[str, Any]:
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     adapter = job_dir / ADAPTER
     shutil.rmtree(adapter, ignore_errors=True)
-    trainer.model.save_pretrained(str(adapter))
+    trainer.model.save_pretrained(str(adapter))  # type: ignore[union-attr,operator]
     return {"step": trainer.state.global_step, "trained_tokens": int(trainer.state.num_input_tokens_seen or 0)}

@@ -26,7 +26,7 @@ def load_peft(spec: TrainSpec, base: Path) -> Any:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    cfg = LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, lora_dropout=0.0,
+    cfg = LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, lora_dropout=0.0,  # type: ignore[arg-type]
                      target_modules=list(spec.lora_targets), task_type="CAUSAL_LM", bias="none")
     return get_peft_model(model, cfg)
 
