@@ -15,6 +15,7 @@ from ballast.cli import (
     chains_cmds,
     chat_cmds,
     datasets_cmds,
+    finetune_cmds,
     keys_cmds,
     package_cmds,
     platform_cmds,
@@ -69,6 +70,7 @@ chains_cmds.register(app)
 async_cmds.register(app)
 pools_cmds.register(app)
 datasets_cmds.register(app)
+finetune_cmds.register(app)
 app.add_typer(models_cmds.app, name="models", help="Make and import LLM checkpoints (offline).")
 
 err_console = make_console(stderr=True)

@@ -165,6 +165,21 @@ def test_sdk_supervised_job_adapter_served_by_the_engine(plat: Platform, tiny_ch
     assert got != llm.generate([PROMPT], greedy)[0].outputs[0].token_ids, "the adapter learned nothing"
 
 
+def test_cli_follows_a_job_on_a_dataset(plat: Platform) -> None:
+    text = "".join(json.dumps(e) + "\n" for e in _examples(10))
+    assert plat.api("POST", "/datasets/faq/import", expect=201, json={"jsonl": text})["imported"] == 10
+    out = plat.cli("fine-tune", "create", "--model", "chat", "--dataset", "faq", "--epochs", "1", "--batch-size",
+                   "3", "--suffix", "faq", "--follow", timeout=300).stdout
+    job_id = out.split()[0]
+    assert job_id.startswith("ftjob-") and "succeeded" in out and "fine_tuned_model=chat/faq-" in out, out
+    assert "The job has successfully completed" in out
+    rows = [json.loads(x) for x in (plat.home / "finetune" / job_id / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 9  # the held-out tenth stays out of training
+    assert "3/3" in plat.cli("fine-tune", "show", job_id).stdout  # ceil(9 / 3) steps, one epoch
+    assert job_id in plat.cli("fine-tune", "list").stdout
+    assert "Job queued" in plat.cli("fine-tune", "events", job_id).stdout
+
+
 def test_dpo_job_on_preference_pairs(plat: Platform) -> None:
     pairs = [{"input": {"messages": [{"role": "user", "content": f"Greet person {i}."}]},
               "preferred_output": [{"role": "assistant", "content": f"Hello, person {i}!"}],
