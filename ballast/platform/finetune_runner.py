@@ -181,7 +181,7 @@ class FineTuneRunner:
     def _launch(self, job_id: str, resume: bool) -> None:
         d = job_dir(self.home, job_id)
         (d / "result.json").unlink(missing_ok=True)
-        log_file = open(d / "worker.log", "ab")  # noqa: SIM115 (the child keeps it)
+        log_file = os.fdopen(os.open(d / "worker.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
         try:
             proc = subprocess.Popen([sys.executable, "-m", "ballast.train", str(d)], stdout=log_file,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,

@@ -39,6 +39,7 @@ def run(job_dir: Path) -> int:
 
 
 def main(argv: list[str]) -> int:
+    os.umask(0o077)  # everything it writes (progress, checkpoints, the adapter) is the platform user's alone
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if len(argv) != 1 or not Path(argv[0]).is_dir():
         print("usage: python -m ballast.train JOB_DIR", file=sys.stderr)

@@ -156,6 +156,8 @@ def test_sdk_supervised_job_adapter_served_by_the_engine(plat: Platform, tiny_ch
     assert sorted(k.step_number for k in ckpts) == [2, 4]
     d = plat.home / "finetune" / job.id
     assert oct(d.stat().st_mode & 0o777) == "0o700"
+    for f in ("train.jsonl", "config.json", "progress.jsonl", "worker.log", "adapter/adapter_model.safetensors"):
+        assert oct((d / f).stat().st_mode & 0o777) == "0o600", f
     adapter_dir = d / "adapter"
     assert (adapter_dir / "adapter_config.json").exists() and (adapter_dir / "adapter_model.safetensors").exists()
     llm = LLM(str(tiny_checkpoint), adapters={adapter: str(adapter_dir)})
