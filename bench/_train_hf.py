@@ -2,7 +2,8 @@
 
 `python bench/_train_hf.py CONFIG.json`: trains on the JSONL named in the config with the same LoRA config,
 batch size, learning rate and steps as the Ballast job, and prints one JSON line: the training loop's wall time
-(train begin to end, as the Ballast worker's progress measures it) and the tokens it processed.
+(train begin to end, as the Ballast worker's progress measures it) and the tokens of the batches it trained on
+(without padding, as the worker counts them).
 """
 
 from __future__ import annotations
@@ -56,13 +57,18 @@ def main() -> None:
                              logging_steps=10_000, save_strategy="no", report_to=[], use_cpu=True,
                              seed=cfg["seed"], disable_tqdm=True, dataloader_num_workers=0,
                              remove_unused_columns=False)
-    trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[Clock()],
-                      data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
+    pad = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+    seen = {"tokens": 0}
+
+    def collate(features: list[dict[str, Any]]) -> Any:  # counts the tokens of every batch trained on
+        batch = pad(features)
+        seen["tokens"] += int(batch["attention_mask"].sum())
+        return batch
+
+    trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[Clock()], data_collator=collate)
     trainer.train()
-    epochs = cfg["steps"] * cfg["batch_size"] / len(rows)  # whole epochs: bench/train.py picks the steps so
-    tokens = sum(len(r["input_ids"]) for r in rows) * epochs
     print(json.dumps({"seconds": times["end"] - times["begin"], "steps": trainer.state.global_step,
-                      "tokens": tokens}), flush=True)
+                      "tokens": seen["tokens"]}), flush=True)
 
 
 if __name__ == "__main__":
