@@ -138,7 +138,7 @@ def _follow(gw: Gateway, job_id: str, seen: str | None = None) -> None:
             new = gw.call("GET", f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 1000})["data"]
             fresh = new[:[e["id"] for e in new].index(seen)] if seen in [e["id"] for e in new] else new
             for e in reversed(fresh):
-                if e["type"] == "metrics" and e.get("data"):
+                if e["type"] == "metrics" and "tokens_per_s" in (e.get("data") or {}):
                     d = e["data"]
                     bar.update(task, completed=d["step"], total=d.get("total_steps"),
                                steps=f"{d['step']}/{d.get('total_steps')}", loss=f"{d.get('loss') or 0:.4f}",

@@ -99,6 +99,9 @@ class FineTuneState:
         elif kind == "start":
             _event(s, j.id, f"Worker {'resumed at' if p.get('resumed') else 'began at'} step {p.get('step')} of "
                             f"{p.get('total_steps')} ({p.get('examples')} examples)")
+        elif kind == "validation":
+            _event(s, j.id, f"Validation loss={p.get('loss')} on {p.get('examples')} examples",
+                   data={"step": j.step, "valid_loss": p.get("loss")}, kind="metrics")
         elif kind == "error":
             _event(s, j.id, f"Worker error: {p.get('message')}", level="error")
 
@@ -115,7 +118,8 @@ class FineTuneState:
                 j.trained_tokens = trained_tokens if trained_tokens is not None else j.trained_tokens
                 s.merge(TrainedAdapter(name=j.adapter_name, job_id=j.id, deployment=j.model, path=str(adapter_dir),
                                        created_at=utcnow()))
-                _event(s, job_id, f"New fine-tuned model created: {j.fine_tuned_model} (adapter at {adapter_dir})")
+                _event(s, job_id, f"New fine-tuned model created: {j.fine_tuned_model} (adapter in "
+                                  f"$BALLAST_HOME/finetune/{job_id}/adapter)")
                 _event(s, job_id, "The job has successfully completed")
             else:
                 j.status = "failed"

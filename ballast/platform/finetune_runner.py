@@ -153,7 +153,7 @@ class FineTuneRunner:
                 await asyncio.to_thread(self._launch, job.id, True)
                 return True
             await asyncio.to_thread(self.state.finish, job.id, False,
-                                    error=f"the worker died {job.attempts} times; see {d / 'worker.log'}")
+                                    error=f"the worker died {job.attempts} times; see worker.log in its job directory")
             return False
         ok = result.get("status") == "succeeded" and (d / "adapter" / "adapter_config.json").exists()
         done = await asyncio.to_thread(self.state.finish, job.id, ok, error=result.get("error"),

@@ -16,7 +16,7 @@ import torch
 from ballast.engine.checkpoints import resolve_checkpoint
 from ballast.engine.tokenizer import Tokenizer
 from ballast.train.data import IGNORE, read_jsonl, supervised
-from ballast.train.spec import ADAPTER, CHECKPOINTS, TRAIN, Progress, TrainSpec, write_json_atomic
+from ballast.train.spec import ADAPTER, CHECKPOINTS, TRAIN, VALIDATION, Progress, TrainSpec
 
 STATE = "state.pt"
 
@@ -111,11 +111,22 @@ def train_supervised(spec: TrainSpec, job_dir: Path) -> dict[str, Any]:
         if step % spec.checkpoint_every == 0 and step < total:
             path = _save_checkpoint(job_dir, model, opt, step, tokens)
             progress.write("checkpoint", step=step, path=str(path.relative_to(job_dir)), loss=float(loss.detach()))
+    if (job_dir / VALIDATION).exists():
+        _validate(spec, tok, pad, model, job_dir, progress)
     out = job_dir / ADAPTER
     shutil.rmtree(out, ignore_errors=True)
     model.save_pretrained(str(out))
     return {"step": step, "trained_tokens": tokens}
 
 
-def finish(job_dir: Path, result: dict[str, Any]) -> None:
-    write_json_atomic(job_dir / "result.json", result)
+def _validate(spec: TrainSpec, tok: Tokenizer, pad: int, model: Any, job_dir: Path, progress: Progress) -> None:
+    """Mean loss (per assistant token) of the trained adapter on the validation file."""
+    data = [supervised(tok, r["messages"], spec.max_length) for r in read_jsonl(job_dir / VALIDATION)]
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(data), spec.batch_size):
+            batch = collate(data[i:i + spec.batch_size], pad)
+            n = int((batch["labels"][:, 1:] != IGNORE).sum())
+            total, count = total + float(model(**batch).loss) * n, count + n
+    progress.write("validation", loss=round(total / max(count, 1), 6), examples=len(data))

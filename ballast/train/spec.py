@@ -11,6 +11,7 @@ from typing import Any
 
 CONFIG = "config.json"
 TRAIN = "train.jsonl"
+VALIDATION = "validation.jsonl"
 PROGRESS = "progress.jsonl"
 RESULT = "result.json"
 ADAPTER = "adapter"

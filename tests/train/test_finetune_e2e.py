@@ -85,12 +85,12 @@ def _upload(p: Platform, rows: list[Any], key: str | None = None) -> str:
 
 
 def _create(p: Platform, file_id: str, *, max_steps: int, checkpoint_every: int = 5, method: str = "supervised",
-            gate: dict[str, Any] | None = None, **hyper: Any) -> Any:
+            gate: dict[str, Any] | None = None, validation: str | None = None, **hyper: Any) -> Any:
     ballast: dict[str, Any] = {"max_steps": max_steps, "checkpoint_every": checkpoint_every}
     if gate:
         ballast["gate"] = gate
     return _client(p).fine_tuning.jobs.create(
-        model="chat", training_file=file_id, suffix="t", seed=3,
+        model="chat", training_file=file_id, validation_file=validation, suffix="t", seed=3,
         method={"type": method, method: {"hyperparameters": {"n_epochs": 50, "batch_size": 2,
                                                                "learning_rate_multiplier": 50, **hyper}}},
         extra_body={"ballast": ballast})
@@ -138,7 +138,7 @@ def test_sdk_supervised_job_adapter_served_by_the_engine(plat: Platform, tiny_ch
 
     c = _client(plat)
     fid = _upload(plat, _examples(8))
-    job = _create(plat, fid, max_steps=6, checkpoint_every=2,
+    job = _create(plat, fid, max_steps=6, checkpoint_every=2, validation=_upload(plat, _examples(3)),
                   gate={"dataset": "notes", "metric": "exact", "margin": 0.0})
     assert job.object == "fine_tuning.job" and job.status in ("queued", "running") and job.model == "chat"
     assert job.method.type == "supervised" and job.seed == 3
@@ -148,7 +148,8 @@ def test_sdk_supervised_job_adapter_served_by_the_engine(plat: Platform, tiny_ch
     assert job.id in [j.id for j in c.fine_tuning.jobs.list(limit=100).data]
     messages = [e.message for e in _events(plat, job.id)]
     assert any(m.startswith("Step 6/6") for m in messages), messages
-    metrics = [e for e in _events(plat, job.id) if e.type == "metrics"]
+    assert any(m.startswith("Validation loss=") and m.endswith("on 3 examples") for m in messages), messages
+    metrics = [e for e in _events(plat, job.id) if e.type == "metrics" and "tokens_per_s" in e.data]
     assert [e.data["step"] for e in metrics] == [1, 2, 3, 4, 5, 6]
     assert all(e.data["tokens_per_s"] and e.data["eta_s"] is not None for e in metrics)
     plat.wait("the gate event", lambda: "gate skipped: not available" in [e.message for e in _events(plat, job.id)])
