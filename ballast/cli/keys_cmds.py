@@ -21,6 +21,7 @@ class Scope(StrEnum):
     metrics = "metrics"
     admin = "admin"
     capture = "capture"  # may send x-ballast-capture (with inference)
+    fine_tune = "fine_tune"  # may create, list and cancel its own fine-tuning jobs
 
 
 class Period(StrEnum):

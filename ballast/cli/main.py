@@ -16,6 +16,7 @@ from ballast.cli import (
     chat_cmds,
     datasets_cmds,
     evals_cmds,
+    finetune_cmds,
     keys_cmds,
     package_cmds,
     platform_cmds,
@@ -71,6 +72,7 @@ async_cmds.register(app)
 pools_cmds.register(app)
 datasets_cmds.register(app)
 evals_cmds.register(app)
+finetune_cmds.register(app)
 app.add_typer(models_cmds.app, name="models", help="Make and import LLM checkpoints (offline).")
 
 err_console = make_console(stderr=True)

@@ -135,13 +135,14 @@ class BatchStore:
     # ---- files --------------------------------------------------------------------------------
     def create_file(self, key_id: str, filename: str, purpose: str, content: bytes,
                     expires_after_s: float | None = None) -> dict[str, Any]:
-        if purpose != "batch":
-            raise ControlError(400, "purpose must be `batch` (the only purpose this gateway stores)",
+        if purpose not in ("batch", "fine-tune"):
+            raise ControlError(400, "purpose must be `batch` or `fine-tune` (the purposes this gateway stores)",
                                "invalid_purpose", "purpose")
         if expires_after_s is not None and not EXPIRES_AFTER_S[0] <= expires_after_s <= EXPIRES_AFTER_S[1]:
             raise ControlError(400, f"expires_after[seconds] must be from {EXPIRES_AFTER_S[0]} to {EXPIRES_AFTER_S[1]}",
                                "invalid_expires_after", "expires_after")
-        parse_lines(content)
+        if purpose == "batch":
+            parse_lines(content)  # a fine-tune file is checked against its job's method when a job names it
         return self._add_file(key_id, filename, purpose, content, expires_after_s=expires_after_s)
 
     def _add_file(self, key_id: str, filename: str, purpose: str, content: bytes, s: Session | None = None,

@@ -22,7 +22,7 @@ from ballast.control.service import ControlError, iso
 from ballast.store import ApiKey, Usage, hash_key, period_start, utcnow
 
 KEY_PREFIX = "bk_"
-SCOPES = ("inference", "metrics", "admin", "capture")
+SCOPES = ("inference", "metrics", "admin", "capture", "fine_tune")
 PERIODS = ("day", "month")
 COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "errors")
 

@@ -40,6 +40,7 @@ from ballast.openai import APIError, error_body
 from ballast.platform import chains_api, datasets_api, deployments, evals_api, keys_api, metrics_api, openapi, pools_api
 from ballast.platform.async_routes import async_router
 from ballast.platform.evals import EvalContext
+from ballast.platform.finetune_runner import FineTuneRunner
 from ballast.platform.uploads import upload_router
 
 log = logging.getLogger("ballast.platform")
@@ -180,7 +181,10 @@ def create_app(control: ControlPlane, reconciler: Reconciler | None = None, *, g
     front = Front(app, with_tracing(gateway_app, get_tracer("ballast-gateway")))
     if evals is not None:
         evals.app = front
-        app.state.evals = evals  # what the fine-tuning jobs hand to adapter_gate.ship_adapter
+        app.state.evals = evals
+        for companion in gateway.companions:  # fine-tuning jobs hand it to adapter_gate.ship_adapter
+            if isinstance(companion, FineTuneRunner):
+                companion.gate_ctx = evals
     return front
 
 

@@ -57,7 +57,7 @@ class ScaleRequest(BaseModel):
 
 class KeyRequest(BaseModel):
     name: str = Field("", max_length=128, description="A label for people (who or what uses the key).")
-    scopes: list[Literal["inference", "metrics", "admin", "capture"]] = Field(["inference"], min_length=1)
+    scopes: list[Literal["inference", "metrics", "admin", "capture", "fine_tune"]] = Field(["inference"], min_length=1)
     deployments: list[str] | None = Field(None, description="Deployments the key may use (default: all).")
     rpm: int | None = Field(None, ge=1, le=INT32, description="Requests per minute (token bucket).")
     tpm: int | None = Field(None, ge=1, le=INT32, description="Prompt + completion tokens per minute.")

@@ -107,6 +107,7 @@ def assemble(control: ControlPlane, backend: Backend, registry: CollectorRegistr
     chains = ChainStore(control)
     gateway.extra_routes += ChainRoutes(gateway, chains.targets, chains.keys.current_for).routes()
     install_capture(control, gateway)
+    install_finetune(control, gateway)
     return reconciler, gateway
 
 
@@ -115,6 +116,18 @@ def install_capture(control: ControlPlane, gateway: Gateway) -> None:
     gateway.capture = Capture(gateway, Datasets(control.sessions))
     gateway.companions.append(gateway.capture)
     gateway.extra_routes += gateway.capture.routes()
+
+
+def install_finetune(control: ControlPlane, gateway: Gateway) -> None:
+    """Fine-tuning jobs: the `/v1/fine_tuning/jobs` routes and their runner (a gateway companion)."""
+    from ballast.control.finetune import FineTunes
+    from ballast.control.finetune_state import FineTuneState
+    from ballast.gateway.finetune_api import FineTuneAPI
+    from ballast.platform.finetune_runner import FineTuneRunner
+
+    runner = FineTuneRunner(FineTuneState(control.sessions), control.home)  # its gate: create_app
+    gateway.companions.append(runner)
+    gateway.extra_routes += FineTuneAPI(gateway, FineTunes(control.sessions, control.home), runner.wake).routes()
 
 
 def install_history(control: ControlPlane, gateway: Gateway, registry: CollectorRegistry) -> Sampler | None:

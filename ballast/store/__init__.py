@@ -5,6 +5,7 @@ from ballast.store.batch_tables import Batch, BatchFile
 from ballast.store.chain_tables import ChainEnvironment, ChainVersion
 from ballast.store.dataset_tables import DatasetRecord
 from ballast.store.db import default_url, make_engine, open_store, safe_url, session_factory, upgrade
+from ballast.store.finetune_tables import FineTuneCheckpoint, FineTuneEvent, FineTuneJob, TrainedAdapter
 from ballast.store.metric_tables import MetricPoint
 from ballast.store.pool_tables import Pool
 from ballast.store.tables import (
@@ -34,10 +35,14 @@ __all__ = [
     "Deployment",
     "Environment",
     "Event",
+    "FineTuneCheckpoint",
+    "FineTuneEvent",
+    "FineTuneJob",
     "MetricPoint",
     "Pool",
     "Replica",
     "Setting",
+    "TrainedAdapter",
     "Usage",
     "Version",
     "default_url",
