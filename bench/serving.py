@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import shutil
+import site
 import statistics
 import subprocess
 import sys
@@ -90,6 +91,10 @@ def ensure_venvs() -> tuple[Path, Path]:
     probe = "import accelerate, six, fastapi, uvicorn, transformers"
     if not (hf / "bin" / "python").exists():
         subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(hf)], check=True)
+    # --system-site-packages reaches the base interpreter's packages only; when this script runs in a venv, a .pth
+    # file puts that venv's packages (transformers, torch) on the peer's path too.
+    for site_dir in (hf / "lib").glob("python*/site-packages"):
+        (site_dir / "main-env.pth").write_text("".join(p + "\n" for p in site.getsitepackages()))
     if subprocess.run([str(hf / "bin" / "python"), "-c", probe], capture_output=True).returncode:
         log(f"installing accelerate and six into {hf} (on top of the main environment)")
         pip(hf, "accelerate", "six")
