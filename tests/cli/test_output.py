@@ -46,7 +46,7 @@ def test_piped_tables_are_not_cut_and_retiring_has_its_own_column(cli_platform: 
     lines = [line.strip() for line in out.splitlines()]
     header = next(line for line in lines if line.startswith("VERSION"))
     assert header.split() == ["VERSION", "CREATED", "BY", "DESIRED", "READY", "SCALE", "COLD", "START", "PACKAGE",
-                              "NOTE"]
+                              "POOLS", "NOTE"]
     replica_header = next(line for line in lines if line.startswith("REPLICA"))
     assert replica_header.split()[-2:] == ["LAST", "ERROR"]
     assert "…" not in out
