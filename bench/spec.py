@@ -15,11 +15,11 @@ the same tokens (speculation keeps greedy output identical) and the comparison i
 The draft model: no smaller SmolLM2 ships in a package here, so `make_draft` writes one offline, a
 standalone HF checkpoint directory of SmolLM2's first DRAFT_LAYERS decoder layers with its final norm and
 (tied) LM head and its tokenizer, which the engine loads through its draft-model path (`draft_checkpoint`:
-its own weights and KV cache, mirrored on every target forward). It proposes what self-draft proposes with
-as many layers, so the two differ by the draft model's own cache and mirror forwards: the price of a
-separate draft checkpoint, measured. Quick run (3 rounds, 1 thread, load average 12-18): it accepted 1-5%
-of its drafts, the switch ran 88% of decode steps plainly, and it still decoded at 0.75x plain at 32
-concurrent: the mirror forwards (10 layers more per step on 30) run whether the switch speculates or not.
+its own weights and KV cache, run only while speculating and caught up on the tokens it missed before it
+proposes). It proposes what self-draft proposes with as many layers, so the two differ by the draft
+model's own cache and its catch-up: the price of a separate draft checkpoint, measured. When it mirrored
+every target forward it decoded at 0.75x plain at 32 concurrent with the switch off for 88% of steps; run
+lazily, 1.00x (0.95-1.05x; quick run, 2 rounds, 1 thread, load average 6, 2 of 243 steps speculated).
 
 Systems are interleaved in every round (A B C, A B C, ...). Results go to bench/results/spec.json.
 """

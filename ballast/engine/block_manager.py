@@ -133,3 +133,4 @@ class BlockManager:
         seq.block_table = []
         seq.block_hashes = []
         seq.num_hashed_blocks = 0
+        seq.draft_computed = 0  # a draft model's cache of it went with the blocks

@@ -4,9 +4,13 @@
 Those layers compute exactly what the target computes for the same tokens, so the draft reads the
 target's KV cache for them and needs no cache or prefill of its own; its writes past the computed
 length are overwritten by the verifying forward. `draft_model`: a second checkpoint with the target's
-tokenizer, with its own KV cache indexed by the target's block tables. It runs every target forward
-too (a mirror), so its cache always holds the same tokens as the target's, prefix-cache hits and
-preemptions included.
+tokenizer, with its own KV cache indexed by the target's block tables. It runs only when asked for a
+proposal: `Sequence.draft_computed` says how many leading tokens its cache holds, and before proposing
+it catches up the tokens the target computed since (the prompt, plain steps while the adaptive switch
+had speculation off, the bonus token of a fully accepted step) in batched prefill forwards of at most
+`catch_up_tokens` tokens. Its cache is never read past `draft_computed`, which the speculator clamps to
+the target's computed length after every step (rejected drafts) and the block manager resets when the
+sequence's blocks go (finish, preemption); shared prefix blocks are rewritten with what they already hold.
 
 Sampled rows draw their drafts from the draft's own sampling distribution q and keep q, which
 rejection sampling needs; greedy rows take the argmax.
@@ -14,7 +18,7 @@ rejection sampling needs; greedy rows take the argmax.
 
 from __future__ import annotations
 
-import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +27,7 @@ import torch
 from ballast.engine.checkpoints import resolve_checkpoint
 from ballast.engine.config import ModelConfig
 from ballast.engine.errors import EngineError
-from ballast.engine.layers import AttentionBatch
+from ballast.engine.layers import AttentionBatch, PrefillChunk
 from ballast.engine.loader import load_weights
 from ballast.engine.models import LlamaModel
 from ballast.engine.sampler import sampling_probs
@@ -41,6 +45,8 @@ class Drafter:
         self.block_size = block_size
         self.workspace = torch.empty((0, *kv_caches[0].shape[1:]), dtype=kv_caches[0].dtype,
                                      device=kv_caches[0].device)
+        self.forwards = 0  # draft forward passes run, catch-up included
+        self.catch_up = (0, 0.0)  # the last proposal's catch-up: tokens and seconds
 
     def _workspace(self, blocks: int) -> torch.Tensor:
         if self.workspace.shape[0] < blocks:
@@ -48,16 +54,36 @@ class Drafter:
                                          dtype=self.workspace.dtype, device=self.workspace.device)
         return self.workspace
 
-    def _decode_batch(self, seqs: list[Sequence], positions: list[int]) -> AttentionBatch:
+    def _batch(self, items: list[tuple[Sequence, int, int]]) -> AttentionBatch:
+        """Attention over the draft's cache for (sequence, first position, tokens) items, single tokens first:
+        those attend as one padded decode batch, longer runs as prefill chunks over their cached context."""
         bs, dev = self.block_size, self.workspace.device
-        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions, strict=True)]
-        nblk = -(-(max(positions) + 1) // bs)
-        padded = [s.block_table[:nblk] + [0] * (nblk - min(len(s.block_table), nblk)) for s in seqs]
-        lens = torch.tensor(positions) + 1
-        mask = (torch.arange(nblk * bs)[None, :] < lens[:, None])[:, None, None, :].to(dev)
-        return AttentionBatch(torch.tensor(slots, dtype=torch.long, device=dev), len(seqs),
-                              torch.tensor(padded, dtype=torch.long).view(-1).to(dev), mask, [],
-                              self._workspace(len(seqs) * nblk))
+        slots = [s.block_table[p // bs] * bs + p % bs for s, st, n in items for p in range(st, st + n)]
+        dec = [(s, st) for s, st, n in items if n == 1]
+        nd, ws = len(dec), 0
+        blocks = mask = None
+        if nd:
+            nblk = -(-(max(st for _, st in dec) + 1) // bs)
+            padded = [s.block_table[:nblk] + [0] * (nblk - min(len(s.block_table), nblk)) for s, _ in dec]
+            lens = torch.tensor([st for _, st in dec]) + 1
+            mask = (torch.arange(nblk * bs)[None, :] < lens[:, None])[:, None, None, :].to(dev)
+            blocks = torch.tensor(padded, dtype=torch.long).view(-1).to(dev)
+            ws = nd * nblk
+        prefills, off = [], nd
+        for seq, st, n in items[nd:]:
+            ctx = None
+            if st > 0:
+                nblk = -(-(st + n) // bs)
+                ctx = torch.tensor(seq.block_table[:nblk], dtype=torch.long, device=dev)
+                ws = max(ws, nblk)
+            prefills.append(PrefillChunk(off, off + n, ctx, st + n, st))
+            off += n
+        return AttentionBatch(torch.tensor(slots, dtype=torch.long, device=dev), nd, blocks, mask, prefills,
+                              self._workspace(ws) if ws else None)
+
+    def lag(self, seq: Sequence) -> int:
+        """Tokens the target computed that this draft's cache lacks (none: it reads the target's cache)."""
+        return 0
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], k: int) -> tuple[list[list[int]], list[torch.Tensor | None]]:
@@ -69,9 +95,11 @@ class Drafter:
         rows = torch.arange(len(seqs), device=dev)
         for i in range(k):
             positions = [s.num_computed + i for s in seqs]
+            self.forwards += 1
             logits = self.model(torch.tensor(tokens, dtype=torch.long, device=dev),
                                 torch.tensor(positions, dtype=torch.long, device=dev), self.kv_caches,
-                                self._decode_batch(seqs, positions), rows, num_layers=self.num_layers)
+                                self._batch([(s, p, 1) for s, p in zip(seqs, positions, strict=True)]), rows,
+                                num_layers=self.num_layers)
             tokens = self._pick(logits, seqs, qs)
             for d, t in zip(drafts, tokens, strict=True):
                 d.append(t)
@@ -90,7 +118,9 @@ class Drafter:
 
 
 class ModelDrafter(Drafter):
-    """A draft checkpoint with its own KV cache, kept in step with the target's by mirroring its forwards."""
+    """A draft checkpoint with its own KV cache, caught up lazily to the target's before each proposal."""
+
+    catch_up_tokens = 1024  # tokens per catch-up forward: a long lag is caught up in chunks
 
     def __init__(self, path: Path, runner: Any):
         cfg = ModelConfig.load(path)
@@ -105,14 +135,45 @@ class ModelDrafter(Drafter):
         shape = (runner.num_blocks, runner.block_size, 2, cfg.num_kv_heads, cfg.head_dim)
         caches = [torch.zeros(shape, dtype=runner.dtype, device=runner.device) for _ in range(cfg.num_layers)]
         super().__init__(model, caches, cfg.num_layers, runner.block_size)
-        runner.mirrors.append(self.mirror)
+
+    def lag(self, seq: Sequence) -> int:
+        return seq.num_computed - min(seq.draft_computed, seq.num_computed)
 
     @torch.inference_mode()
-    def mirror(self, ids: torch.Tensor, pos: torch.Tensor, batch: AttentionBatch) -> None:
-        """Run the target's step through the draft model, so its cache holds the same tokens."""
-        ws = self._workspace(batch.workspace.shape[0]) if batch.workspace is not None else None
-        rows = torch.empty(0, dtype=torch.long, device=ids.device)
-        self.model(ids, pos, self.kv_caches, dataclasses.replace(batch, workspace=ws), rows)
+    def propose(self, seqs: list[Sequence], k: int) -> tuple[list[list[int]], list[torch.Tensor | None]]:
+        t0 = time.perf_counter()
+        tokens = self._catch_up(seqs)
+        self.catch_up = (tokens, time.perf_counter() - t0)
+        out = super().propose(seqs, k)
+        for s in seqs:  # positions num_computed.. written; those past the accepted drafts are clamped after
+            s.draft_computed = s.num_computed + k
+        return out
+
+    def _catch_up(self, seqs: list[Sequence]) -> int:
+        """Bring the draft's cache up to each sequence's computed tokens; returns the tokens it ran."""
+        todo = [(s, min(s.draft_computed, s.num_computed)) for s in seqs if self.lag(s) > 0]
+        total = 0
+        while todo:
+            budget, items, rest = self.catch_up_tokens, [], []
+            for seq, start in todo:
+                n = min(seq.num_computed - start, budget)
+                if n > 0:
+                    items.append((seq, start, n))
+                    budget -= n
+                if start + max(n, 0) < seq.num_computed:
+                    rest.append((seq, start + max(n, 0)))
+            items.sort(key=lambda it: it[2] > 1)  # single tokens first: one batched decode attention
+            ids = [t for seq, st, n in items for t in seq.token_ids[st : st + n]]
+            pos = [p for _, st, n in items for p in range(st, st + n)]
+            dev = self.workspace.device
+            self.forwards += 1
+            self.model(torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
+                       self.kv_caches, self._batch(items), torch.empty(0, dtype=torch.long, device=dev))
+            total += len(ids)
+            todo = rest
+        for s in seqs:
+            s.draft_computed = s.num_computed
+        return total
 
 
 def make_drafter(cfg: SpecConfig, runner: Any) -> Drafter:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,8 +61,6 @@ class ModelRunner:
         self._workspace = torch.empty((0, *shape[1:]), dtype=self.dtype, device=self.device)
         self.adapters: AdapterManager | None = None  # set by the engine when LoRA is on (it wraps the model)
         self._owners: list[tuple[int, int, LoraRef | None]] = []  # token ranges of each sequence in a step
-        # Called with every step's flat batch after the forward: a draft model keeping its cache in step.
-        self.mirrors: list[Callable[[torch.Tensor, torch.Tensor, AttentionBatch], None]] = []
 
     def _workspace_for(self, num_blocks: int) -> torch.Tensor:
         if self._workspace.shape[0] < num_blocks:
@@ -171,8 +168,6 @@ class ModelRunner:
         finally:
             if self.adapters is not None:
                 self.adapters.end_step()
-        for mirror in self.mirrors:
-            mirror(ids, pos, batch)
         if spec:
             logits, spec_logits = logits[: len(seqs)], logits[len(seqs) :]
         if not seqs:

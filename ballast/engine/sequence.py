@@ -145,6 +145,7 @@ class Sequence:
         self.priority = params.priority
         self.status = Status.WAITING
         self.num_computed = 0  # tokens whose K/V are in the cache
+        self.draft_computed = 0  # leading tokens a draft model's own KV cache holds (drafter.py)
         self.block_table: list[int] = []
         self.num_hashed_blocks = 0  # leading full blocks registered in the prefix cache
         self.block_hashes: list[bytes] = []

@@ -84,6 +84,12 @@ def ngram_propose(tokens: list[int], k: int, nmax: int, nmin: int) -> list[int]:
 
 
 class Proposer(Protocol):
+    catch_up: tuple[int, float]  # the last proposal's catch-up of a draft's own cache: tokens, seconds
+
+    def lag(self, seq: Sequence) -> int:
+        """Tokens a proposal for `seq` would first have to run through the draft to catch up (drafter.py)."""
+        ...
+
     def propose(self, seqs: list[Sequence], k: int) -> tuple[list[list[int]], list[torch.Tensor | None]]:
         """Drafts for each sequence (possibly empty) and, for sampled rows of a model draft, their [k, V]
         draft distributions (None: a deterministic draft, q is one-hot)."""
@@ -93,6 +99,10 @@ class Proposer(Protocol):
 class NgramProposer:
     def __init__(self, cfg: SpecConfig):
         self.cfg = cfg
+        self.catch_up = (0, 0.0)
+
+    def lag(self, seq: Sequence) -> int:
+        return 0
 
     def propose(self, seqs: list[Sequence], k: int) -> tuple[list[list[int]], list[torch.Tensor | None]]:
         drafts = [ngram_propose(s.token_ids, k, self.cfg.ngram_max, self.cfg.ngram_min) for s in seqs]
