@@ -185,7 +185,8 @@ def test_pool_failover_under_load_and_recovery(platform: Platform, tmp_path: Pat
     if "c" not in pools(p):
         p.api("POST", "/pools", json={"name": "c"}, expect=201)
     p.wait("pool c healthy", lambda: pools(p)["c"]["healthy"], timeout=30)
-    p.cli("deploy", str(package(tmp_path / "f", name)), "--wait", "--timeout", "90")
+    # Even spread (`prefer: spread`): the default fills the cheapest pool (tests/control/test_placement.py).
+    p.cli("deploy", str(package(tmp_path / "f", name, "placement: {prefer: spread}\n")), "--wait", "--timeout", "90")
     reps = p.wait("one replica in each pool", lambda: (lambda r: r if r and sorted(x["pool"] for x in r) ==
                                                       ["c", "local"] else None)(ready(p, name, 2)), timeout=60)
     victim = next(r for r in reps if r["pool"] == lost)
