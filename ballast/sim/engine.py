@@ -264,12 +264,12 @@ class Simulation:
         ids = [rid for ids in self.members.values() for rid in ids]
         if not ids or any(self.ready_at[r] > t for r in ids):
             return
-        pools = [self.r_pool[r] for r in ids]
-        floor = self.policy.floor(self.desired)
-        for name in [n for n in self.members if self.pools[n].reliable]:
-            while floor and name in pools:
-                pools.remove(name)
-                floor -= 1
+        pools, skip = [], self.policy.floor(self.desired)  # the hedge's reliable floor stays put
+        for r in ids:
+            if skip and self.pools[self.r_pool[r]].reliable:
+                skip -= 1
+            else:
+                pools.append(self.r_pool[r])
         mv = self._placement().rebalance(self.policy.config, pools)
         if mv is not None and self.members[mv[0]]:
             self.moving = (self.members[mv[0]][-1], self._start(mv[1], t))
