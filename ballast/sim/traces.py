@@ -91,14 +91,14 @@ def write_trace(tr: Trace, path: Path) -> None:
 
 def generate(kind: str, requests: int, duration_s: float, seed: int = 0, prefixes: int = 16) -> Trace:
     """`diurnal`: one smooth day-like wave over `duration_s` (trough at 10% of the peak); `bursty`: a quiet base
-    with bursts of 6x for a tenth of each 10-minute cycle. Poisson arrivals, `requests` of them in all."""
+    with bursts of 3x for five minutes of every twenty. Poisson arrivals, `requests` of them in all."""
     rng = random.Random(seed)
     if kind == "diurnal":
         def rate(t: float) -> float:
             return 0.55 - 0.45 * math.cos(2 * math.pi * t / duration_s)
     elif kind == "bursty":
         def rate(t: float) -> float:
-            return 6.0 if (t % 600.0) < 60.0 else 1.0
+            return 3.0 if (t % 1200.0) < 300.0 else 1.0
     else:
         raise TraceError(f"unknown trace kind {kind!r} (diurnal or bursty)")
     peak = max(rate(duration_s * i / 1000) for i in range(1000))
