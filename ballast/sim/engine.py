@@ -196,6 +196,8 @@ class Simulation:
                 self.members[p.name] = []
             elif not p.healthy and t >= self.retry_at[p.name] and not checks[p.name]:
                 p.healthy = True
+            elif p.healthy and self.failures[p.name] and any(self.ready_at[r] <= t for r in self.members[p.name]):
+                self.failures[p.name] = 0  # a ready replica there: the next loss starts the backoff afresh
 
     def _placement(self) -> Placement:
         return Placement(self.infos, Counter({("sim", 1, n): len(ids) for n, ids in self.members.items()}),
