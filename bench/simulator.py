@@ -1,220 +1,91 @@
-"""Capacity simulator: pools, one deployment and a traffic trace in virtual time, with Ballast's own control code.
+"""Capacity simulator benchmark: `ballast simulate`'s engine at internet scale, and the policy table.
 
-`python bench/simulator.py [--pools pools.yaml] [--trace diurnal|bursty] [--duration S] [--rps R]`
+`python bench/simulator.py [--requests 1000000] [--quick]`
 
-Imported, not copied: the autoscaler (`control.autoscaler.Autoscaler` on a virtual clock, fed the in-flight
-count a gateway would publish), placement (`control.placement.Placement`: spread over usable pools, capacity),
-the failover decision (`control.failover.failing_pools`) and its backoff (`control.pools.retry_after_s`).
-Simulated: replica cold starts per pool, one request per replica slot at a time (FIFO through the least busy
-slot, as least-outstanding routing does), pool outages from the pools file (a lost replica's in-flight
-requests are retried elsewhere, as the gateway retries non-streamed requests), and requests that wait longer
-than `max_wait_s` with no replica failing. Reports replicas over time, queueing, retries and failures.
+1. Speed: a million requests (a diurnal wave over 15 simulated minutes) on pools big enough for more than a
+   thousand replicas, per policy: simulated requests per wall-clock second (whole runs, report included; median
+   and min-max over the policies) and the peak replica count.
+2. Policy table: the two example traces (`examples/capacity/make_traces.py`: steady diurnal and bursty, 100,000
+   requests over two hours each) against `examples/capacity/pools.yaml` (spot with two outages, on-demand at
+   about 3x the price): cost, TTFT p50/p99 and SLO attainment, lost and retried requests, cold starts, for
+   cheapest-first, spread, the hedge, and on-demand only (the baseline the hedge is priced against; SkyServe
+   reports 43% lower cost than on-demand only for its spot hedging).
 
-Pools file (YAML): `pools: [{name, max_replicas, cold_start_s, outages: [[down_at_s, up_at_s], ...]}]` and
-`deployment: {service_s, concurrency, autoscaling: {...ballast.yaml autoscaling...}, max_wait_s}`.
+Writes bench/results/simulator.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import heapq
 import json
-import math
-import random
 import statistics
 import sys
-from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ballast.sim.run import simulate
+from ballast.sim.spec import SimSpec, load_spec
+from ballast.sim.traces import generate
 
-from ballast.config import BallastConfig
-from ballast.control.actuator import ReplicaRow
-from ballast.control.autoscaler import Autoscaler, Policy
-from ballast.control.failover import failing_pools
-from ballast.control.placement import Placement, PoolInfo
-from ballast.control.pools import retry_after_s
-
-TICK_S = 0.5  # the reconcile interval
-KEY = ("svc", 1)
-DEFAULT = {
-    "pools": [{"name": "local", "max_replicas": 6, "cold_start_s": 3.0},
-              {"name": "spot", "max_replicas": 6, "cold_start_s": 8.0, "outages": [[240, 330]]}],
-    "deployment": {"service_s": 0.2, "concurrency": 2, "max_wait_s": 30.0,
-                   "autoscaling": {"min_replicas": 2, "max_replicas": 10, "concurrency_target": 2,
-                                   "window_s": 20, "scale_down_delay_s": 60}},
-}
+ROOT = Path(__file__).resolve().parents[1]
+POLICIES = ("cheapest", "spread", "hedge", "ondemand")
+SLO_MS = 2000.0
 
 
-def trace(kind: str, duration: float, rps: float, seed: int = 0) -> list[float]:
-    """Arrival times: a diurnal wave (one period over the run), or quiet traffic with bursts of 4x."""
-    rng, t, out = random.Random(seed), 0.0, []
-    while t < duration:
-        if kind == "diurnal":
-            rate = rps * (0.55 + 0.45 * math.sin(2 * math.pi * t / duration - math.pi / 2))
-        else:
-            rate = rps * (4.0 if int(t / 30) % 5 == 2 else 0.5)
-        t += rng.expovariate(max(rate, 1e-3))
-        out.append(t)
+def big_spec(base: SimSpec) -> SimSpec:
+    """The example pools scaled up: room for thousands of replicas."""
+    d = base.model_dump()
+    for p in d["pools"]:
+        p["max_replicas"] = 2000
+    d["deployment"]["autoscaling"].update(max_replicas=3000, min_replicas=50, concurrency_target=4)
+    d["pools"][0]["outages"] = [[400, 600]]
+    return SimSpec.model_validate(d)
+
+
+def speed(base: SimSpec, requests: int) -> dict[str, Any]:
+    trace = generate("diurnal", requests, 900.0, seed=1)
+    rows = simulate(trace, big_spec(base), POLICIES, SLO_MS)
+    rates = [r["requests_per_wall_s"] for r in rows]
+    return {"requests": requests, "simulated_s": 900.0,
+            "peak_replicas": {r["policy"]: r["peak_replicas"] for r in rows},
+            "requests_per_wall_s": {"median": statistics.median(rates), "min": min(rates), "max": max(rates)},
+            "wall_s": {r["policy"]: r["wall_s"] for r in rows}, "runs": rows}
+
+
+def table(base: SimSpec, requests: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for kind in ("diurnal", "bursty"):
+        rows = {r["policy"]: r for r in simulate(generate(kind, requests, 7200.0, seed=0), base, POLICIES, SLO_MS)}
+        ondemand = rows["ondemand"]["cost"]
+        for r in rows.values():
+            r["cost_vs_ondemand"] = round(r["cost"] / ondemand, 3) if ondemand else None
+        out[kind] = rows
     return out
-
-
-@dataclass
-class Replica:
-    id: str
-    pool: str
-    ready_at: float
-    slots: list[float]  # when each slot is free
-    work: list[tuple[float, float]] = field(default_factory=list)  # (arrival, finish) of requests given to it
-
-
-class Sim:
-    def __init__(self, spec: dict[str, Any]):
-        self.pools = [PoolInfo(p["name"], max_replicas=p.get("max_replicas"), default=i == 0)
-                      for i, p in enumerate(spec["pools"])]
-        self.pool_spec = {p["name"]: p for p in spec["pools"]}
-        dep = spec["deployment"]
-        self.service_s, self.concurrency, self.max_wait_s = dep["service_s"], dep["concurrency"], dep["max_wait_s"]
-        self.config = BallastConfig.model_validate({"name": "svc", "autoscaling": dep["autoscaling"]})
-        a = self.config.autoscaling
-        self.policy = Policy.from_config(a, a.min_replicas, a.max_replicas)
-        self.now = 0.0
-        self.autoscaler = Autoscaler(signal=self, clock=lambda: self.now)
-        self.replicas: dict[str, Replica] = {}
-        self.desired = self.policy.min_replicas
-        self.retry_at: dict[str, float] = {}
-        self.failures: dict[str, int] = {}
-        self.finishes: list[float] = []
-        self.held: deque[float] = deque()
-        self.waits: list[float] = []
-        self.failed = self.retried = self.cold_starts = 0
-        self.replica_seconds = 0.0
-        self.timeline: list[dict[str, Any]] = []
-        self._n = 0
-
-    def load(self) -> dict[tuple[str, int], float]:
-        """The gateway's signal: requests in flight or held."""
-        while self.finishes and self.finishes[0] <= self.now:
-            heapq.heappop(self.finishes)
-        return {KEY: float(len(self.finishes) + len(self.held))}
-
-    def _outage(self, pool: str) -> bool:
-        return any(a <= self.now < b for a, b in self.pool_spec[pool].get("outages", []))
-
-    def _failover(self) -> None:
-        checks = {p.name: "its cluster does not answer" if self._outage(p.name) else None for p in self.pools}
-        rows = [ReplicaRow(r.id, "svc", 1, "ready", 1, None, None, None, r.pool, None, 0, {})
-                for r in self.replicas.values() if r.ready_at <= self.now]
-        usable = {p.name for p in self.pools if p.usable}
-        for name in failing_pools(rows, {}, checks, {}, usable):
-            pool = next(p for p in self.pools if p.name == name)
-            pool.healthy = False
-            self.failures[name] = self.failures.get(name, 0) + 1
-            self.retry_at[name] = self.now + retry_after_s(self.failures[name])
-            for r in [r for r in self.replicas.values() if r.pool == name]:
-                self._lose(r)
-        for p in self.pools:
-            if not p.healthy and self.now >= self.retry_at[p.name] and not checks[p.name]:
-                p.healthy = True
-
-    def _lose(self, r: Replica) -> None:
-        """A replica of a lost pool: what it was serving is retried elsewhere (arrival time kept)."""
-        del self.replicas[r.id]
-        again = sorted(a for a, f in r.work if f > self.now)
-        self.retried += len(again)
-        self.held.extendleft(reversed(again))
-
-    def _scale(self) -> None:
-        self.desired = self.autoscaler.desired(KEY, self.policy, self.desired)
-        placement = Placement.of(self.pools, [("svc", 1, r.pool) for r in self.replicas.values()])
-        while len(self.replicas) < self.desired:
-            pool = placement.choose("svc", 1, self.config)
-            if pool is None:
-                break
-            self._n += 1
-            ready = self.now + float(self.pool_spec[pool].get("cold_start_s", 1.0))
-            self.replicas[f"r{self._n}"] = Replica(f"r{self._n}", pool, ready, [ready] * self.concurrency)
-            self.cold_starts += 1
-        extra = sorted(self.replicas.values(), key=lambda r: -r.ready_at)[: max(0, len(self.replicas) - self.desired)]
-        for r in extra:  # newest first; drained: what it serves finishes
-            del self.replicas[r.id]
-
-    def _serve(self, arrival: float) -> bool:
-        slots = [(free, i, r) for r in self.replicas.values() if r.ready_at <= self.now
-                 for i, free in enumerate(r.slots)]
-        if not slots:
-            return False
-        free, i, r = min(slots, key=lambda s: s[0])
-        start = max(free, arrival, self.now if arrival < self.now else arrival)
-        finish = start + self.service_s
-        r.slots[i] = finish
-        r.work = [w for w in r.work if w[1] > self.now] + [(arrival, finish)]
-        heapq.heappush(self.finishes, finish)
-        self.waits.append(start - arrival)
-        return True
-
-    def run(self, arrivals: list[float], duration: float) -> None:
-        i = 0
-        while self.now < duration:
-            self.autoscaler.observe()
-            self._failover()
-            self._scale()
-            end = self.now + TICK_S
-            while i < len(arrivals) and arrivals[i] < end:
-                self.held.append(arrivals[i])
-                i += 1
-            kept: deque[float] = deque()
-            while self.held:
-                a = self.held.popleft()
-                if self.now - a > self.max_wait_s:
-                    self.failed += 1
-                elif not self._serve(a):
-                    kept.append(a)
-            self.held = kept
-            self.replica_seconds += TICK_S * len(self.replicas)
-            if int(self.now / TICK_S) % int(10 / TICK_S) == 0:
-                self.timeline.append(self._sample())
-            self.now = end
-
-    def _sample(self) -> dict[str, Any]:
-        per_pool = {p.name: sum(r.pool == p.name and r.ready_at <= self.now for r in self.replicas.values())
-                    for p in self.pools}
-        return {"t": round(self.now), "desired": self.desired, "ready": per_pool, "held": len(self.held),
-                "in_flight": len(self.finishes), "down": [p.name for p in self.pools if not p.healthy]}
-
-
-def _pct(values: list[float], q: int) -> float:
-    return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else (values[0] if values else 0.0)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pools", type=Path, help="pools and deployment (YAML); default: two pools, one with an outage")
-    ap.add_argument("--trace", choices=["diurnal", "bursty"], default="bursty")
-    ap.add_argument("--duration", type=float, default=600.0, help="simulated seconds")
-    ap.add_argument("--rps", type=float, default=20.0, help="mean arrival rate at the peak of the trace")
-    ap.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    ap.add_argument("--requests", type=int, default=1_000_000, help="requests in the speed run")
+    ap.add_argument("--quick", action="store_true", help="100,000 requests in the speed run; no file written")
     args = ap.parse_args()
-    spec = yaml.safe_load(args.pools.read_text()) if args.pools else DEFAULT
-    arrivals = trace(args.trace, args.duration, args.rps)
-    sim = Sim(spec)
-    sim.run(arrivals, args.duration)
-    result = {"requests": len(arrivals), "served": len(arrivals) - sim.failed - len(sim.held), "failed": sim.failed,
-              "retried": sim.retried,
-              "wait_p50_s": round(_pct(sim.waits, 50), 3), "wait_p99_s": round(_pct(sim.waits, 99), 3),
-              "cold_starts": sim.cold_starts, "replica_hours": round(sim.replica_seconds / 3600, 3),
-              "timeline": sim.timeline}
-    if args.json:
-        json.dump(result, sys.stdout, indent=1)
-        return
-    for s in sim.timeline:
-        ready = " ".join(f"{k}={v}" for k, v in s["ready"].items())
-        down = f" down: {','.join(s['down'])}" if s["down"] else ""
-        print(f"t={s['t']:>5}s desired={s['desired']:>2} ready {ready} held={s['held']} "
-              f"in_flight={s['in_flight']}{down}")
-    print({k: v for k, v in result.items() if k != "timeline"})
+    base = load_spec(ROOT / "examples" / "capacity" / "pools.yaml")
+    result = {"speed": speed(base, 100_000 if args.quick else args.requests), "slo_ttft_ms": SLO_MS,
+              "policies": table(base, 100_000)}
+    s = result["speed"]
+    print(f"speed: {s['requests']} requests, peak replicas {s['peak_replicas']}: "
+          f"{s['requests_per_wall_s']['median']:.0f} simulated requests per wall second "
+          f"(min {s['requests_per_wall_s']['min']:.0f}, max {s['requests_per_wall_s']['max']:.0f})")
+    for kind, rows in result["policies"].items():
+        for r in rows.values():
+            print(f"{kind:8} {r['policy']:9} cost {r['cost']:8.2f} ({r['cost_vs_ondemand']:.2f}x on-demand) "
+                  f"SLO {100 * r['slo_attainment']:6.2f}% p50 {r['ttft_p50_ms']:8.1f} ms "
+                  f"p99 {r['ttft_p99_ms']:9.1f} ms "
+                  f"lost {r['lost']:5} retried {r['retried']:5} cold starts {r['cold_starts']}")
+    if not args.quick:
+        out = ROOT / "bench" / "results" / "simulator.json"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from ballast.cli import (
     pools_cmds,
     profiles,
     serve_cmds,
+    simulate_cmds,
     up_cmds,
 )
 from ballast.cli import models as models_cmds
@@ -73,6 +74,7 @@ pools_cmds.register(app)
 datasets_cmds.register(app)
 evals_cmds.register(app)
 finetune_cmds.register(app)
+simulate_cmds.register(app)
 app.add_typer(models_cmds.app, name="models", help="Make and import LLM checkpoints (offline).")
 
 err_console = make_console(stderr=True)

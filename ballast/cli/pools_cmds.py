@@ -42,14 +42,22 @@ def add(
     label: Annotated[list[str] | None, typer.Option("--label", help="KEY=VALUE (repeatable).")] = None,
     max_replicas: Annotated[int | None, typer.Option(help="Most replicas placed in the pool (default: what fits).")]
     = None,
+    cloud: Annotated[str, typer.Option(help="Which cloud the pool is in (shown).")] = "",
+    cost_per_hour: Annotated[float | None, typer.Option(help="Price of one replica-hour; placement fills the "
+                                                              "cheapest healthy pool first.")] = None,
     url: UrlOpt = None,
     api_key: KeyOpt = None,
 ) -> None:
     """Add a capacity pool; new replicas spread over every healthy pool (or the ones a deployment pins)."""
     body = {"name": name, "ray_address": ray, "region": region,
-            "labels": _labels(label or []), "max_replicas": max_replicas}
+            "labels": _labels(label or []), "max_replicas": max_replicas,
+            "cloud": cloud, "cost_per_hour": cost_per_hour}
     p = PlatformClient(url, api_key).post("/pools", body)
     console.print(f"pool {p['name']} added ({p['kind']}{' at ' + p['address'] if p['address'] else ''})")
+
+
+def _cost(c: float | None) -> str:
+    return "-" if c is None else f"{c:g}"
 
 
 @app.command("list")
@@ -59,11 +67,12 @@ def list_(url: UrlOpt = None, api_key: KeyOpt = None, as_json: JsonOpt = False) 
     if as_json:
         console.print_json(json.dumps(data))
         return
-    t = Table(Column("NAME", no_wrap=True), "KIND", "ADDRESS", "REGION", "CAPACITY", "STATE", "HEALTH", "REPLICAS",
-              box=None)
+    t = Table(Column("NAME", no_wrap=True), "KIND", "ADDRESS", "REGION", "CLOUD", "COST/H", "CAPACITY", "STATE",
+              "HEALTH", "REPLICAS", box=None)
     for p in data:
         t.add_row(p["name"] + (" (default)" if p["default"] else ""), p["kind"], p["address"] or "-",
-                  p["region"] or "-", str(p["max_replicas"]) if p["max_replicas"] is not None else "-", p["state"],
+                  p["region"] or "-", p.get("cloud") or "-", _cost(p.get("cost_per_hour")),
+                  str(p["max_replicas"]) if p["max_replicas"] is not None else "-", p["state"],
                   _health(p), f"{p['replicas']['ready']}/{p['replicas']['total']}")
     console.print(t)
 

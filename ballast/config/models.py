@@ -139,9 +139,24 @@ class PlacementConfig(_Strict):
 
     pools: list[str] = Field(
         default_factory=list, description="Pin to these pools (in order of preference); empty: any healthy pool.")
-    spread: bool = Field(
-        True, description="Spread replicas over the pools (fewest of this version first), so one pool's loss "
-        "never takes every replica; false: fill the pools in order.")
+    spread: bool | int = Field(
+        True, description="Keep this version's replicas in at least this many pools (true: 2), so one pool's loss "
+        "never takes every replica; false: no minimum. With `prefer: spread`, true spreads them evenly.")
+    prefer: Literal["cheapest", "spread", "ordered"] = Field(
+        "cheapest", description="cheapest: fill the cheapest healthy pool (`cost_per_hour`; ties: the default pool, "
+        "then the order of `pools`); spread: fewest of this version first; ordered: fill `pools` in order.")
+
+    @field_validator("spread")
+    @classmethod
+    def _spread(cls, v: bool | int) -> bool | int:
+        if not isinstance(v, bool) and v < 0:
+            raise ValueError("spread is a number of pools (0 or more) or true/false")
+        return v
+
+    @property
+    def spread_pools(self) -> int:
+        """The fewest pools a version's replicas should sit in (when that many are usable)."""
+        return (2 if self.spread else 1) if isinstance(self.spread, bool) else max(self.spread, 1)
 
 
 class AsyncConfig(_Strict):

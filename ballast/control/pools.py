@@ -44,12 +44,14 @@ def ensure_default(s: Session, name: str, kind: str) -> None:
 
 def infos(s: Session, default: str) -> list[PoolInfo]:
     return [PoolInfo(p.name, p.kind, p.state, p.healthy, p.max_replicas, p.region, dict(p.labels or {}),
-                     p.name == default) for p in s.scalars(select(Pool).order_by(Pool.name)).all()]
+                     p.name == default, p.cloud or "", p.cost_per_hour)
+            for p in s.scalars(select(Pool).order_by(Pool.name)).all()]
 
 
 def view(p: Pool, counts: dict[str, dict[str, int]]) -> dict[str, Any]:
     mine = counts.get(p.name, {})
     return {"name": p.name, "kind": p.kind, "address": p.address, "region": p.region, "labels": p.labels or {},
+            "cloud": p.cloud or "", "cost_per_hour": p.cost_per_hour,
             "max_replicas": p.max_replicas, "state": p.state, "healthy": p.healthy, "reason": p.reason,
             "retry_at": iso(p.retry_at), "default": bool((p.labels or {}).get("default")),
             "replicas": {"ready": mine.get(ReplicaState.READY, 0), "total": sum(mine.values())},
@@ -71,7 +73,8 @@ class PoolStore:
             return [view(p, counts) for p in s.scalars(select(Pool).order_by(Pool.name)).all()]
 
     def add(self, name: str, kind: str, address: str | None, region: str, labels: dict[str, str],
-            max_replicas: int | None, actor: str = "system") -> dict[str, Any]:
+            max_replicas: int | None, actor: str = "system", cloud: str = "",
+            cost_per_hour: float | None = None) -> dict[str, Any]:
         check_name(name, "pool name")
         if kind not in KINDS:
             raise ControlError(400, f"unknown pool kind {kind!r} (local or ray)", "invalid_pool_kind", "kind")
@@ -83,7 +86,8 @@ class PoolStore:
             if s.get(Pool, name) is not None:
                 raise ControlError(409, f"pool {name!r} exists already", "pool_exists", "name")
             row = Pool(name=name, kind=kind, address=address, region=region, labels=dict(labels),
-                       max_replicas=max_replicas, state="active", healthy=True, failures=0, created_at=utcnow())
+                       max_replicas=max_replicas, cloud=cloud, cost_per_hour=cost_per_hour,
+                       state="active", healthy=True, failures=0, created_at=utcnow())
             s.add(row)
             where = f" at {address}" if address else ""
             add_event(s, POOL_EVENTS, "pool_added", f"pool {name} added ({kind}{where})", actor, pool=name)

@@ -30,6 +30,10 @@ class PoolRequest(BaseModel):
         # patternProperties alone would let a schema-valid body hold any other key: say that none may.
         default_factory=dict, max_length=32, json_schema_extra={"additionalProperties": False})
     max_replicas: int | None = Field(None, ge=1, le=100_000, description="Capacity; unset: what fits.")
+    cloud: str = Field("", max_length=63, pattern=r"^[A-Za-z0-9_.-]*$", description="Which cloud (shown).")
+    cost_per_hour: float | None = Field(None, ge=0, le=1_000_000, allow_inf_nan=False,
+                                        description="Price of one replica-hour here; placement fills cheap pools "
+                                        "first. Unset: not priced (ranked as free, like your own machine).")
 
 
 class DrainRequest(BaseModel):
@@ -49,7 +53,7 @@ def router(pools: PoolStore, changed: Callable[[Any], Any]) -> APIRouter:
         """A new pool; replicas are placed in it from the next reconcile on."""
         kind = "ray" if body.ray_address else "local"
         return changed(pools.add(body.name, kind, body.ray_address, body.region, body.labels, body.max_replicas,
-                                 actor=who))
+                                 actor=who, cloud=body.cloud, cost_per_hour=body.cost_per_hour))
 
     @api.post("/pools/{name}/drain", responses=errors(404))
     def drain_pool(name: Name, body: DrainRequest, who: Actor) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Integer, String, Text
+from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from ballast.store.tables import Base, utcnow
@@ -22,6 +22,8 @@ class Pool(Base):
     address: Mapped[str | None] = mapped_column(Text, nullable=True)  # the Ray cluster (ray pools)
     region: Mapped[str] = mapped_column(String(63), default="")
     labels: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    cloud: Mapped[str] = mapped_column(String(63), default="", server_default="")
+    cost_per_hour: Mapped[float | None] = mapped_column(Float, nullable=True)  # per replica; None: not priced
     max_replicas: Mapped[int | None] = mapped_column(Integer, nullable=True)  # capacity; None: what fits
     state: Mapped[str] = mapped_column(String(16), default="active")  # active, draining
     # Failover: a pool that is down takes no replicas until `retry_at`; `failures` in a row grow the wait.

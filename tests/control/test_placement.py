@@ -19,7 +19,7 @@ def pools() -> list[PoolInfo]:
 
 def test_spread_fills_the_pool_with_fewest_of_the_version_then_fewest_overall() -> None:
     p = Placement.of(pools(), [("other", 1, "b"), ("other", 1, "b")])
-    got = [p.choose("svc", 1, cfg()) for _ in range(5)]
+    got = [p.choose("svc", 1, cfg(prefer="spread")) for _ in range(5)]
     # local first (the default, empty), then c (b holds two of another version), then b; c is full after one.
     assert got == ["local", "c", "b", "local", "b"]
 
@@ -29,6 +29,47 @@ def test_pinned_pools_in_order_and_fill_without_spread() -> None:
     assert [p.choose("svc", 1, cfg(pools=["b", "local"], spread=False)) for _ in range(3)] == ["b", "b", "b"]
     p = Placement.of(pools(), [])
     assert [p.choose("svc", 1, cfg(pools=["b", "local"])) for _ in range(3)] == ["b", "local", "b"]
+
+
+def priced() -> list[PoolInfo]:
+    return [PoolInfo("local", default=True, cost_per_hour=4.0), PoolInfo("spot", cost_per_hour=1.0, max_replicas=3),
+            PoolInfo("ondemand", cost_per_hour=3.0)]
+
+
+def test_by_default_the_cheapest_pool_fills_but_a_version_keeps_to_two_pools() -> None:
+    p = Placement.of(priced(), [])
+    got = [p.choose("svc", 1, cfg()) for _ in range(5)]
+    # spot is cheapest; the second replica goes to the next cheapest so one pool's loss never takes both;
+    # spot fills to its capacity, then the next cheapest pool with room.
+    assert got == ["spot", "ondemand", "spot", "spot", "ondemand"]
+    p = Placement.of(priced(), [])
+    assert [p.choose("svc", 1, cfg(spread=False)) for _ in range(4)] == ["spot", "spot", "spot", "ondemand"]
+    p = Placement.of(priced(), [])
+    assert [p.choose("svc", 1, cfg(spread=3)) for _ in range(4)] == ["spot", "ondemand", "local", "spot"]
+    p = Placement.of(priced(), [])
+    assert [p.choose("svc", 1, cfg(prefer="ordered", spread=False)) for _ in range(2)] == ["local", "local"]
+    # Another version elsewhere does not count toward this one's spread.
+    p = Placement.of(priced(), [("other", 1, "ondemand")])
+    assert [p.choose("svc", 1, cfg()) for _ in range(2)] == ["spot", "ondemand"]
+
+
+def test_cheapest_skips_unusable_pools_and_keeps_pins() -> None:
+    infos = priced()
+    infos[1].healthy = False
+    p = Placement.of(infos, [])
+    assert [p.choose("svc", 1, cfg()) for _ in range(3)] == ["ondemand", "local", "ondemand"]
+    p = Placement.of(priced(), [])
+    assert [p.choose("svc", 1, cfg(pools=["local", "ondemand"])) for _ in range(3)] == [
+        "ondemand", "local", "ondemand"]
+
+
+def test_placement_config_rejects_a_negative_spread() -> None:
+    import pydantic
+    import pytest
+    with pytest.raises(pydantic.ValidationError):
+        cfg(spread=-1)
+    with pytest.raises(pydantic.ValidationError):
+        cfg(prefer="random")
 
 
 def test_no_pool_says_why() -> None:

@@ -42,3 +42,23 @@ def test_fill_in_order_moves_a_replica_to_a_preferred_pool_with_room() -> None:
     # Replicas in a pool that is down are failover's business, not rebalance's.
     down = [PoolInfo("local", default=True, healthy=False), PoolInfo("b")]
     assert Placement.of(down, []).rebalance(pinned, ["local"]) is None
+
+
+def test_cheapest_moves_a_replica_back_to_the_cheaper_pool_when_it_recovers() -> None:
+    spot, ondemand = PoolInfo("spot", cost_per_hour=1.0), PoolInfo("ondemand", cost_per_hour=3.0)
+    infos = [PoolInfo("local", default=True, cost_per_hour=5.0), spot, ondemand]
+    # spot was down: its replicas were replaced in on-demand. Back: one moves at a time, keeping two pools.
+    p = Placement.of(infos, [("svc", 1, "ondemand")] * 3)
+    assert p.rebalance(cfg(), ["ondemand"] * 3) == ("ondemand", "spot")
+    p = Placement.of(infos, [("svc", 1, "spot"), ("svc", 1, "ondemand"), ("svc", 1, "ondemand")])
+    assert p.rebalance(cfg(), ["spot", "ondemand", "ondemand"]) == ("ondemand", "spot")
+    # The last on-demand replica stays: one pool's loss must not take them all.
+    assert p.rebalance(cfg(), ["spot", "spot", "ondemand"]) is None
+    # A replica in the dearest pool moves to a cheaper one with room.
+    assert p.rebalance(cfg(), ["spot", "local"]) == ("local", "ondemand")
+    # spot still down: nothing better to move to.
+    down = [PoolInfo("local", default=True, cost_per_hour=5.0), PoolInfo("spot", cost_per_hour=1.0, healthy=False),
+            ondemand]
+    assert Placement.of(down, []).rebalance(cfg(), ["ondemand", "local"]) is None
+    # spread: false lets every replica sit in the cheapest pool.
+    assert p.rebalance(cfg(spread=False), ["spot", "ondemand"]) == ("ondemand", "spot")

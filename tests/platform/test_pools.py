@@ -87,16 +87,22 @@ def test_pools_cli_rest_and_placement(platform: Platform, tmp_path: Path) -> Non
     p = platform
     p.wait("the default pool", lambda: "local" in pools(p))
     assert pools(p)["local"]["default"] and pools(p)["local"]["healthy"]
-    out = p.cli("pools", "add", "b", "--region", "west", "--label", "tier=spot", "--max-replicas", "3").stdout
+    out = p.cli("pools", "add", "b", "--region", "west", "--label", "tier=spot", "--max-replicas", "3",
+                "--cloud", "aws", "--cost-per-hour", "0.5").stdout
     assert "pool b added (local)" in out
     listed = p.cli("pools", "list").stdout
     assert "local (default)" in listed and "west" in listed and "healthy" in listed
+    assert "aws" in listed and "0.5" in listed and "COST/H" in listed
+    assert pools(p)["b"]["cloud"] == "aws" and pools(p)["b"]["cost_per_hour"] == 0.5
+    assert pools(p)["local"]["cost_per_hour"] is None  # unpriced: ranked as free, so still preferred
 
     # Bad input: OpenAI-style errors, nothing written.
     assert p.api("POST", "/pools", json={"name": "b"}, expect=409)["error"]["code"] == "pool_exists"
     assert p.api("POST", "/pools", json={"name": "Bad_Name"}, expect=400)["error"]["type"]
     assert p.api("POST", "/pools", json={"name": "r", "ray_address": "../etc:1"}, expect=400)["error"]["type"]
     assert p.api("POST", "/pools", json={"name": "r", "max_replicas": -1}, expect=400)["error"]["type"]
+    assert p.api("POST", "/pools", json={"name": "r", "cost_per_hour": -1}, expect=400)["error"]["type"]
+    assert p.api("POST", "/pools", json={"name": "r", "cloud": "a/b"}, expect=400)["error"]["type"]
     assert p.api("DELETE", "/pools/local", expect=409)["error"]["code"] == "pool_is_default"
     assert p.api("DELETE", "/pools/nope", expect=404)["error"]["code"] == "pool_not_found"
     assert set(pools(p)) == {"local", "b"}
@@ -185,7 +191,8 @@ def test_pool_failover_under_load_and_recovery(platform: Platform, tmp_path: Pat
     if "c" not in pools(p):
         p.api("POST", "/pools", json={"name": "c"}, expect=201)
     p.wait("pool c healthy", lambda: pools(p)["c"]["healthy"], timeout=30)
-    p.cli("deploy", str(package(tmp_path / "f", name)), "--wait", "--timeout", "90")
+    # Even spread (`prefer: spread`): the default fills the cheapest pool (tests/control/test_placement.py).
+    p.cli("deploy", str(package(tmp_path / "f", name, "placement: {prefer: spread}\n")), "--wait", "--timeout", "90")
     reps = p.wait("one replica in each pool", lambda: (lambda r: r if r and sorted(x["pool"] for x in r) ==
                                                       ["c", "local"] else None)(ready(p, name, 2)), timeout=60)
     victim = next(r for r in reps if r["pool"] == lost)
