@@ -5,7 +5,8 @@ Capture with redaction → feedback corrections → the dataset → a supervised
 that dataset → the adapter (greedy output equal to HF + peft) evaluated on the held-out split, canaried, promoted
 → the deployment answers with it. The data is built so the gate's verdict is known: every prompt is one pattern
 and (nearly) every correction the same short answer, which a few high-learning-rate steps teach the adapter, while
-the random base model never writes it (`contains`, margin 0.5). Capture off writes nothing (a marker test), and
+the random base model never writes it (`contains`, margin 0.5); a margin no adapter can meet shows the rejection
+path. Capture off writes nothing (a marker test), and
 deleting a record or the dataset removes the fine-tuning job's copies too."""
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ REDACT = r"tok-[0-9a-f]{8}"
 ANSWER = "Blue."
 N = 20  # captured requests; the gate's held-out split (0.2, seed 0) is 4 of them
 UNCORRECTED = 2  # train-split records left with the model's own answer: "corrections on some of them"
+LOOP: dict[str, Any] = {}  # what the loop test leaves to the deletion test
 
 
 @pytest.fixture(scope="module")
@@ -155,17 +157,47 @@ def test_the_loop_capture_feedback_finetune_gate_canary(plat: Platform, tiny_che
     answer = _chat(plat, "chat", _prompt(101), max_tokens=16).json()["choices"][0]["message"]["content"]
     assert ANSWER in answer, answer
 
-    # Deleting one record cuts its line out of the job's copy; deleting the dataset removes the copies.
-    victim = next(i for i in range(N) if i not in held and i not in uncorrected and i != 0)
+    LOOP.update(rids=rids, job=job.id, victim=next(i for i in range(N) if i not in held and i not in uncorrected
+                                                      and i != 0))
+
+
+def test_a_gated_job_that_cannot_win_is_rejected(plat: Platform) -> None:
+    """Production is now the adapter that learned the answer (contains = 1 on the held-out split), so no candidate
+    can beat it by the margin of 1: the gate rejects honestly; the adapter stays registered (a version with its
+    scores) and production is unchanged. A margin the gate could never apply is refused when the job is made."""
+    before = {e["name"]: e for e in plat.show("chat")["environments"]}["production"]["version"]
+    r = httpx.post(plat.url + "/v1/fine_tuning/jobs", headers={"Authorization": f"Bearer {plat.key}"}, timeout=30,
+                   json={"model": "chat", "training_file": "dataset:sky",
+                         "ballast": {"gate": {"dataset": "sky", "margin": 1.5}}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "ballast.gate.margin", r.text
+    job = _client(plat).fine_tuning.jobs.create(
+        model="chat", training_file="dataset:sky", suffix="lose", seed=2,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 4}}},
+        extra_body={"ballast": {"max_steps": 2, "held_out": 0, "gate": {"dataset": "sky", "metric": "contains",
+                                                                         "margin": 1.0, "hold_s": 1}}})
+    _wait_status(plat, job.id, "succeeded", timeout=600)
+    [rejected] = plat.wait("gate_rejected", lambda: [e for e in _dep_events(plat, "gate_rejected")
+                                                     if e["data"].get("job_id") == job.id], timeout=600, every=0.5)
+    assert rejected["data"]["candidate_version"] > before
+    assert any(m.startswith("Gate rejected: contains") for m in (e.message for e in _events(plat, job.id)))
+    prod = {e["name"]: e for e in plat.show("chat")["environments"]}["production"]
+    assert prod["version"] == before and prod["canary"] is None
+    assert not [e for e in _dep_events(plat, "canary") if e["actor"].endswith(job.id)]
+
+
+def test_deleting_data_removes_every_copy(plat: Platform) -> None:
+    """One record: its line leaves the job's copy; the dataset: every row and the jobs' copies (both jobs)."""
+    rids, victim, d = LOOP["rids"], LOOP["victim"], plat.home / "finetune" / LOOP["job"]
     before = (d / "train.jsonl").read_text().count("\n")
     plat.cli("datasets", "delete", "sky", "--request-id", rids[victim])
     assert (d / "train.jsonl").read_text().count("\n") == before - 1
-    assert _prompt(victim) not in (d / "train.jsonl").read_text()
+    assert f"Ticket {victim}:" not in (d / "train.jsonl").read_text()
     plat.cli("datasets", "delete", "sky")
     plat.api("GET", "/datasets/sky", expect=404)
     assert not (d / "train.jsonl").exists()
     assert _files_containing(plat.home / "finetune", "What color is the sky?") == []
-    assert "Training data deleted with dataset sky" in [e.message for e in _events(plat, job.id)]
+    assert not list((plat.home / "finetune").glob("*/train.jsonl"))
+    assert "Training data deleted with dataset sky" in [e.message for e in _events(plat, LOOP["job"])]
 
 
 def _peft_greedy(base: Path, adapter: Path, n: int) -> list[int]:
