@@ -202,13 +202,15 @@ def main() -> None:
             if args.loop:
                 extra["loop"] = loop(p, rows, batch, steps)
                 print(f"loop: {extra['loop']}", flush=True)
-    table = [{"system": k, "metric": "train_tokens_per_s", **summarize(v), "unit": "tokens/s", "values": v}
-             for k, v in results.items()]
-    ratios: dict[str, Any] = {"ballast_vs_hf_trainer": ratio_stats(results["ballast_job"], results["hf_trainer"])}
-    ratios["aim"] = {"ballast_at_least_hf": ratios["ballast_vs_hf_trainer"]["median"] >= 1.0}
-    params = {"model": "smollm2-135m-instruct", "examples": EXAMPLES, "batch_size": batch, "steps": steps,
-              "rounds": rounds, "threads": THREADS, "lora": LORA, "quick": args.quick, **extra}
-    if not rounds:  # the loop alone: keep the last tokens/s figures
+    if rounds:
+        table = [{"system": k, "metric": "train_tokens_per_s", **summarize(v), "unit": "tokens/s", "values": v}
+                 for k, v in results.items()]
+        ratios: dict[str, Any] = {"ballast_vs_hf_trainer": ratio_stats(results["ballast_job"],
+                                                                       results["hf_trainer"])}
+        ratios["aim"] = {"ballast_at_least_hf": ratios["ballast_vs_hf_trainer"]["median"] >= 1.0}
+        params = {"model": "smollm2-135m-instruct", "examples": EXAMPLES, "batch_size": batch, "steps": steps,
+                  "rounds": rounds, "threads": THREADS, "lora": LORA, "quick": args.quick, **extra}
+    else:  # the loop alone: keep the last tokens/s figures, merge the loop's
         old = json.loads((ROOT / "bench" / "results" / "train.json").read_text())
         params, table, ratios = {**old["params"], **extra}, old["rows"], old["ratios"]
     print_table(table)
