@@ -10,12 +10,14 @@ import json
 import random
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from ballast.control.dataset_copies import group, purge_dataset, purge_records
 from ballast.control.errors import ControlError
 from ballast.store import DatasetRecord, utcnow
 
@@ -61,8 +63,10 @@ def _example(r: DatasetRecord) -> dict[str, Any]:
 
 
 class Datasets:
-    def __init__(self, sessions: sessionmaker[Session]):
+    def __init__(self, sessions: sessionmaker[Session], home: Path | None = None):
+        """`home`: where fine-tuning jobs keep their copies of a dataset, which deletion removes too."""
         self.sessions = sessions
+        self.home = home
 
     def capture(self, dataset: str, request_id: str, key_id: str, deployment: str, messages: list[Any],
                 completion: dict[str, Any] | None, retention_days: float) -> None:
@@ -142,23 +146,33 @@ class Datasets:
         return {"name": dataset, "imported": len(examples)}
 
     def delete(self, dataset: str, request_id: str | None = None) -> dict[str, Any]:
-        """Delete a whole dataset, or one captured request of it."""
-        q = delete(DatasetRecord).where(DatasetRecord.dataset == dataset)
+        """Delete a whole dataset, or one captured request of it, and the fine-tuning jobs' copies of them."""
+        where = [DatasetRecord.dataset == dataset]
         if request_id is not None:
-            q = q.where(DatasetRecord.request_id == request_id)
+            where.append(DatasetRecord.request_id == request_id)
         with self.sessions() as s:
-            n = s.execute(q).rowcount  # type: ignore[attr-defined]
+            gone = list(s.scalars(select(DatasetRecord).where(*where)))
+            if not gone:
+                raise ControlError(404, f"nothing to delete in `{dataset}`", "not_found", "name")
+            s.execute(delete(DatasetRecord).where(DatasetRecord.id.in_([r.id for r in gone])))
+            if self.home is not None:
+                if request_id is None:
+                    purge_dataset(s, self.home, dataset)
+                else:
+                    purge_records(s, self.home, group(gone))
             s.commit()
-        if not n:
-            raise ControlError(404, f"nothing to delete in `{dataset}`", "not_found", "name")
-        return {"name": dataset, "deleted": n}
+        return {"name": dataset, "deleted": len(gone)}
 
     def sweep(self, now: datetime | None = None) -> int:
-        """Delete the captured pairs past their retention; returns how many."""
+        """Delete the captured pairs past their retention (and their lines in job copies); returns how many."""
         with self.sessions() as s:
-            n = s.execute(delete(DatasetRecord).where(DatasetRecord.expires_at < (now or utcnow()))).rowcount  # type: ignore[attr-defined]
-            s.commit()
-        return int(n or 0)
+            gone = list(s.scalars(select(DatasetRecord).where(DatasetRecord.expires_at < (now or utcnow()))))
+            if gone:
+                s.execute(delete(DatasetRecord).where(DatasetRecord.id.in_([r.id for r in gone])))
+                if self.home is not None:
+                    purge_records(s, self.home, group(gone))
+                s.commit()
+        return len(gone)
 
 
 def _iso(t: datetime | None) -> str | None:

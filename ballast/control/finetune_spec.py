@@ -101,6 +101,8 @@ def _gate(raw: Any) -> dict[str, Any] | None:
             raise _bad(f"ballast.gate.{k} must be a {t.__name__}", f"ballast.gate.{k}")
     if not 1 <= out["canary_percent"] <= 100 or out["hold_s"] < 0:
         raise _bad("ballast.gate: canary_percent is 1..100 and hold_s is at least 0", "ballast.gate.canary_percent")
+    if not -1 <= out["margin"] <= 1:  # what the gate accepts: refused here, not after the training
+        raise _bad("ballast.gate.margin is a score difference from -1 to 1", "ballast.gate.margin")
     return out
 
 

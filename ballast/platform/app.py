@@ -157,7 +157,7 @@ def create_app(control: ControlPlane, reconciler: Reconciler | None = None, *, g
     app.include_router(async_router())
     app.include_router(pools_api.router(PoolStore(control.sessions), changed))
     app.include_router(chains_api.router(control, changed))
-    app.include_router(datasets_api.router(Datasets(control.sessions)))
+    app.include_router(datasets_api.router(Datasets(control.sessions, control.home)))
     history = MetricsHistory(control.sessions, interval_from_env() or 10)
     app.include_router(metrics_api.router(history))
     app.router.routes.extend(dashboard_routes(control, history, changed, refreshed))  # the web dashboard at /

@@ -113,7 +113,7 @@ def assemble(control: ControlPlane, backend: Backend, registry: CollectorRegistr
 
 def install_capture(control: ControlPlane, gateway: Gateway) -> None:
     """Opt-in capture (its retention sweep a gateway companion) and `POST /v1/feedback`."""
-    gateway.capture = Capture(gateway, Datasets(control.sessions))
+    gateway.capture = Capture(gateway, Datasets(control.sessions, control.home))
     gateway.companions.append(gateway.capture)
     gateway.extra_routes += gateway.capture.routes()
 

@@ -44,6 +44,7 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer; crash-safe
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA secure_delete=ON")  # deleted rows (captured data) are zeroed, not left in free pages
             cur.close()
 
         return engine

@@ -41,6 +41,7 @@ def test_each_bad_field_is_named() -> None:
     _param({"seed": -1}, "seed")
     _param({"metadata": {"k": 1}}, "metadata")
     _param({"ballast": {"gate": {"dataset": "d", "canary_percent": 0}}}, "ballast.gate.canary_percent")
+    _param({"ballast": {"gate": {"dataset": "d", "margin": 1.5}}}, "ballast.gate.margin")
     _param({"ballast": {"lora": {"targets": ["lm_head"]}}}, "ballast.lora.targets")
     _param({"ballast": {"held_out": 1}}, "ballast.held_out")
     _param({"extra": 1}, "extra")
