@@ -29,9 +29,9 @@ class PoolRequest(BaseModel):
     labels: dict[Annotated[str, Field(pattern=LABEL)], Annotated[str, Field(max_length=255)]] = Field(
         # patternProperties alone would let a schema-valid body hold any other key: say that none may.
         default_factory=dict, max_length=32, json_schema_extra={"additionalProperties": False})
-    max_replicas: int | None = Field(None, ge=1, le=100_000, description="Capacity; unset: what fits.")
+    max_replicas: int | None = Field(None, ge=1, le=100_000, strict=True, description="Capacity; unset: what fits.")
     cloud: str = Field("", max_length=63, pattern=r"^[A-Za-z0-9_.-]*$", description="Which cloud (shown).")
-    cost_per_hour: float | None = Field(None, ge=0, le=1_000_000, allow_inf_nan=False,
+    cost_per_hour: float | None = Field(None, ge=0, le=1_000_000, allow_inf_nan=False, strict=True,
                                         description="Price of one replica-hour here; placement fills cheap pools "
                                         "first. Unset: not priced (ranked as free, like your own machine).")
 
