@@ -205,7 +205,7 @@ def test_losing_a_cluster_under_load_fails_over_without_a_failed_request(
     p = platform
     probe = RayBackend("probe-" + os.urandom(3).hex(), address=heads[0].address, logs_dir=tmp_path, name="probe")
     assert ping_error(probe) is None
-    load = Load(p, "spread", max_requests=3000)
+    load = Load(p, "spread")
     load.start()
     try:
         p.wait("traffic", lambda: load.sent >= 10, timeout=60)

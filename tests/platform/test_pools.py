@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +58,15 @@ def pools(p: Platform) -> dict[str, dict[str, Any]]:
 
 
 class Load(threading.Thread):
-    """Non-streaming requests through the gateway, one at a time, bounded in count."""
+    """Non-streaming requests through the gateway, one at a time, bounded in count and in time.
 
-    def __init__(self, p: Platform, name: str, max_requests: int = 5000):
+    The count bound is far above what a test's waits need (a fast machine sends ~200 requests a second, and a
+    load that ran out of requests mid-test once looked like a stalled failover); the time bound ends it anyway."""
+
+    def __init__(self, p: Platform, name: str, max_requests: int = 200_000, max_s: float = 600):
         super().__init__(daemon=True)
         self.p, self.name, self.max_requests = p, name, max_requests
+        self.deadline = time.monotonic() + max_s
         self.stop_flag = threading.Event()
         self.sent = 0
         self.errors: list[str] = []
@@ -69,7 +74,8 @@ class Load(threading.Thread):
     def run(self) -> None:
         headers = {"Authorization": f"Bearer {self.p.key}"}
         with httpx.Client(timeout=30, headers=headers) as c:
-            while not self.stop_flag.is_set() and self.sent < self.max_requests:
+            while (not self.stop_flag.is_set() and self.sent < self.max_requests
+                   and time.monotonic() < self.deadline):
                 self.sent += 1
                 try:
                     r = c.post(f"{self.p.url}/deployments/{self.name}/predict", json={"i": self.sent})
