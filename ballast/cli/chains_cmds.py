@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ballast.chains import LocalChain, find_entry, load_module
-from ballast.chains.deploy import StepPackage, build_packages
 from ballast.cli.options import KeyOpt, UrlOpt, make_console
 from ballast.cli.platform_client import PlatformClient
 from ballast.home import ballast_home
+
+if TYPE_CHECKING:
+    from ballast.chains import LocalChain
+    from ballast.chains.deploy import StepPackage
 
 console = make_console()
 
@@ -44,6 +46,8 @@ def run(
     inputs = json.loads(input_json)
     if not isinstance(inputs, dict):
         raise typer.BadParameter("--input must be a JSON object of the entry step's arguments")
+    from ballast.chains import LocalChain, find_entry, load_module  # here: chains load aiohttp, slow to import
+
     chain = LocalChain(find_entry(load_module(path)))
     asyncio.run(_run(chain, inputs, deadline, request_id))
 
@@ -63,6 +67,8 @@ def deploy(
 ) -> None:
     """Deploy each step as its own deployment (dependencies first), record them as one chain version and
     promote it to ENV; steps call each other through the gateway with a key the platform issues."""
+    from ballast.chains.deploy import build_packages  # here: chains load aiohttp, slow to import
+
     c = PlatformClient(url, api_key)
     out_dir = (out or ballast_home() / "chains" / name).resolve()
 

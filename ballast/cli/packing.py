@@ -13,8 +13,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ballast.package import load_package
-
 CHUNK = 1 << 20
 
 
@@ -33,6 +31,8 @@ class PackedPackage:
 
 def pack(path: Path, workdir: Path) -> PackedPackage:
     """Validate the package here first (a bad config fails before any upload), then tar and hash it."""
+    from ballast.package import load_package  # here: the config models are slow to import, most commands need none
+
     package = load_package(path)
     fd, name = tempfile.mkstemp(prefix="ballast-package-", suffix=".tar.gz", dir=workdir)
     out = Path(name)

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ballast.cli.options import make_console
-from ballast.sim.run import DEFAULT_POLICIES, NAMES, SimError, load, simulate
+from ballast.sim.names import DEFAULT_POLICIES, NAMES
 
 console = make_console()
 
@@ -29,6 +29,8 @@ def simulate_cmd(
 ) -> None:
     """Replay a request trace against simulated pools in virtual time, per placement policy: TTFT p50/p99 against
     an SLO, cost, cold starts, and requests lost in failures."""
+    from ballast.sim.run import SimError, load, simulate  # here: the simulator loads the whole control plane
+
     try:
         tr, spec = load(trace, pools)
         rows = simulate(tr, spec, policy or DEFAULT_POLICIES, slo_ttft_ms)

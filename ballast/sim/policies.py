@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ballast.config import BallastConfig
+from ballast.sim.names import NAMES
 from ballast.sim.spec import HedgePolicy, SimSpec
-
-NAMES = ("cheapest", "spread", "hedge", "ondemand", "default")
 
 
 @dataclass(frozen=True)

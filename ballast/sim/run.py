@@ -9,11 +9,10 @@ import pydantic
 import yaml
 
 from ballast.sim.engine import Simulation
-from ballast.sim.policies import NAMES, make_policy
+from ballast.sim.names import DEFAULT_POLICIES, NAMES
+from ballast.sim.policies import make_policy
 from ballast.sim.spec import SimSpec, load_spec
 from ballast.sim.traces import Trace, TraceError, read_trace
-
-DEFAULT_POLICIES = ("cheapest", "spread", "hedge")
 
 
 class SimError(ValueError):

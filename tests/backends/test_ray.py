@@ -3,28 +3,17 @@ platform kill (re-adoption by actor name), keep an impossible GPU request pendin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.backends.ray_heads import RayHead
 from tests.conftest import EXAMPLES, write_package
 from tests.control.platform import Platform
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[str]:
-    """One local Ray head for the session (its own ports and temp dir), stopped by killing exactly its processes."""
-    head = RayHead(num_cpus=2, memory_gib=8)
-    try:
-        yield head.start().address
-    finally:
-        head.close()
 
 
 def _ready(p: Platform, name: str) -> dict | None:

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from tests.backends.test_ray import ray_cluster  # noqa: F401  (the session's Ray head)
 from tests.conftest import EXAMPLES
 from tests.control.platform import Platform, kill_leftovers, pid_alive
 from tests.platform.test_pools import Load
@@ -21,7 +20,7 @@ def _ready(p: Platform, name: str) -> list[dict[str, Any]]:
     return [r for r in p.show(name)["replicas"] if r["state"] == "ready"]
 
 
-def test_ray_pool_serves_and_drains_to_local(ray_cluster: str, tmp_path: Path) -> None:  # noqa: F811
+def test_ray_pool_serves_and_drains_to_local(ray_cluster: str, tmp_path: Path) -> None:
     p = Platform(tmp_path / "home").start()
     pids: list[int] = []
     try:

@@ -1,4 +1,5 @@
-"""One real platform shared by the CLI tests (starting one is the slow part), with an echo deployment."""
+"""One real platform shared by the CLI tests (starting one is the slow part), with an echo deployment; it stops with
+the package's last test, so later tests do not share the machine with it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from tests.conftest import EXAMPLES
 from tests.control.platform import Platform, kill_leftovers
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def cli_platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
     p = Platform(tmp_path_factory.mktemp("cli") / "home").start()
     try:

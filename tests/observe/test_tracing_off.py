@@ -11,7 +11,7 @@ from pathlib import Path
 from tests.conftest import write_package
 
 SCRIPT = r"""
-import logging, sys
+import logging, sys, time
 from starlette.testclient import TestClient
 from ballast.observe import configure_logging
 from ballast.observe.tracing import get_tracer, tracing_enabled
@@ -24,6 +24,10 @@ assert not tracing_enabled() and get_tracer("x") is None
 pkg = load_package(sys.argv[1])
 app = ReplicaApp(ModelHost(pkg), pkg.config.runtime)
 with TestClient(app.app) as client:
+    for _ in range(600):  # the model loads in the background after start-up: wait until the replica is ready
+        if client.get("/health/ready").status_code == 200:
+            break
+        time.sleep(0.05)
     for i in range(3):
         r = client.post("/predict", json={"i": i}, headers={"x-request-id": f"off-{i}",
                         "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"})

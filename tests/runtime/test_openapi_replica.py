@@ -62,6 +62,7 @@ def llm_replica(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
           max_num_seqs: 16
           max_num_batched_tokens: 256
           kv_cache_memory: 16Mi
+          default_max_tokens: 4  # the contract is about shapes, not lengths: short answers keep ~1,000 cases quick
         """)
     yield from _serve(pkg)
 
