@@ -35,6 +35,8 @@ from ballast.backends import ray_wire as wire
 from ballast.backends.base import ReplicaHandle, ReplicaSpec, ReplicaStatus
 from ballast.backends.local import default_command, rotate_file, tail_file
 from ballast.home import ballast_home
+from ballast.observe.replica_auth import ENV as TOKEN_ENV
+from ballast.observe.replica_auth import token_for
 
 log = logging.getLogger("ballast.backends.ray")
 CALL_TIMEOUT_S = 15.0
@@ -253,7 +255,10 @@ class RayBackend:
         return None if reason is None else str(reason)
 
     def start(self, spec: ReplicaSpec) -> ReplicaHandle:
-        return wire.handle_of(self._call("start", {"spec": wire.spec_to(spec)}, self.start_timeout_s + CALL_TIMEOUT_S))
+        sent = wire.spec_to(spec)
+        if token := token_for(spec.replica_id):  # it listens on its node's address: only the platform may call it
+            sent["env"][TOKEN_ENV] = token
+        return wire.handle_of(self._call("start", {"spec": sent}, self.start_timeout_s + CALL_TIMEOUT_S))
 
     def stop(self, handle: ReplicaHandle, grace_s: float) -> None:
         try:

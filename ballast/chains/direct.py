@@ -33,6 +33,7 @@ class Replicas:
         self.key = key
         self.client = client
         self.urls: list[str] = []
+        self.tokens: dict[str, str] = {}  # url -> the replica's token, where it has one (a Ray replica)
         self.fetched = -STALE_S  # when the list was last received
         self.asked = -TTL_S  # when it was last asked for
         self.inflight: dict[str, int] = {}
@@ -66,6 +67,9 @@ class Replicas:
             urls = body.get("replicas") if isinstance(body, dict) else None
             if isinstance(urls, list) and all(isinstance(u, str) for u in urls):
                 self.urls = [u.rstrip("/") for u in urls]
+                tokens = body.get("tokens") if isinstance(body, dict) else None
+                tokens = tokens if isinstance(tokens, list) and len(tokens) == len(urls) else []
+                self.tokens = {u: t for u, t in zip(self.urls, tokens, strict=False) if isinstance(t, str) and t}
                 self.fetched = time.monotonic()
         except (TimeoutError, aiohttp.ClientError, ValueError):
             pass

@@ -24,6 +24,7 @@ from ballast.chains.direct import Replicas
 from ballast.chains.errors import ChainError, Kind
 from ballast.chains.handle import StepHandle
 from ballast.observe.hops import ENVELOPE, IDEMPOTENT_HEADER, trace_headers
+from ballast.observe.replica_auth import HEADER
 
 KINDS: dict[str, Kind] = {"chain_error": "error", "chain_contract": "contract", "chain_deadline": "deadline"}
 UNAVAILABLE = (502, 503)
@@ -141,8 +142,10 @@ class RemoteHandle(StepHandle):
         full or shutting down (the gateway holds the call or routes it elsewhere)."""
         session = self.client.session()
         try:
-            r = await session.post(f"{url}/predict", data=body,
-                                   headers={k: v for k, v in headers.items() if k != "Authorization"})
+            direct = {k: v for k, v in headers.items() if k != "Authorization"}
+            if token := replicas.tokens.get(url):
+                direct[HEADER] = token
+            r = await session.post(f"{url}/predict", data=body, headers=direct)
         except aiohttp.ClientConnectorError:
             replicas.failed()
         except aiohttp.ClientError:

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
 from ballast.control.metrics_history import COARSE_S, MetricsHistory, Window
+from ballast.observe.replica_auth import headers_for
 
 log = logging.getLogger("ballast.metrics")
 
@@ -204,9 +205,9 @@ class Sampler:
         targets = self.targets()
         cpu = [0.0]
 
-        async def one(url: str) -> dict[str, float]:
+        async def one(rid: str, url: str) -> dict[str, float]:
             try:
-                r = await client.get(url.rstrip("/") + "/metrics")
+                r = await client.get(url.rstrip("/") + "/metrics", headers=headers_for(rid))
                 t = time.thread_time()
                 out = parse_replica(r.text) if r.status_code == 200 else {}
                 cpu[0] += time.thread_time() - t
@@ -214,7 +215,7 @@ class Sampler:
             except (httpx.HTTPError, ValueError):
                 return {}
 
-        results = await asyncio.gather(*(one(url) for _, _, url in targets))
+        results = await asyncio.gather(*(one(rid, url) for _, rid, url in targets))
         out: dict[str, list[tuple[str, dict[str, float]]]] = {}
         for (dep, rid, _url), m in zip(targets, results, strict=True):
             out.setdefault(dep, []).append((rid, m))

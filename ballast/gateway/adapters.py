@@ -31,6 +31,7 @@ from ballast.gateway.metering import counts_from_usage
 from ballast.gateway.proxy import Outcome
 from ballast.gateway.routing import Endpoint
 from ballast.observe import REQUEST_ID_HEADER, current_request_id
+from ballast.observe.replica_auth import headers_for
 from ballast.openai import APIError
 
 if TYPE_CHECKING:
@@ -125,7 +126,8 @@ class Adapters:
 
         async def one(ep: Endpoint) -> tuple[str, int, Any]:
             try:
-                async with self.gw.proxy.session.post(ep.url + path, data=payload, headers=headers,
+                async with self.gw.proxy.session.post(ep.url + path, data=payload,
+                                                      headers={**headers, **headers_for(ep.replica_id)},
                                                       timeout=aiohttp.ClientTimeout(total=120)) as r:
                     return ep.replica_id, r.status, await r.json(content_type=None)
             except (aiohttp.ClientError, TimeoutError, ValueError) as e:

@@ -31,6 +31,7 @@ from ballast.observe.hops import (
     new_trace_id,
     trace_id_of,
 )
+from ballast.observe.replica_auth import token_for
 from ballast.openai import APIError
 
 Route = tuple[str, Callable[[Request], Awaitable[Response]], list[str]]
@@ -147,8 +148,11 @@ class ChainRoutes:
         dep = gw.routes.get(step)
         v = dep.versions.get(version) if dep is not None else None
         now = time.monotonic()
-        urls = [ep.url for ep in (v.endpoints if v is not None else []) if ep.available(now)]
-        return JSONResponse({"replicas": urls})
+        ready = [ep for ep in (v.endpoints if v is not None else []) if ep.available(now)]
+        # A Ray replica answers only with its token (observe.replica_auth): the chain's steps get them, as they
+        # are this chain's own replicas and the caller holds the chain's key.
+        tokens = [token_for(ep.replica_id) for ep in ready]
+        return JSONResponse({"replicas": [ep.url for ep in ready], "tokens": tokens})
 
     def routes(self) -> list[Route]:
         return [*[(path, self.run, ["POST"]) for path in (

@@ -27,6 +27,7 @@ from starlette.responses import Response, StreamingResponse
 from ballast.gateway.resume import ResumePlan, ResumingRelay, resume_plan
 from ballast.gateway.routing import Endpoint, Router
 from ballast.observe import HOP_BY_HOP
+from ballast.observe.replica_auth import headers_for
 from ballast.openai import APIError, sse_event
 
 log = logging.getLogger("ballast.gateway")
@@ -158,8 +159,8 @@ class Proxy:
         """One try on one replica: its response with the whole body (None for a stream), or why to try again."""
         timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=3.0) if timeout_s else None
         try:
-            resp = await self.session.post(ep.url + path, data=body, headers=headers, timeout=timeout,
-                                           allow_redirects=False)
+            resp = await self.session.post(ep.url + path, data=body, headers={**headers, **headers_for(ep.replica_id)},
+                                           timeout=timeout, allow_redirects=False)
         except _RETRYABLE as e:
             ep.outstanding -= 1
             self._failed(ep, hard=isinstance(e, _CONNECT))

@@ -20,6 +20,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from ballast.control.events import add_event
+from ballast.observe.replica_auth import headers_for
 
 if TYPE_CHECKING:
     from ballast.platform.evals import EvalContext
@@ -79,12 +80,13 @@ def _gateway_counts(ctx: EvalContext, deployment: str, version: int) -> tuple[fl
     return total, errors
 
 
-async def _replica_latency(urls: list[str]) -> tuple[float, float]:
+async def _replica_latency(replicas: list[tuple[str, str]]) -> tuple[float, float]:
+    """Latency sums and counts over (replica id, url) pairs."""
     total = count = 0.0
     async with httpx.AsyncClient(timeout=10) as client:
-        for url in urls:
+        for rid, url in replicas:
             try:
-                text = (await client.get(url + "/metrics")).text
+                text = (await client.get(url + "/metrics", headers=headers_for(rid))).text
             except httpx.HTTPError:
                 continue
             for family in text_string_to_metric_families(text):
@@ -101,7 +103,7 @@ async def sample(ctx: EvalContext, deployment: str, version: int) -> Stats:
     requests, errors = _gateway_counts(ctx, deployment, version)
     dep = ctx.gateway.routes.get(deployment)
     v = dep.versions.get(version) if dep else None
-    lat_sum, lat_count = await _replica_latency([ep.url for ep in v.endpoints] if v else [])
+    lat_sum, lat_count = await _replica_latency([(ep.replica_id, ep.url) for ep in v.endpoints] if v else [])
     return Stats(requests, errors, lat_sum, lat_count)
 
 

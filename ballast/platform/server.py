@@ -28,6 +28,7 @@ from ballast.control.lease import Lease
 from ballast.gateway.service import Gateway
 from ballast.home import ballast_home
 from ballast.observe import configure_logging
+from ballast.observe.replica_auth import set_secret as set_replica_secret
 from ballast.platform.app import create_app
 from ballast.platform.auth import bootstrap_admin, setting
 from ballast.platform.source import assemble
@@ -128,6 +129,9 @@ def run_platform(opts: PlatformOptions, announce: Callable[[str], None] = print)
     except Exception as e:
         raise RuntimeError(f"cannot open the store at {safe_url(url)}: {type(e).__name__}: {e}") from None
     instance_id = setting(sessions, "instance_id", os.urandom(8).hex())
+    # Replicas beyond this machine (Ray) answer only callers with their token; every platform on this store
+    # derives the same tokens (observe.replica_auth).
+    set_replica_secret(setting(sessions, "replica_secret", os.urandom(32).hex()))
     secret = bootstrap_admin(sessions)
     settings = Settings(
         retire_grace_s=opts.retire_grace_s,

@@ -15,6 +15,7 @@ from typing import Any
 import uvicorn
 
 from ballast.observe import configure_logging
+from ballast.observe.replica_auth import take_token
 from ballast.package import Package
 from ballast.runtime.model import LoadState, ModelHost
 from ballast.runtime.server import ReplicaApp
@@ -85,13 +86,14 @@ def serve_package(
     """Serve `package` until SIGTERM/SIGINT; prints `ready: URL` once the model has loaded."""
     configure_logging()
     logging.getLogger("uvicorn.access").disabled = not access_log  # configure_logging turns it off
+    token = take_token()  # before the model's code runs: it never sees the token
     model_host = build_host(package) if build_host else make_host(package)
     runtime = package.config.runtime
     if package.config.engine is not None:
         from ballast.runtime.llm import engine_default_concurrency
 
         runtime = runtime.model_copy(update={"predict_concurrency": engine_default_concurrency(package.config)})
-    replica = ReplicaApp(model_host, runtime)
+    replica = ReplicaApp(model_host, runtime, token=token)
     sock = bind_socket(host, port)
     actual_port = sock.getsockname()[1]
     shown_host = f"[{host}]" if ":" in host else host

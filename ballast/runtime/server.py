@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ballast.config import RuntimeConfig
 from ballast.observe import RequestIdMiddleware, request_id_var
+from ballast.observe.replica_auth import ReplicaAuth
 from ballast.observe.requests import with_tracing
 from ballast.observe.tracing import get_tracer
 from ballast.openai import DONE, APIError, error_body, sse_event
@@ -82,8 +83,10 @@ async def read_json(request: Request, max_bytes: int) -> Any:
 class ReplicaApp:
     """Builds the ASGI app around a `Host` and the runtime limits."""
 
-    def __init__(self, host: Host, runtime: RuntimeConfig, *, load_on_startup: bool = True):
+    def __init__(self, host: Host, runtime: RuntimeConfig, *, load_on_startup: bool = True,
+                 token: str | None = None):
         self.host = host
+        self.token = token  # a Ray replica's: every request but the probes must carry it (observe.replica_auth)
         self.runtime = runtime
         self.metrics = RuntimeMetrics()
         self.admission = Admission(runtime.predict_concurrency, runtime.max_queue, self.metrics)
@@ -116,7 +119,8 @@ class ReplicaApp:
         app.add_exception_handler(Exception, self._internal_error)
         routes = {"/predict", "/health", "/health/live", "/health/ready", "/metrics", "/openapi.json",
                   *OPENAI_METHODS.values(), *extra_paths}
-        return with_tracing(RequestIdMiddleware(app, RequestMetrics(self.metrics, routes)), self._tracer())
+        inner: ASGIApp = ReplicaAuth(app, self.token) if self.token else app
+        return with_tracing(RequestIdMiddleware(inner, RequestMetrics(self.metrics, routes)), self._tracer())
 
     def _tracer(self) -> Any:
         """The replica's tracer when OTEL_EXPORTER_OTLP_ENDPOINT is set (the platform passes it on), else None."""

@@ -37,6 +37,10 @@ def test_ray_backend_deploy_serve_readopt_pending(ray_cluster: str, tmp_path: Pa
         r = _predict(p, {"hello": "ray"})
         assert r.status_code == 200, r.text
         assert r.json() == {"echo": {"hello": "ray"}}
+        # The replica listens on its node's address: without the platform's token it answers nothing but probes.
+        direct = httpx.post(rep["url"] + "/predict", json={"hello": "ray"}, timeout=30)
+        assert direct.status_code == 401 and direct.json()["error"]["code"] == "replica_token_required"
+        assert httpx.get(rep["url"] + "/metrics", timeout=30).status_code == 401
         p.wait("replica log copied", lambda: "Ray actor" in p.cli("logs", "echo").stdout, timeout=30)
 
         # Kill the platform hard: the detached actor keeps serving; a new platform re-adopts it.
