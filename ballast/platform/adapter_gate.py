@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -142,8 +142,10 @@ async def ship_adapter(ctx: EvalContext, *, deployment: str, env: str, adapter_d
         await asyncio.to_thread(_event, ctx, deployment, "gate_rejected", f"adapter {adapter_name} (version "
                                 f"{candidate}) rejected: {verdict}; it stays registered", actor, gate.to_dict())
         return gate
+    guard = {"env": env, "hold_s": hold_s, "limits": asdict(limits or GuardLimits()),
+             "actor": gate_actor(actor, job_id)}  # what a restarted platform needs to guard it again
     await asyncio.to_thread(_event, ctx, deployment, "gate_passed", f"adapter {adapter_name} (version {candidate}) "
-                            f"passed: {verdict}", actor, gate.to_dict())
+                            f"passed: {verdict}", actor, {**gate.to_dict(), "guard": guard})
     # The control plane's own `canary` event records it; its actor names the job.
     await asyncio.to_thread(ctx.control.promote, deployment, candidate, env, canary=canary_percent,
                             actor=gate_actor(actor, job_id))

@@ -39,6 +39,7 @@ from ballast.observe.tracing import get_tracer
 from ballast.openai import APIError, error_body
 from ballast.platform import chains_api, datasets_api, deployments, evals_api, keys_api, metrics_api, openapi, pools_api
 from ballast.platform.async_routes import async_router
+from ballast.platform.canary_guard import resume_guards
 from ballast.platform.evals import EvalContext
 from ballast.platform.finetune_runner import FineTuneRunner
 from ballast.platform.uploads import upload_router
@@ -82,6 +83,11 @@ def create_app(control: ControlPlane, reconciler: Reconciler | None = None, *, g
             await reconciler.start()
         if gateway is not None:
             await gateway.start()
+        if evals is not None and (reconciler is None or reconciler.lease is None):
+            try:  # canaries whose guard a restart interrupted (with --ha an operator decides: see canary_guard)
+                await resume_guards(evals)
+            except Exception:
+                log.exception("could not resume the canary guards; their canaries wait for an operator")
         # Everything built at startup (modules, app, ORM, routes) lives as long as the process: move it out of
         # the collector's reach, or every full collection re-scans it (measured: ~58 ms pauses under load, the
         # gateway's p99 at 64 connections; freezing took p99 from 74 to 32 ms and added 16% requests/s).

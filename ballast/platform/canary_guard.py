@@ -4,8 +4,10 @@ period, then promote it to all traffic, or roll it back.
 Error rates come from the gateway's per-version request counter (`ballast_gateway_requests`, so a replica that
 refuses or dies counts too); latency from each version's replicas (`ballast_request_duration_seconds` of the
 inference routes). Both are deltas over the hold. A canary that got no traffic in the hold has nothing against
-it and is promoted (the event says so). The guard runs in the platform process: a platform restart during the
-hold leaves the canary at its percent for an operator (`ballast promote` / `ballast rollback`).
+it and is promoted (the event says so). The guard runs in the platform process; what it guards is in the
+`gate_passed` event, so a platform that restarts during the hold starts the guard again (`resume_guards`), with a
+whole new hold (the gateway's counters start again at zero), unless the canary was promoted or rolled back
+meanwhile. With `--ha` a restarted platform leaves it to an operator (two platforms must not both decide).
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import select
 
 from ballast.control.events import add_event
 from ballast.observe.replica_auth import headers_for
+from ballast.store import Event
 
 if TYPE_CHECKING:
     from ballast.platform.evals import EvalContext
@@ -161,3 +165,44 @@ async def guard_canary(ctx: EvalContext, deployment: str, env: str, stable: int,
     except Exception:
         log.exception("the canary guard of %s v%s failed; the canary stays as it is", deployment, canary)
         raise
+
+
+DECIDED = ("canary_promoted", "canary_rolled_back", "canary_superseded")
+
+
+def unguarded(ctx: EvalContext) -> list[dict[str, Any]]:
+    """Canaries a gate started whose guard never decided (the platform stopped during the hold): the
+    `gate_passed` events with no later decision for their version."""
+    with ctx.control.sessions() as s:
+        rows = s.scalars(select(Event).where(Event.kind.in_(("gate_passed", *DECIDED))).order_by(Event.id)).all()
+        events = [(r.deployment, r.kind, dict(r.data or {})) for r in rows]
+    open_: dict[tuple[str, int], dict[str, Any]] = {}
+    for deployment, kind, data in events:
+        version = data.get("version")
+        if not isinstance(version, int):
+            continue
+        if kind == "gate_passed" and isinstance(data.get("guard"), dict):
+            open_[(deployment, version)] = {"deployment": deployment, **data}
+        elif kind in DECIDED:
+            open_.pop((deployment, version), None)
+    return list(open_.values())
+
+
+async def resume_guards(ctx: EvalContext) -> list[asyncio.Task[str]]:
+    """Start the guard again for every canary left unguarded by a restart (each with a whole new hold)."""
+    tasks: list[asyncio.Task[str]] = []
+    for gate in await asyncio.to_thread(unguarded, ctx):
+        g = gate["guard"]
+        deployment, canary, stable = gate["deployment"], int(gate["version"]), int(gate["production_version"])
+        data = {"version": canary, "stable": stable, "env": g["env"], "job_id": gate.get("job_id")}
+        await asyncio.to_thread(record_event, ctx, deployment, "canary_guard_resumed", f"{g['env']}: the guard of "
+                                f"canary version {canary} starts again after a platform restart ({g['hold_s']:g}s "
+                                "hold)", g.get("actor") or "system", data)
+        limits = GuardLimits(**{k: float(v) for k, v in (g.get("limits") or {}).items()
+                                if k in GuardLimits.__dataclass_fields__})
+        task = asyncio.create_task(guard_canary(ctx, deployment, g["env"], stable, canary, float(g["hold_s"]), limits,
+                                                job_id=gate.get("job_id"), actor=g.get("actor") or "system"))
+        ctx.tasks.add(task)
+        task.add_done_callback(ctx.tasks.discard)
+        tasks.append(task)
+    return tasks

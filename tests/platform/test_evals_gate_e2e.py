@@ -196,3 +196,38 @@ def test_a_canary_that_does_not_hold_is_rolled_back(plat: Platform) -> None:
     assert back["data"]["job_id"] == "ftjob-slow" and "latency" in back["data"]["reason"]
     prod = {e["name"]: e for e in plat.show("chat")["environments"]}["production"]
     assert prod["version"] == 2 and prod["canary"] is None
+
+
+def test_a_restart_during_the_hold_starts_the_guard_again(plat: Platform) -> None:
+    """kill -9 of the platform during a canary's hold: the restarted platform guards it again (a whole new hold)
+    and decides; the canary is not left at its percent."""
+    gate = _ship(plat, deployment="chat", adapter_path=str(plat.root / "slow"),  # type: ignore[attr-defined]
+                 adapter_name="slow", dataset="sql-refs", margin=-1, canary_percent=50, hold_s=5,
+                 max_tokens=MAX_TOKENS, job_id="ftjob-restart")
+    assert gate["decision"] == "canary", gate
+    plat.kill()  # inside the 5 s hold: the guard dies with the process
+    assert not [e for e in _events_after_start(plat) if e["data"].get("job_id") == "ftjob-restart"]
+    plat.start()
+    [resumed] = plat.wait("the guard resumed", lambda: [e for e in _events(plat, "canary_guard_resumed")
+                                                        if e["data"]["job_id"] == "ftjob-restart"], timeout=60)
+    assert resumed["data"]["version"] == gate["version"] and resumed["actor"] == "adapter-gate job ftjob-restart"
+    plat.wait("the resumed guard decided", lambda: [e for e in _events(plat, "canary_promoted")
+                                                    if e["data"]["job_id"] == "ftjob-restart"], timeout=120, every=0.5)
+    prod = {e["name"]: e for e in plat.show("chat")["environments"]}["production"]
+    assert prod["version"] == gate["version"] and prod["canary"] is None
+    plat.stop()  # a clean stop and start: nothing is left to resume
+    plat.start()
+    assert len([e for e in _events(plat, "canary_guard_resumed") if e["data"]["job_id"] == "ftjob-restart"]) == 1
+
+
+def _events_after_start(p: Platform) -> list[dict[str, Any]]:
+    """Decisions recorded so far (read from the store while the platform is down: none for the killed guard)."""
+    import sqlite3
+
+    db = sqlite3.connect(p.home / "state.db")
+    try:
+        rows = db.execute("SELECT kind, data FROM events WHERE kind IN "
+                          "('canary_promoted', 'canary_rolled_back', 'canary_superseded')").fetchall()
+    finally:
+        db.close()
+    return [{"kind": k, "data": json.loads(d)} for k, d in rows]
