@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import IO, ClassVar
 
 import httpx
 import pytest
@@ -203,13 +203,14 @@ def running() -> Iterator[Callable[..., Running]]:
 
 
 MYPY_TEST = "tests/test_architecture.py::test_types_check"
+MYPY_KEY = pytest.StashKey[tuple[subprocess.Popen[str], IO[str]]]()  # the running type check and its output
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Start the type check (about 80 s of one core) as soon as it is known to be wanted, at the lowest CPU
     priority: it then only takes what the other tests leave idle, and `test_types_check` collects its result."""
     if any(item.nodeid == MYPY_TEST for item in session.items):
-        out = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115  (read and closed by the test, or at exit)
+        out = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115  (closed in pytest_unconfigure)
         session.config.stash[MYPY_KEY] = (subprocess.Popen(
             [sys.executable, "-m", "mypy", "ballast"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True,
             preexec_fn=lambda: os.nice(19)), out)
@@ -217,9 +218,10 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     started = config.stash.get(MYPY_KEY, None)
-    if started is not None and started[0].poll() is None:  # the run ended before the type check was collected
-        started[0].kill()
-        started[0].wait(10)
-
-
-MYPY_KEY = pytest.StashKey[tuple[subprocess.Popen[str], Any]]()
+    if started is None:
+        return
+    proc, out = started
+    if proc.poll() is None:  # the run ended before the type check was collected
+        proc.kill()
+        proc.wait(10)
+    out.close()

@@ -206,7 +206,7 @@ def test_a_restart_during_the_hold_starts_the_guard_again(plat: Platform) -> Non
                  max_tokens=MAX_TOKENS, job_id="ftjob-restart")
     assert gate["decision"] == "canary", gate
     plat.kill()  # inside the 5 s hold: the guard dies with the process
-    assert not [e for e in _events_after_start(plat) if e["data"].get("job_id") == "ftjob-restart"]
+    assert not [e for e in _decisions_in_store(plat) if e["data"].get("job_id") == "ftjob-restart"]
     plat.start()
     [resumed] = plat.wait("the guard resumed", lambda: [e for e in _events(plat, "canary_guard_resumed")
                                                         if e["data"]["job_id"] == "ftjob-restart"], timeout=60)
@@ -220,8 +220,8 @@ def test_a_restart_during_the_hold_starts_the_guard_again(plat: Platform) -> Non
     assert len([e for e in _events(plat, "canary_guard_resumed") if e["data"]["job_id"] == "ftjob-restart"]) == 1
 
 
-def _events_after_start(p: Platform) -> list[dict[str, Any]]:
-    """Decisions recorded so far (read from the store while the platform is down: none for the killed guard)."""
+def _decisions_in_store(p: Platform) -> list[dict[str, Any]]:
+    """The guards' decisions in the store, read directly (the platform is down while this runs)."""
     import sqlite3
 
     db = sqlite3.connect(p.home / "state.db")
